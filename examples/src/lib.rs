@@ -1,0 +1,1 @@
+//! Examples for the hip SDK (none yet).

@@ -1,0 +1,106 @@
+//! HiP attention entry points: one-shot prefill ([`hip_attn`]) and decode with a mask that is
+//! re-estimated only every `refresh_interval` steps ([`MaskCache`], [`hip_attn_decode`]).
+
+use candle_core::Tensor;
+
+use crate::config::HipConfig;
+use crate::error::Result;
+use crate::layout::AttnDims;
+use crate::ops::block_sparse_attn::block_sparse_attn;
+use crate::ops::hip_mask::{hip_mask, HipMask};
+
+/// HiP attention in one call: [`hip_mask`] then [`block_sparse_attn`].
+///
+/// Shapes as [`crate::dense_attn`]. With `cfg.k` at least the context length every key is
+/// selected and the result equals dense attention.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use hip_kernels::{hip_attn, HipConfig};
+/// let dev = Device::Cpu;
+/// let q = Tensor::randn(0f32, 1., (1, 300, 4, 64), &dev)?;
+/// let k = Tensor::randn(0f32, 1., (1, 300, 1, 64), &dev)?;
+/// let v = Tensor::randn(0f32, 1., (1, 300, 1, 64), &dev)?;
+/// let cfg = HipConfig::paper().with_k(64).with_sink_window(4, 32).with_query_block(32, 2);
+/// let out = hip_attn(&q, &k, &v, &cfg, 0.125)?;
+/// assert_eq!(out.dims(), &[1, 300, 4, 64]);
+/// # Ok::<(), hip_kernels::Error>(())
+/// ```
+///
+/// # Errors
+/// As [`hip_mask`] and [`block_sparse_attn`].
+pub fn hip_attn(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &HipConfig, scale: f32) -> Result<Tensor> {
+    let mask = hip_mask(q, k, cfg, scale)?;
+    block_sparse_attn(q, k, v, &mask, scale, 0)
+}
+
+/// The decode-time mask of one layer of one sequence batch, reused for `refresh_interval` steps.
+///
+/// Between refreshes, the window of the cached mask is widened by the number of tokens appended
+/// since the estimate, so tokens that leave the window are still attended until the next refresh.
+#[derive(Debug, Clone, Default)]
+pub struct MaskCache {
+    mask: Option<HipMask>,
+    steps: usize,
+    refreshes: usize,
+}
+
+impl MaskCache {
+    /// An empty cache: the next decode step estimates a fresh mask.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The mask in use, if any.
+    pub fn mask(&self) -> Option<&HipMask> {
+        self.mask.as_ref()
+    }
+    /// How many times a mask was estimated.
+    pub fn refreshes(&self) -> usize {
+        self.refreshes
+    }
+    /// Forgets the cached mask (e.g. after the context was truncated).
+    pub fn clear(&mut self) {
+        self.mask = None;
+        self.steps = 0;
+    }
+}
+
+/// One decode step of HiP attention: `q` holds the new queries (usually one token) and `k`/`v`
+/// the whole cache including them.
+///
+/// The mask is re-estimated when the cache is empty, every `cfg.refresh_interval` steps, or when
+/// the shapes no longer fit it (different batch, heads or query count, or a shorter context);
+/// otherwise the cached blocks are reused with a widened window.
+///
+/// # Errors
+/// As [`hip_mask`] and [`block_sparse_attn`].
+pub fn hip_attn_decode(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: &HipConfig,
+    scale: f32,
+    cache: &mut MaskCache,
+) -> Result<Tensor> {
+    cfg.validate()?;
+    let dims = AttnDims::from_qkv(q, k, Some(v))?;
+    let stale = match &cache.mask {
+        None => true,
+        Some(m) => {
+            cache.steps >= cfg.refresh_interval
+                || m.check_fits(&dims).is_err()
+                || m.block_size_q != cfg.block_size_q
+                || m.max_blocks != cfg.selected_blocks()
+        }
+    };
+    if stale {
+        cache.mask = Some(hip_mask(q, k, cfg, scale)?);
+        cache.steps = 0;
+        cache.refreshes += 1;
+    }
+    let mask = cache.mask.as_ref().expect("mask set above");
+    let extra = dims.t_k - mask.t_k;
+    let out = block_sparse_attn(q, k, v, mask, scale, extra)?;
+    cache.steps += 1;
+    Ok(out)
+}

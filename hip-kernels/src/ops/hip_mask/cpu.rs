@@ -1,0 +1,163 @@
+//! CPU tree search. One task per (batch, query head, query block); the branch scores of one
+//! iteration are a single GEMM of the strided queries against the branches' center keys.
+
+use rayon::prelude::*;
+
+use super::{initial_groups, query_block, HipMask};
+use crate::config::HipConfig;
+use crate::elem::Elem;
+use crate::layout::AttnDims;
+use crate::ops::tile::matmul;
+
+#[derive(Default)]
+struct MaskScratch {
+    q: Vec<f32>,
+    keys: Vec<f32>,
+    scores: Vec<f32>,
+    /// (start, end, cached score) of the surviving groups, in candidate-block units.
+    groups: Vec<(u32, u32, f32)>,
+    branches: Vec<(u32, u32, f32)>,
+    /// Branches to score this iteration: index into `branches`.
+    to_score: Vec<usize>,
+}
+
+pub(crate) fn hip_mask_cpu<E: Elem>(
+    q: &[E],
+    k: &[E],
+    dims: &AttnDims,
+    cfg: &HipConfig,
+    scale: f32,
+) -> HipMask {
+    let mut mask = HipMask::empty(dims, cfg);
+    let g_max = mask.max_blocks;
+    let n_qb = mask.n_qblocks;
+    let rows: Vec<(&mut [u32], &mut u32)> =
+        mask.block_starts.chunks_mut(g_max).zip(mask.counts.iter_mut()).collect();
+    rows.into_par_iter().enumerate().for_each_init(MaskScratch::default, |sc, (row, (out, count))| {
+        let m = row % n_qb;
+        let h = (row / n_qb) % dims.heads_q;
+        let b = row / (n_qb * dims.heads_q);
+        *count = search_row(q, k, dims, cfg, scale, b, h, m, sc, out) as u32;
+    });
+    mask
+}
+
+fn search_row<E: Elem>(
+    q: &[E],
+    k: &[E],
+    dims: &AttnDims,
+    cfg: &HipConfig,
+    scale: f32,
+    b: usize,
+    h: usize,
+    m: usize,
+    sc: &mut MaskScratch,
+    out: &mut [u32],
+) -> usize {
+    let qb = query_block(dims, cfg, m);
+    let g_max = out.len();
+    let sink = cfg.sink_tokens as u32;
+    let bk = cfg.block_size_k as u32;
+    let n = qb.n_candidates;
+    if n <= g_max {
+        for c in 0..n {
+            out[c] = sink + c as u32 * bk;
+        }
+        return n;
+    }
+    let d = dims.head_dim;
+    let g = h / dims.group();
+    // Strided queries of the block, scaled.
+    sc.q.clear();
+    let mut nq = 0;
+    for i in (qb.i0..qb.i1).step_by(cfg.block_stride_q) {
+        let off = dims.q_off(b, i, h);
+        let start = sc.q.len();
+        sc.q.resize(start + d, 0.0);
+        E::load(&q[off..off + d], &mut sc.q[start..]);
+        sc.q[start..].iter_mut().for_each(|x| *x *= scale);
+        nq += 1;
+    }
+    sc.groups.clear();
+    sc.groups.extend(initial_groups(n, g_max).into_iter().map(|(s, e)| (s, e, f32::NAN)));
+    loop {
+        if sc.groups.iter().all(|&(s, e, sc)| e - s == 1 && !sc.is_nan()) {
+            break;
+        }
+        // Split every group of more than one block into two halves.
+        sc.branches.clear();
+        for &(s, e, score) in &sc.groups {
+            if e - s == 1 {
+                sc.branches.push((s, e, score));
+            } else {
+                let mid = s + (e - s) / 2;
+                sc.branches.push((s, mid, f32::NAN));
+                sc.branches.push((mid, e, f32::NAN));
+            }
+        }
+        score_branches(k, dims, cfg, b, g, &qb, nq, sc);
+        // Keep the best g_max branches; ties go to the earlier block.
+        let keep = g_max.min(sc.branches.len());
+        let cmp = |a: &(u32, u32, f32), c: &(u32, u32, f32)| c.2.total_cmp(&a.2).then(a.0.cmp(&c.0));
+        if keep < sc.branches.len() {
+            sc.branches.select_nth_unstable_by(keep - 1, cmp);
+            sc.branches.truncate(keep);
+        }
+        std::mem::swap(&mut sc.groups, &mut sc.branches);
+    }
+    sc.groups.sort_unstable_by_key(|x| x.0);
+    for (slot, &(s, _, _)) in out.iter_mut().zip(&sc.groups) {
+        *slot = sink + s * bk;
+    }
+    sc.groups.len()
+}
+
+/// Scores every branch whose score is NaN (not yet known) by its center block.
+fn score_branches<E: Elem>(
+    k: &[E],
+    dims: &AttnDims,
+    cfg: &HipConfig,
+    b: usize,
+    g: usize,
+    qb: &super::QueryBlock,
+    nq: usize,
+    sc: &mut MaskScratch,
+) {
+    let d = dims.head_dim;
+    let keys_per_rep = cfg.block_size_k.div_ceil(cfg.block_stride_k);
+    sc.to_score.clear();
+    sc.keys.clear();
+    // Column c of the score matrix belongs to branch `owner[c]`; stored as a run per branch.
+    let mut cols = 0usize;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (bi, br) in sc.branches.iter().enumerate() {
+        if !br.2.is_nan() {
+            continue;
+        }
+        let rep = br.0 + (br.1 - br.0) / 2;
+        let start = cfg.sink_tokens + rep as usize * cfg.block_size_k;
+        let end = (start + cfg.block_size_k).min(qb.search_end);
+        let first_col = cols;
+        for j in (start..end).step_by(cfg.block_stride_k) {
+            let off = dims.kv_off(b, j, g);
+            let at = sc.keys.len();
+            sc.keys.resize(at + d, 0.0);
+            E::load(&k[off..off + d], &mut sc.keys[at..]);
+            cols += 1;
+        }
+        debug_assert!(cols - first_col <= keys_per_rep && cols > first_col);
+        sc.to_score.push(bi);
+        runs.push((first_col, cols));
+    }
+    sc.scores.resize(nq * cols, 0.0);
+    matmul(nq, cols, d, &mut sc.scores[..nq * cols], false, &sc.q, &sc.keys, true);
+    for (&bi, &(c0, c1)) in sc.to_score.iter().zip(&runs) {
+        let mut best = f32::NEG_INFINITY;
+        for r in 0..nq {
+            for &s in &sc.scores[r * cols + c0..r * cols + c1] {
+                best = best.max(s);
+            }
+        }
+        sc.branches[bi].2 = best;
+    }
+}
