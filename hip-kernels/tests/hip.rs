@@ -1,0 +1,161 @@
+//! HiP mask estimation, block-sparse attention and decode against the f64 references.
+
+mod common;
+
+use candle_core::DType;
+use common::{max_abs_diff, qkv};
+use hip_kernels::{
+    block_sparse_attn, dense_attn, hip_attn, hip_attn_decode, hip_mask, reference, HipConfig, HipMask,
+    MaskCache,
+};
+
+/// A small config so that short contexts already need the tree search.
+fn small_cfg() -> HipConfig {
+    HipConfig::paper().with_k(16).with_query_block(8, 2).with_key_block(2, 1).with_sink_window(4, 8)
+}
+
+/// Rows of two masks that select different blocks. f32 (fast) and f64 (reference) scores can
+/// order near-ties differently, so a handful of rows may differ; anything more is a bug.
+fn differing_rows(a: &HipMask, b: &HipMask) -> usize {
+    assert_eq!(a.counts.len(), b.counts.len());
+    let mut n = 0;
+    for bb in 0..a.batch {
+        for h in 0..a.heads {
+            for m in 0..a.n_qblocks {
+                if a.blocks(bb, h, m) != b.blocks(bb, h, m) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+fn check_mask_and_bsa(seed: u64, t_q: usize, t_k: usize, hq: usize, hkv: usize, d: usize, cfg: &HipConfig) {
+    let (q, k, v) = qkv(seed, 1, t_q, t_k, hq, hkv, d, DType::F32);
+    let scale = 1.0 / (d as f32).sqrt();
+    let fast = hip_mask(&q, &k, cfg, scale).unwrap();
+    let slow = reference::hip_mask(&q, &k, cfg, scale).unwrap();
+    let rows = fast.counts.len();
+    let diff = differing_rows(&fast, &slow);
+    assert!(
+        diff * 100 <= rows,
+        "T={t_k} hq={hq} d={d}: {diff} of {rows} mask rows differ from the reference"
+    );
+    for bb in 0..fast.batch {
+        for h in 0..fast.heads {
+            for m in 0..fast.n_qblocks {
+                let blocks = fast.blocks(bb, h, m);
+                assert!(blocks.len() <= fast.max_blocks);
+                assert!(blocks.windows(2).all(|w| w[0] < w[1]), "blocks sorted and distinct");
+                assert!(blocks.iter().all(|&s| s as usize >= cfg.sink_tokens && (s as usize) < t_k));
+            }
+        }
+    }
+    let out = block_sparse_attn(&q, &k, &v, &fast, scale, 0).unwrap();
+    let want = reference::block_sparse_attn(&q, &k, &v, &fast, scale, 0).unwrap();
+    let err = max_abs_diff(&out, &want);
+    assert!(err <= 1e-5, "T={t_k} hq={hq} d={d}: block-sparse max abs err {err}");
+}
+
+#[test]
+fn mask_and_block_sparse_match_reference_at_awkward_sizes() {
+    let cfg = small_cfg();
+    let mut seed = 100;
+    for &t in &[1usize, 7, 54, 97, 1000] {
+        for &(hq, hkv) in &[(1usize, 1usize), (2, 1), (7, 1)] {
+            for &d in &[64usize, 128] {
+                seed += 10;
+                check_mask_and_bsa(seed, t, t, hq, hkv, d, &cfg);
+            }
+        }
+    }
+}
+
+#[test]
+fn paper_config_at_4099() {
+    check_mask_and_bsa(7, 4099, 4099, 2, 1, 128, &HipConfig::paper());
+}
+
+#[test]
+fn query_offset_and_other_configs() {
+    // Queries are the last 97 of 1000 positions; odd block sizes and strides.
+    let cfg =
+        HipConfig::paper().with_k(24).with_query_block(12, 3).with_key_block(4, 2).with_sink_window(3, 5);
+    check_mask_and_bsa(1, 97, 1000, 4, 2, 64, &cfg);
+    // No sink, no window.
+    let cfg = HipConfig::paper().with_k(8).with_query_block(4, 1).with_key_block(1, 1).with_sink_window(0, 0);
+    check_mask_and_bsa(2, 54, 54, 2, 2, 64, &cfg);
+    // Window shorter than the query block: blocks may reach past early queries (causal inside blocks).
+    let cfg =
+        HipConfig::paper().with_k(32).with_query_block(16, 1).with_key_block(8, 1).with_sink_window(2, 3);
+    check_mask_and_bsa(3, 200, 200, 2, 1, 64, &cfg);
+}
+
+#[test]
+fn hip_with_k_covering_the_context_equals_dense() {
+    for &(t, hq, hkv, d) in
+        &[(1usize, 1usize, 1usize, 64usize), (7, 2, 1, 64), (97, 7, 1, 128), (1000, 4, 2, 64)]
+    {
+        let (q, k, v) = qkv(t as u64, 1, t, t, hq, hkv, d, DType::F32);
+        let scale = 1.0 / (d as f32).sqrt();
+        let cfg = HipConfig::paper().with_k(t.div_ceil(2) * 2 + 2);
+        let hip = hip_attn(&q, &k, &v, &cfg, scale).unwrap();
+        let dense = dense_attn(&q, &k, &v, scale).unwrap();
+        let err = max_abs_diff(&hip, &dense);
+        assert!(err <= 1e-5, "T={t}: max abs err {err}");
+    }
+    // The paper config at 4099 tokens with k = 4096 (the search range is T - sink - window).
+    let (q, k, v) = qkv(9, 1, 4099, 4099, 2, 1, 128, DType::F32);
+    let cfg = HipConfig::paper().with_k(4096);
+    let err =
+        max_abs_diff(&hip_attn(&q, &k, &v, &cfg, 0.088).unwrap(), &dense_attn(&q, &k, &v, 0.088).unwrap());
+    assert!(err <= 1e-5, "T=4099: max abs err {err}");
+}
+
+#[test]
+fn half_precision_inputs() {
+    for dtype in [DType::F16, DType::BF16] {
+        let (q, k, v) = qkv(5, 1, 97, 97, 4, 2, 64, dtype);
+        let cfg = small_cfg();
+        let mask = hip_mask(&q, &k, &cfg, 0.125).unwrap();
+        let out = block_sparse_attn(&q, &k, &v, &mask, 0.125, 0).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let want = reference::block_sparse_attn(&q, &k, &v, &mask, 0.125, 0).unwrap();
+        let err = max_abs_diff(&out, &want);
+        assert!(err <= 1e-2, "{dtype:?}: max abs err {err}");
+    }
+}
+
+#[test]
+fn decode_reuses_the_mask_between_refreshes() {
+    let (hq, hkv, d, t0, steps) = (4, 2, 64, 300, 11);
+    let cfg = small_cfg().with_refresh_interval(4);
+    let (_, k_all, v_all) = qkv(31, 1, 1, t0 + steps, hq, hkv, d, DType::F32);
+    let q_all = common::randn(77, (1, steps, hq, d), DType::F32);
+    let mut cache = MaskCache::new();
+    let mut mask_at_refresh: Option<HipMask> = None;
+    for s in 0..steps {
+        let t = t0 + s + 1;
+        let q = q_all.narrow(1, s, 1).unwrap();
+        let k = k_all.narrow(1, 0, t).unwrap();
+        let v = v_all.narrow(1, 0, t).unwrap();
+        let out = hip_attn_decode(&q, &k, &v, &cfg, 0.125, &mut cache).unwrap();
+        if s % 4 == 0 {
+            let fresh = hip_mask(&q, &k, &cfg, 0.125).unwrap();
+            assert_eq!(cache.mask(), Some(&fresh), "step {s}: mask refreshed");
+            mask_at_refresh = Some(fresh);
+        }
+        let mask = mask_at_refresh.as_ref().unwrap();
+        assert_eq!(cache.mask(), Some(mask), "step {s}: cached mask reused");
+        let extra = t - mask.t_k;
+        let want = reference::block_sparse_attn(&q, &k, &v, mask, 0.125, extra).unwrap();
+        let err = max_abs_diff(&out, &want);
+        assert!(err <= 1e-5, "step {s}: max abs err {err}");
+    }
+    assert_eq!(cache.refreshes(), 3);
+    // A shape change (two query blocks instead of one) forces a refresh.
+    let q2 = q_all.narrow(1, 0, 9).unwrap();
+    hip_attn_decode(&q2, &k_all, &v_all, &cfg, 0.125, &mut cache).unwrap();
+    assert_eq!(cache.refreshes(), 4);
+}
