@@ -42,6 +42,7 @@
 mod config;
 mod elem;
 mod error;
+mod gather;
 pub mod layout;
 mod mask_cache;
 mod ops;

@@ -2,19 +2,20 @@
 
 /// `exp(x)` for `x <= 0` (inputs above 0 are clamped to 0, below -87 give exactly 0).
 ///
-/// Range reduction to `2^n * 2^f` with `|f| <= 0.5` and a degree-7 Taylor polynomial for `2^f`:
+/// Range reduction to `2^n * e^z` with `|z| <= ln2/2` and a degree-7 Taylor polynomial for `e^z`:
 /// relative error below 1e-7, branch-free so the loop vectorises.
 #[inline(always)]
 fn exp_nonpos(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.0, 0.0);
-    let t = xc * LOG2E;
-    let y = t + MAGIC;
+    // Cody–Waite reduction: x = n ln2 + z with |z| <= ln2 / 2, ln2 split in a high and a low part.
+    const LN2_HI: f32 = 0.693_145_751_953_125;
+    const LN2_LO: f32 = 1.428_606_765_330_187e-6;
+    let y = xc * LOG2E + MAGIC;
     let n = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let f = t - (y - MAGIC);
-    // 2^f = e^(f ln 2)
-    let z = f * std::f32::consts::LN_2;
+    let nf = y - MAGIC;
+    let z = (xc - nf * LN2_HI) - nf * LN2_LO;
     let p = 1.0
         + z * (1.0
             + z * (0.5
@@ -29,60 +30,75 @@ fn exp_nonpos(x: f32) -> f32 {
     }
 }
 
+/// Folds one chunk of scores into the running softmax state of `rows` query rows.
+///
+/// `s` holds the chunk key-major: `s[c * rows + r]` is the score of key `c` for row `r` (`-inf`
+/// where masked). On return `s` holds the unnormalised probabilities `exp(s - m_new)`, `m` the new
+/// row maxima, `l` the rescaled and extended row sums, and `alpha` the factor by which each row's
+/// accumulator must be rescaled (`exp(m_old - m_new)`). `tmp` is scratch of at least `rows`.
 #[inline(always)]
-fn exp_sub_sum_body(row: &mut [f32], m: f32) -> f32 {
-    let mut sum = 0.0f32;
-    // 8 partial sums so the reduction vectorises without reassociation flags.
-    let mut acc = [0.0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            let e = exp_nonpos(c[l] - m);
-            c[l] = e;
-            acc[l] += e;
+fn fold_chunk_body(
+    s: &mut [f32],
+    rows: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+    tmp: &mut [f32],
+) {
+    let (m, l, alpha, tmp) = (&mut m[..rows], &mut l[..rows], &mut alpha[..rows], &mut tmp[..rows]);
+    tmp.fill(f32::NEG_INFINITY);
+    for srow in s.chunks_exact(rows) {
+        for (t, &x) in tmp.iter_mut().zip(srow) {
+            *t = t.max(x);
         }
     }
-    for x in chunks.into_remainder() {
-        *x = exp_nonpos(*x - m);
-        sum += *x;
+    for r in 0..rows {
+        let m_new = m[r].max(tmp[r]);
+        alpha[r] = if m[r] == f32::NEG_INFINITY { 0.0 } else { exp_nonpos(m[r] - m_new) };
+        l[r] *= alpha[r];
+        // A row with nothing admitted yet subtracts 0: its masked scores still give exp(-inf) = 0.
+        tmp[r] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        m[r] = m_new;
     }
-    sum + acc.iter().sum::<f32>()
+    for srow in s.chunks_exact_mut(rows) {
+        for ((x, &mr), lr) in srow.iter_mut().zip(tmp.iter()).zip(l.iter_mut()) {
+            let e = exp_nonpos(*x - mr);
+            *x = e;
+            *lr += e;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sub_sum_avx2(row: &mut [f32], m: f32) -> f32 {
-    exp_sub_sum_body(row, m)
+unsafe fn fold_chunk_avx2(
+    s: &mut [f32],
+    rows: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+    tmp: &mut [f32],
+) {
+    fold_chunk_body(s, rows, m, l, alpha, tmp)
 }
 
-/// Replaces every `x` of `row` by `exp(x - m)` (with `-inf` giving 0) and returns the sum.
-/// `m` must be at least the row's maximum.
-pub(crate) fn exp_sub_sum(row: &mut [f32], m: f32) -> f32 {
+/// See [`fold_chunk_body`]; dispatches to an AVX2 build where the CPU has it.
+pub(crate) fn fold_chunk(
+    s: &mut [f32],
+    rows: usize,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+    tmp: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { exp_sub_sum_avx2(row, m) };
+            return unsafe { fold_chunk_avx2(s, rows, m, l, alpha, tmp) };
         }
     }
-    exp_sub_sum_body(row, m)
-}
-
-/// Maximum of a row (`-inf` for an empty row).
-#[inline]
-pub(crate) fn row_max(row: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            acc[l] = acc[l].max(c[l]);
-        }
-    }
-    let mut m = f32::NEG_INFINITY;
-    for &x in chunks.remainder() {
-        m = m.max(x);
-    }
-    acc.iter().fold(m, |a, &b| a.max(b))
+    fold_chunk_body(s, rows, m, l, alpha, tmp)
 }
 
 #[cfg(test)]
@@ -92,7 +108,7 @@ mod tests {
     #[test]
     fn exp_matches_std() {
         let mut worst = 0.0f64;
-        for i in 0..200_000 {
+        for i in 0..96_000 {
             let x = -(i as f32) * 1e-3 * 0.9;
             let want = (x as f64).exp();
             let got = exp_nonpos(x) as f64;
@@ -105,15 +121,27 @@ mod tests {
     }
 
     #[test]
-    fn exp_sub_sum_handles_masked_entries() {
-        let mut row = vec![0.5, f32::NEG_INFINITY, -1.0, 0.0, 2.0, f32::NEG_INFINITY, 1.0, 0.3, -3.0, 1.5];
-        let m = row_max(&row);
-        assert_eq!(m, 2.0);
-        let want: Vec<f32> = row.iter().map(|&x| (x - m).exp()).collect();
-        let s = exp_sub_sum(&mut row, m);
-        for (a, b) in row.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    fn fold_chunk_matches_a_plain_softmax() {
+        // Two chunks of 3 keys for 2 rows; row 1 has everything masked in the first chunk.
+        let ninf = f32::NEG_INFINITY;
+        let chunks = [vec![0.5, ninf, -1.0, ninf, 2.0, ninf], vec![1.0, 0.3, -3.0, 1.5, 0.0, 0.2]];
+        let (mut m, mut l, mut alpha, mut tmp) = (vec![ninf; 2], vec![0.0; 2], vec![0.0; 2], vec![0.0; 2]);
+        let mut weights: Vec<Vec<f32>> = vec![vec![], vec![]];
+        for ch in &chunks {
+            let mut s = ch.clone();
+            fold_chunk(&mut s, 2, &mut m, &mut l, &mut alpha, &mut tmp);
+            for r in 0..2 {
+                weights[r].iter_mut().for_each(|w| *w *= alpha[r]);
+                weights[r].extend((0..3).map(|c| s[c * 2 + r]));
+            }
         }
-        assert!((s - want.iter().sum::<f32>()).abs() < 1e-5);
+        for r in 0..2 {
+            let raw: Vec<f32> = chunks.iter().flat_map(|ch| (0..3).map(move |c| ch[c * 2 + r])).collect();
+            let mx = raw.iter().cloned().fold(ninf, f32::max);
+            let z: f32 = raw.iter().map(|x| (x - mx).exp()).sum();
+            for (w, x) in weights[r].iter().zip(&raw) {
+                assert!((w / l[r] - (x - mx).exp() / z).abs() < 1e-6);
+            }
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! weighted values are added with a second GEMM.
 
 use crate::elem::Elem;
-use crate::ops::softmax::{exp_sub_sum, row_max};
+use crate::gather::gather_rows;
+use crate::ops::softmax::fold_chunk;
 
 /// Keys processed per GEMM.
 pub(crate) const CHUNK: usize = 256;
@@ -31,69 +32,83 @@ pub(crate) struct KvHead<'a, E> {
     pub head_dim: usize,
 }
 
-impl<E: Elem> KvHead<'_, E> {
-    #[inline]
-    pub(crate) fn k_row(&self, j: usize) -> &[E] {
-        let o = self.base + j * self.stride;
-        &self.k[o..o + self.head_dim]
-    }
-    #[inline]
-    pub(crate) fn v_row(&self, j: usize) -> &[E] {
-        let o = self.base + j * self.stride;
-        &self.v[o..o + self.head_dim]
-    }
-}
-
 /// Reusable buffers of one worker thread.
 #[derive(Default)]
 pub(crate) struct Scratch {
+    /// Query rows (`rows × d`, row-major, pre-scaled). Filled by the caller.
     pub q: Vec<f32>,
+    /// Position of each query row. Filled by the caller.
     pub pos: Vec<u32>,
+    /// The normalised output (`rows × d`, row-major) after [`attend`].
+    pub out: Vec<f32>,
     kbuf: Vec<f32>,
     vbuf: Vec<f32>,
     kidx: Vec<u32>,
     kblk: Vec<bool>,
+    koff: Vec<usize>,
+    /// Scores / probabilities of the current chunk, key-major (`c × rows`).
     s: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
-    pub acc: Vec<f32>,
+    alpha: Vec<f32>,
+    tmp: Vec<f32>,
+    /// Accumulator, dimension-major (`d × rows`).
+    acc: Vec<f32>,
 }
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs`, where `rhs` is stored as `n` rows of length `k` when
-/// `rhs_transposed` (so the product is `lhs · rhsᵀ`), else as `k` rows of length `n`.
-#[inline]
-pub(crate) fn matmul(
+/// A strided matrix operand: element `(i, j)` at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub(crate) fn rows_t(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: 1, cs: cols }
+    }
+    fn fits(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (+)= lhs · rhs` for an `m × n` destination stored column-major (`dst[j * m + i]`), the
+/// orientation the GEMM micro-kernels run fastest for our shapes.
+pub(crate) fn matmul_cm(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     accumulate: bool,
-    lhs: &[f32],
-    rhs: &[f32],
-    rhs_transposed: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
 ) {
-    debug_assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    assert!(dst.len() >= m * n && lhs.fits(m, k) && rhs.fits(k, n), "matmul operand too small");
     if m == 0 || n == 0 {
         return;
     }
-    let (rhs_rs, rhs_cs) = if rhs_transposed { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the slices hold at least the m×n, m×k and k×n elements addressed with these strides
-    // (checked above in debug builds, guaranteed by every caller's buffer sizing).
+    // SAFETY: the assert above checks that every addressed element of the three operands is in bounds.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
+            m as isize,
             1,
-            n as isize,
             accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             1.0,
             1.0,
             false,
@@ -106,8 +121,10 @@ pub(crate) fn matmul(
 
 /// Attends `scratch.q` (`rows × d`, already multiplied by the softmax scale; row `r` is a query at
 /// position `scratch.pos[r]`) to the keys of `spans`, admitting key `j` for row position `p` when
-/// `allow(p, j, from_block)`. Leaves the normalised output in `scratch.acc` (`rows × d`); a row
-/// that admits no key gets zeros.
+/// `allow(p, j, from_block)`. For every key, the positions `p` it is admitted for must form an
+/// interval (true of causal, sink, window and block rules): a chunk whose keys are all admitted at
+/// both the smallest and the largest row position then skips per-element masking. Leaves the
+/// normalised output in `scratch.out` (`rows × d`); a row that admits no key gets zeros.
 pub(crate) fn attend<E: Elem>(
     kv: &KvHead<'_, E>,
     spans: &[Span],
@@ -117,10 +134,11 @@ pub(crate) fn attend<E: Elem>(
     let d = kv.head_dim;
     let rows = sc.pos.len();
     debug_assert_eq!(sc.q.len(), rows * d);
-    sc.m.clear();
-    sc.m.resize(rows, f32::NEG_INFINITY);
-    sc.l.clear();
-    sc.l.resize(rows, 0.0);
+    for buf in [&mut sc.m, &mut sc.l, &mut sc.alpha, &mut sc.tmp] {
+        buf.clear();
+        buf.resize(rows, 0.0);
+    }
+    sc.m.fill(f32::NEG_INFINITY);
     sc.acc.clear();
     sc.acc.resize(rows * d, 0.0);
     sc.kbuf.resize(CHUNK * d, 0.0);
@@ -128,57 +146,70 @@ pub(crate) fn attend<E: Elem>(
     sc.s.resize(rows * CHUNK, 0.0);
     sc.kidx.clear();
     sc.kblk.clear();
+    sc.koff.clear();
     for span in spans {
         for j in span.start..span.end {
-            let c = sc.kidx.len();
-            E::load(kv.k_row(j as usize), &mut sc.kbuf[c * d..(c + 1) * d]);
-            E::load(kv.v_row(j as usize), &mut sc.vbuf[c * d..(c + 1) * d]);
             sc.kidx.push(j);
             sc.kblk.push(span.block);
+            sc.koff.push(kv.base + j as usize * kv.stride);
             if sc.kidx.len() == CHUNK {
+                load_chunk(kv, sc);
                 flush(sc, d, &allow);
             }
         }
     }
     if !sc.kidx.is_empty() {
+        load_chunk(kv, sc);
         flush(sc, d, &allow);
     }
+    sc.out.clear();
+    sc.out.resize(rows * d, 0.0);
     for r in 0..rows {
         let l = sc.l[r];
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        sc.acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+        for dd in 0..d {
+            sc.out[r * d + dd] = sc.acc[dd * rows + r] * inv;
+        }
     }
+}
+
+fn load_chunk<E: Elem>(kv: &KvHead<'_, E>, sc: &mut Scratch) {
+    let (c, d) = (sc.koff.len(), kv.head_dim);
+    gather_rows(kv.k, &sc.koff, d, &mut sc.kbuf[..c * d]);
+    gather_rows(kv.v, &sc.koff, d, &mut sc.vbuf[..c * d]);
+    sc.koff.clear();
 }
 
 fn flush(sc: &mut Scratch, d: usize, allow: &impl Fn(u32, u32, bool) -> bool) {
     let rows = sc.pos.len();
     let c = sc.kidx.len();
     let s = &mut sc.s[..rows * c];
-    matmul(rows, c, d, s, false, &sc.q, &sc.kbuf[..c * d], true);
-    for r in 0..rows {
-        let p = sc.pos[r];
-        let srow = &mut s[r * c..(r + 1) * c];
-        for (x, (&j, &blk)) in srow.iter_mut().zip(sc.kidx.iter().zip(&sc.kblk)) {
-            if !allow(p, j, blk) {
-                *x = f32::NEG_INFINITY;
+    // s (rows × c, stored key-major) = q · kᵀ
+    matmul_cm(rows, c, d, s, false, Mat::rows(&sc.q, d), Mat::rows_t(&sc.kbuf[..c * d], d));
+    let pmin = sc.pos.iter().copied().min().unwrap_or(0);
+    let pmax = sc.pos.iter().copied().max().unwrap_or(0);
+    let all_allowed =
+        sc.kidx.iter().zip(&sc.kblk).all(|(&j, &blk)| allow(pmin, j, blk) && allow(pmax, j, blk));
+    if !all_allowed {
+        for (ci, (&j, &blk)) in sc.kidx.iter().zip(&sc.kblk).enumerate() {
+            for (x, &p) in s[ci * rows..(ci + 1) * rows].iter_mut().zip(&sc.pos) {
+                if !allow(p, j, blk) {
+                    *x = f32::NEG_INFINITY;
+                }
             }
         }
-        let mx = row_max(srow);
-        if mx == f32::NEG_INFINITY {
-            srow.iter_mut().for_each(|x| *x = 0.0);
-            continue;
-        }
-        let m_old = sc.m[r];
-        let m_new = m_old.max(mx);
-        let sum = exp_sub_sum(srow, m_new);
-        let alpha = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp() };
-        sc.l[r] = sc.l[r] * alpha + sum;
-        sc.m[r] = m_new;
-        if alpha != 1.0 {
-            sc.acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+    }
+    fold_chunk(s, rows, &mut sc.m, &mut sc.l, &mut sc.alpha, &mut sc.tmp);
+    if sc.alpha.iter().any(|&a| a != 1.0) {
+        for col in sc.acc.chunks_exact_mut(rows) {
+            for (x, &a) in col.iter_mut().zip(&sc.alpha) {
+                *x *= a;
+            }
         }
     }
-    matmul(rows, d, c, &mut sc.acc, true, s, &sc.vbuf[..c * d], false);
+    // acc (rows × d, stored dimension-major) += p · v, with p (rows × c) stored key-major.
+    let p = Mat { data: s, rs: 1, cs: rows };
+    matmul_cm(rows, d, c, &mut sc.acc, true, p, Mat::rows(&sc.vbuf[..c * d], d));
     sc.kidx.clear();
     sc.kblk.clear();
 }

@@ -50,7 +50,7 @@ pub(crate) fn block_sparse_attn_cpu<E: Elem>(
             for i in i0..i1 {
                 let r = i - i0;
                 // SAFETY: row (b, i, h) belongs to this task only; the offset is in bounds.
-                unsafe { ptr.write(dims.q_off(b, i, h), &sc.acc[r * d..(r + 1) * d]) };
+                unsafe { ptr.write(dims.q_off(b, i, h), &sc.out[r * d..(r + 1) * d]) };
             }
         },
     );

@@ -49,7 +49,7 @@ pub(crate) fn dense_attn_cpu<E: Elem>(q: &[E], k: &[E], v: &[E], dims: &AttnDims
             for i in i0..i1 {
                 let r = hh * n + (i - i0);
                 // SAFETY: row (b, i, h) belongs to this task only; the offset is in bounds.
-                unsafe { ptr.write(dims.q_off(b, i, h), &sc.acc[r * d..(r + 1) * d]) };
+                unsafe { ptr.write(dims.q_off(b, i, h), &sc.out[r * d..(r + 1) * d]) };
             }
         }
     });

@@ -6,8 +6,9 @@ use rayon::prelude::*;
 use super::{initial_groups, query_block, HipMask};
 use crate::config::HipConfig;
 use crate::elem::Elem;
+use crate::gather::gather_rows;
 use crate::layout::AttnDims;
-use crate::ops::tile::matmul;
+use crate::ops::tile::{matmul_cm, Mat};
 
 #[derive(Default)]
 struct MaskScratch {
@@ -19,6 +20,8 @@ struct MaskScratch {
     branches: Vec<(u32, u32, f32)>,
     /// Branches to score this iteration: index into `branches`.
     to_score: Vec<usize>,
+    /// Offsets of the key rows to score.
+    offsets: Vec<usize>,
 }
 
 pub(crate) fn hip_mask_cpu<E: Elem>(
@@ -126,7 +129,7 @@ fn score_branches<E: Elem>(
     let d = dims.head_dim;
     let keys_per_rep = cfg.block_size_k.div_ceil(cfg.block_stride_k);
     sc.to_score.clear();
-    sc.keys.clear();
+    sc.offsets.clear();
     // Column c of the score matrix belongs to branch `owner[c]`; stored as a run per branch.
     let mut cols = 0usize;
     let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -139,25 +142,21 @@ fn score_branches<E: Elem>(
         let end = (start + cfg.block_size_k).min(qb.search_end);
         let first_col = cols;
         for j in (start..end).step_by(cfg.block_stride_k) {
-            let off = dims.kv_off(b, j, g);
-            let at = sc.keys.len();
-            sc.keys.resize(at + d, 0.0);
-            E::load(&k[off..off + d], &mut sc.keys[at..]);
+            sc.offsets.push(dims.kv_off(b, j, g));
             cols += 1;
         }
         debug_assert!(cols - first_col <= keys_per_rep && cols > first_col);
         sc.to_score.push(bi);
         runs.push((first_col, cols));
     }
+    sc.keys.resize(cols * d, 0.0);
+    gather_rows(k, &sc.offsets, d, &mut sc.keys[..cols * d]);
     sc.scores.resize(nq * cols, 0.0);
-    matmul(nq, cols, d, &mut sc.scores[..nq * cols], false, &sc.q, &sc.keys, true);
+    // scores (nq × cols, stored key-major: one run of nq per key) = q · keysᵀ
+    let keys = Mat::rows_t(&sc.keys[..cols * d], d);
+    matmul_cm(nq, cols, d, &mut sc.scores[..nq * cols], false, Mat::rows(&sc.q, d), keys);
     for (&bi, &(c0, c1)) in sc.to_score.iter().zip(&runs) {
-        let mut best = f32::NEG_INFINITY;
-        for r in 0..nq {
-            for &s in &sc.scores[r * cols + c0..r * cols + c1] {
-                best = best.max(s);
-            }
-        }
+        let best = sc.scores[c0 * nq..c1 * nq].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         sc.branches[bi].2 = best;
     }
 }
