@@ -10,8 +10,8 @@ fn exp_nonpos(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.0, 0.0);
     // Cody–Waite reduction: x = n ln2 + z with |z| <= ln2 / 2, ln2 split in a high and a low part.
-    const LN2_HI: f32 = 0.693_145_751_953_125;
-    const LN2_LO: f32 = 1.428_606_765_330_187e-6;
+    const LN2_HI: f32 = 0.693_145_75; // exactly 0x3F31_7200
+    const LN2_LO: f32 = 1.428_606_8e-6;
     let y = xc * LOG2E + MAGIC;
     let n = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let nf = y - MAGIC;
