@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 /// let cfg = HipConfig::paper();
 /// assert_eq!(cfg.k, 512);
 /// cfg.validate().unwrap();
-/// let bad = HipConfig { k: 511, ..HipConfig::paper() };
+/// let bad = HipConfig::paper().with_k(511);
 /// assert!(bad.validate().is_err()); // k must be a multiple of block_size_k
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

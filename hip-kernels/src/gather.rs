@@ -4,7 +4,7 @@
 use crate::elem::Elem;
 
 /// Rows ahead that are prefetched while the current one is converted.
-const PREFETCH_AHEAD: usize = 8;
+const PREFETCH_AHEAD: usize = 16;
 
 #[inline(always)]
 fn prefetch<E>(row: &[E]) {

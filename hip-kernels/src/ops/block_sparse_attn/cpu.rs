@@ -23,37 +23,46 @@ pub(crate) fn block_sparse_attn_cpu<E: Elem>(
     let n_qb = mask.n_qblocks;
     let sink = mask.sink_tokens as u32;
     let window = (mask.window_tokens + extra_window) as u32;
-    (0..dims.batch * dims.heads_q * n_qb).into_par_iter().for_each_init(
-        || (Scratch::default(), Vec::<Span>::new()),
-        |(sc, spans), row| {
-            let m = row % n_qb;
-            let h = (row / n_qb) % dims.heads_q;
-            let b = row / (n_qb * dims.heads_q);
-            let i0 = m * mask.block_size_q;
-            let i1 = (i0 + mask.block_size_q).min(dims.t_q);
-            let p_first = dims.query_pos(i0) as u32;
-            let end = dims.query_pos(i1 - 1) as u32 + 1;
-            build_spans(mask.blocks(b, h, m), mask.block_size_k as u32, sink, window, p_first, end, spans);
-            sc.q.clear();
-            sc.q.resize((i1 - i0) * d, 0.0);
-            sc.pos.clear();
-            for i in i0..i1 {
-                let r = i - i0;
-                let dst = &mut sc.q[r * d..(r + 1) * d];
-                E::load(&q[dims.q_off(b, i, h)..dims.q_off(b, i, h) + d], dst);
-                dst.iter_mut().for_each(|x| *x *= scale);
-                sc.pos.push(dims.query_pos(i) as u32);
-            }
-            let g = h / dims.group();
-            let kv = KvHead { k, v, base: dims.kv_off(b, 0, g), stride: dims.heads_kv * d, head_dim: d };
-            attend(&kv, spans, |p, j, blk| j <= p && (j < sink || j + window > p || blk), sc);
-            for i in i0..i1 {
-                let r = i - i0;
-                // SAFETY: row (b, i, h) belongs to this task only; the offset is in bounds.
-                unsafe { ptr.write(dims.q_off(b, i, h), &sc.out[r * d..(r + 1) * d]) };
-            }
-        },
-    );
+    let group = dims.group();
+    // One key/value head at a time, so both threads share its keys in the last-level cache.
+    for (b, g) in (0..dims.batch).flat_map(|b| (0..dims.heads_kv).map(move |g| (b, g))) {
+        (0..group * n_qb).into_par_iter().for_each_init(
+            || (Scratch::default(), Vec::<Span>::new()),
+            |(sc, spans), row| {
+                let (h, m) = (g * group + row / n_qb, row % n_qb);
+                let i0 = m * mask.block_size_q;
+                let i1 = (i0 + mask.block_size_q).min(dims.t_q);
+                let p_first = dims.query_pos(i0) as u32;
+                let end = dims.query_pos(i1 - 1) as u32 + 1;
+                build_spans(
+                    mask.blocks(b, h, m),
+                    mask.block_size_k as u32,
+                    sink,
+                    window,
+                    p_first,
+                    end,
+                    spans,
+                );
+                sc.q.clear();
+                sc.q.resize((i1 - i0) * d, 0.0);
+                sc.pos.clear();
+                for i in i0..i1 {
+                    let r = i - i0;
+                    let dst = &mut sc.q[r * d..(r + 1) * d];
+                    E::load(&q[dims.q_off(b, i, h)..dims.q_off(b, i, h) + d], dst);
+                    dst.iter_mut().for_each(|x| *x *= scale);
+                    sc.pos.push(dims.query_pos(i) as u32);
+                }
+                let kv = KvHead { k, v, base: dims.kv_off(b, 0, g), stride: dims.heads_kv * d, head_dim: d };
+                attend(&kv, spans, |p, j, blk| j <= p && (j < sink || j + window > p || blk), sc);
+                for i in i0..i1 {
+                    let r = i - i0;
+                    // SAFETY: row (b, i, h) belongs to this task only; the offset is in bounds.
+                    unsafe { ptr.write(dims.q_off(b, i, h), &sc.out[r * d..(r + 1) * d]) };
+                }
+            },
+        );
+    }
     out
 }
 

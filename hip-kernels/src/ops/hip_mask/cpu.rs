@@ -34,14 +34,19 @@ pub(crate) fn hip_mask_cpu<E: Elem>(
     let mut mask = HipMask::empty(dims, cfg);
     let g_max = mask.max_blocks;
     let n_qb = mask.n_qblocks;
-    let rows: Vec<(&mut [u32], &mut u32)> =
-        mask.block_starts.chunks_mut(g_max).zip(mask.counts.iter_mut()).collect();
-    rows.into_par_iter().enumerate().for_each_init(MaskScratch::default, |sc, (row, (out, count))| {
-        let m = row % n_qb;
-        let h = (row / n_qb) % dims.heads_q;
-        let b = row / (n_qb * dims.heads_q);
-        *count = search_row(q, k, dims, cfg, scale, b, h, m, sc, out) as u32;
-    });
+    let group = dims.group();
+    // One key/value head at a time, so both threads share its keys in the last-level cache.
+    let rows_per_kv = group * n_qb;
+    for (kv_row, (starts, counts)) in
+        mask.block_starts.chunks_mut(rows_per_kv * g_max).zip(mask.counts.chunks_mut(rows_per_kv)).enumerate()
+    {
+        let (b, g) = (kv_row / dims.heads_kv, kv_row % dims.heads_kv);
+        let rows: Vec<(&mut [u32], &mut u32)> = starts.chunks_mut(g_max).zip(counts.iter_mut()).collect();
+        rows.into_par_iter().enumerate().for_each_init(MaskScratch::default, |sc, (row, (out, count))| {
+            let (hh, m) = (row / n_qb, row % n_qb);
+            *count = search_row(q, k, dims, cfg, scale, b, g * group + hh, m, sc, out) as u32;
+        });
+    }
     mask
 }
 

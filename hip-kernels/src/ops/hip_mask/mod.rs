@@ -119,10 +119,14 @@ pub(crate) fn query_block(dims: &AttnDims, cfg: &HipConfig, m: usize) -> QueryBl
     QueryBlock { i0, i1, n_candidates, search_end }
 }
 
-/// The `groups` initial ranges `[start, end)` of candidate blocks, splitting `n > groups`
-/// candidates as evenly as possible.
+/// The initial groups of the tree search over `n > groups` candidate blocks: contiguous ranges of
+/// `step` blocks, `step` the smallest power of two with `ceil(n / step) <= groups`, starting at
+/// multiples of `step` (the last range may be shorter). Aligned ranges make neighbouring query
+/// blocks, whose candidate counts differ a little, start from the same groups, so they score the
+/// same center keys while those are still in cache.
 pub(crate) fn initial_groups(n: usize, groups: usize) -> Vec<(u32, u32)> {
-    (0..groups).map(|i| ((i * n / groups) as u32, ((i + 1) * n / groups) as u32)).collect()
+    let step = n.div_ceil(groups).next_power_of_two();
+    (0..n).step_by(step).map(|s| (s as u32, (s + step).min(n) as u32)).collect()
 }
 
 /// Estimates the HiP mask: for every batch entry, query head and query block, the
@@ -133,7 +137,8 @@ pub(crate) fn initial_groups(n: usize, groups: usize) -> Vec<(u32, u32)> {
 /// * The sink (`cfg.sink_tokens`) and the window of the block's last query (`cfg.window_tokens`)
 ///   are left out of the search, since they are always attended. When the candidates fit the
 ///   budget, all of them are selected, so HiP with `k >= t_k` is exact attention.
-/// * The search: split the candidates into `G = k / block_size_k` contiguous groups; then
+/// * The search: split the candidates into at most `G = k / block_size_k` contiguous groups of a
+///   power-of-two number of blocks; then
 ///   repeatedly split every group in two halves, score each half by its center block (max of
 ///   `q·k` over every `block_stride_q`-th query of the block and every `block_stride_k`-th key of
 ///   the center block) and keep the best `G` halves, until every group is a single block. Ties go
