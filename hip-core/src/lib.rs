@@ -1,3 +1,18 @@
-//! hip-core: the synchronous runtime (models, KV cache, engine). Work in progress: see the issues.
+//! # hip-core
+//!
+//! The synchronous runtime of the hip SDK: GGUF / safetensors loading, the Llama and Qwen2
+//! transformers with attention through an [`attention::AttentionBackend`] (dense or HiP), a paged
+//! KV cache, sampling and the [`engine::Engine`]. No async, no threads of its own.
+#![warn(missing_docs, unreachable_pub)]
 
-pub use hip_kernels;
+pub mod attention;
+pub mod engine;
+mod error;
+pub mod eval;
+pub mod kv;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+
+pub use error::{Error, Result};
+pub use hip_kernels::HipConfig;

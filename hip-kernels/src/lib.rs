@@ -16,6 +16,7 @@
 //! | [`block_sparse_attn`] | attention over sink + window + the blocks of a [`HipMask`] |
 //! | [`hip_attn`] | mask + block-sparse attention in one call (prefill) |
 //! | [`hip_attn_decode`] + [`MaskCache`] | decode, re-estimating the mask every `refresh_interval` steps |
+//! | `*_paged` + [`PagedKv`] | the same ops over one sequence in a paged KV cache (block table) |
 //!
 //! Tensors are token-major (see [`layout`]): `q: [batch, t_q, heads_q, head_dim]`,
 //! `k, v: [batch, t_k, heads_kv, head_dim]`, f32 / f16 / bf16 with f32 accumulation.
@@ -46,6 +47,7 @@ mod gather;
 pub mod layout;
 mod mask_cache;
 mod ops;
+mod paged;
 pub mod reference;
 
 pub use config::HipConfig;
@@ -55,3 +57,6 @@ pub use mask_cache::{hip_attn, hip_attn_decode, MaskCache};
 pub use ops::block_sparse_attn::block_sparse_attn;
 pub use ops::dense_attn::dense_attn;
 pub use ops::hip_mask::{hip_mask, HipMask, NO_BLOCK};
+pub use paged::{
+    block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, hip_mask_paged, PagedKv,
+};

@@ -82,25 +82,43 @@ pub fn hip_attn_decode(
     scale: f32,
     cache: &mut MaskCache,
 ) -> Result<Tensor> {
-    cfg.validate()?;
     let dims = AttnDims::from_qkv(q, k, Some(v))?;
-    let stale = match &cache.mask {
-        None => true,
-        Some(m) => {
-            cache.steps >= cfg.refresh_interval
-                || m.check_fits(&dims).is_err()
-                || m.block_size_q != cfg.block_size_q
-                || m.max_blocks != cfg.selected_blocks()
+    cache.step(
+        &dims,
+        cfg,
+        || hip_mask(q, k, cfg, scale),
+        |mask, extra| block_sparse_attn(q, k, v, mask, scale, extra),
+    )
+}
+
+impl MaskCache {
+    /// One decode step: refresh the mask with `estimate` when due, then attend with `attend(mask,
+    /// extra_window_tokens)`.
+    pub(crate) fn step(
+        &mut self,
+        dims: &AttnDims,
+        cfg: &HipConfig,
+        estimate: impl FnOnce() -> Result<HipMask>,
+        attend: impl FnOnce(&HipMask, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        cfg.validate()?;
+        let stale = match &self.mask {
+            None => true,
+            Some(m) => {
+                self.steps >= cfg.refresh_interval
+                    || m.check_fits(dims).is_err()
+                    || m.block_size_q != cfg.block_size_q
+                    || m.max_blocks != cfg.selected_blocks()
+            }
+        };
+        if stale {
+            self.mask = Some(estimate()?);
+            self.steps = 0;
+            self.refreshes += 1;
         }
-    };
-    if stale {
-        cache.mask = Some(hip_mask(q, k, cfg, scale)?);
-        cache.steps = 0;
-        cache.refreshes += 1;
+        let mask = self.mask.as_ref().expect("mask set above");
+        let out = attend(mask, dims.t_k - mask.t_k)?;
+        self.steps += 1;
+        Ok(out)
     }
-    let mask = cache.mask.as_ref().expect("mask set above");
-    let extra = dims.t_k - mask.t_k;
-    let out = block_sparse_attn(q, k, v, mask, scale, extra)?;
-    cache.steps += 1;
-    Ok(out)
 }

@@ -8,6 +8,7 @@
 
 use crate::elem::Elem;
 use crate::gather::gather_rows;
+use crate::layout::AttnDims;
 use crate::ops::softmax::fold_chunk;
 
 /// Keys processed per GEMM.
@@ -21,14 +22,59 @@ pub(crate) struct Span {
     pub block: bool,
 }
 
-/// One key/value head of one batch entry, in the token-major layout.
+/// Where the rows of one key/value head live in a K (or V) buffer.
+#[derive(Clone, Copy)]
+pub(crate) enum KvRows<'a> {
+    /// Token `j` at `base + j * stride` (a contiguous `[batch, t_k, heads_kv, head_dim]` tensor).
+    Strided { base: usize, stride: usize },
+    /// Token `j` in block `table[j / block_size]` of a paged cache laid out
+    /// `[blocks, block_size, heads_kv, head_dim]`: at `(table[j / bs] * bs + j % bs) * row + head_off`.
+    Paged { table: &'a [u32], block_size: usize, row: usize, head_off: usize },
+}
+
+impl KvRows<'_> {
+    #[inline]
+    pub(crate) fn offset(&self, j: usize) -> usize {
+        match *self {
+            KvRows::Strided { base, stride } => base + j * stride,
+            KvRows::Paged { table, block_size, row, head_off } => {
+                (table[j / block_size] as usize * block_size + j % block_size) * row + head_off
+            }
+        }
+    }
+}
+
+/// How the key/value tokens of an attention call are stored.
+#[derive(Clone, Copy)]
+pub(crate) enum KvLayout<'a> {
+    /// Contiguous token-major tensors `[batch, t_k, heads_kv, head_dim]`.
+    Contiguous,
+    /// One sequence in a paged cache (batch 1).
+    Paged { table: &'a [u32], block_size: usize },
+}
+
+impl<'a> KvLayout<'a> {
+    /// The rows of key/value head `g` of batch entry `b`.
+    pub(crate) fn rows(&self, dims: &AttnDims, b: usize, g: usize) -> KvRows<'a> {
+        match *self {
+            KvLayout::Contiguous => {
+                KvRows::Strided { base: dims.kv_off(b, 0, g), stride: dims.heads_kv * dims.head_dim }
+            }
+            KvLayout::Paged { table, block_size } => KvRows::Paged {
+                table,
+                block_size,
+                row: dims.heads_kv * dims.head_dim,
+                head_off: g * dims.head_dim,
+            },
+        }
+    }
+}
+
+/// One key/value head of one sequence.
 pub(crate) struct KvHead<'a, E> {
     pub k: &'a [E],
     pub v: &'a [E],
-    /// Offset of token 0 of this head.
-    pub base: usize,
-    /// Distance between consecutive tokens (`heads_kv * head_dim`).
-    pub stride: usize,
+    pub rows: KvRows<'a>,
     pub head_dim: usize,
 }
 
@@ -151,7 +197,7 @@ pub(crate) fn attend<E: Elem>(
         for j in span.start..span.end {
             sc.kidx.push(j);
             sc.kblk.push(span.block);
-            sc.koff.push(kv.base + j as usize * kv.stride);
+            sc.koff.push(kv.rows.offset(j as usize));
             if sc.kidx.len() == CHUNK {
                 load_chunk(kv, sc);
                 flush(sc, d, &allow);
@@ -180,7 +226,8 @@ fn load_chunk<E: Elem>(kv: &KvHead<'_, E>, sc: &mut Scratch) {
     sc.koff.clear();
 }
 
-fn flush(sc: &mut Scratch, d: usize, allow: &impl Fn(u32, u32, bool) -> bool) {
+#[inline(always)]
+fn flush<F: Fn(u32, u32, bool) -> bool>(sc: &mut Scratch, d: usize, allow: &F) {
     let rows = sc.pos.len();
     let c = sc.kidx.len();
     let s = &mut sc.s[..rows * c];

@@ -6,13 +6,14 @@ use rayon::prelude::*;
 use crate::elem::Elem;
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
-use crate::ops::tile::{attend, KvHead, OutPtr, Scratch, Span};
+use crate::ops::tile::{attend, KvHead, KvLayout, OutPtr, Scratch, Span};
 
 pub(crate) fn block_sparse_attn_cpu<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
     dims: &AttnDims,
+    layout: KvLayout<'_>,
     mask: &HipMask,
     scale: f32,
     extra_window: usize,
@@ -53,7 +54,7 @@ pub(crate) fn block_sparse_attn_cpu<E: Elem>(
                     dst.iter_mut().for_each(|x| *x *= scale);
                     sc.pos.push(dims.query_pos(i) as u32);
                 }
-                let kv = KvHead { k, v, base: dims.kv_off(b, 0, g), stride: dims.heads_kv * d, head_dim: d };
+                let kv = KvHead { k, v, rows: layout.rows(dims, b, g), head_dim: d };
                 attend(&kv, spans, |p, j, blk| j <= p && (j < sink || j + window > p || blk), sc);
                 for i in i0..i1 {
                     let r = i - i0;

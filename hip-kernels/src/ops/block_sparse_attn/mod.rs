@@ -1,7 +1,7 @@
 //! Block-sparse attention over sink + sliding window + the key blocks of a [`HipMask`]
 //! (hip-algorithm.md §1C).
 
-mod cpu;
+pub(crate) mod cpu;
 
 use candle_core::{Device, Tensor};
 
@@ -9,6 +9,7 @@ use crate::elem::{dispatch_dtype, Elem};
 use crate::error::Result;
 use crate::layout::{check_scale, AttnDims};
 use crate::ops::hip_mask::HipMask;
+use crate::ops::tile::KvLayout;
 use crate::ops::{require_cpu, with_cpu_data};
 
 /// Attention of each query over its sink, its window and the selected blocks of `mask`.
@@ -55,7 +56,7 @@ fn run<E: Elem>(
     let out = with_cpu_data::<E, _>("q", q, |qd| {
         with_cpu_data::<E, _>("k", k, |kd| {
             with_cpu_data::<E, _>("v", v, |vd| {
-                Ok(cpu::block_sparse_attn_cpu(qd, kd, vd, dims, mask, scale, extra))
+                Ok(cpu::block_sparse_attn_cpu(qd, kd, vd, dims, KvLayout::Contiguous, mask, scale, extra))
             })
         })
     })?;

@@ -6,12 +6,19 @@ use rayon::prelude::*;
 
 use crate::elem::Elem;
 use crate::layout::AttnDims;
-use crate::ops::tile::{attend, KvHead, OutPtr, Scratch, Span};
+use crate::ops::tile::{attend, KvHead, KvLayout, OutPtr, Scratch, Span};
 
 /// Queries per tile (per query head) in prefill.
 const QUERY_TILE: usize = 64;
 
-pub(crate) fn dense_attn_cpu<E: Elem>(q: &[E], k: &[E], v: &[E], dims: &AttnDims, scale: f32) -> Vec<f32> {
+pub(crate) fn dense_attn_cpu<E: Elem>(
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    dims: &AttnDims,
+    layout: KvLayout<'_>,
+    scale: f32,
+) -> Vec<f32> {
     let d = dims.head_dim;
     let group = dims.group();
     let q_tile = QUERY_TILE.min(dims.t_q);
@@ -40,7 +47,7 @@ pub(crate) fn dense_attn_cpu<E: Elem>(q: &[E], k: &[E], v: &[E], dims: &AttnDims
                 sc.pos.push(dims.query_pos(i) as u32);
             }
         }
-        let kv = KvHead { k, v, base: dims.kv_off(b, 0, g), stride: dims.heads_kv * d, head_dim: d };
+        let kv = KvHead { k, v, rows: layout.rows(dims, b, g), head_dim: d };
         let end = dims.query_pos(i1 - 1) as u32 + 1;
         let spans = [Span { start: 0, end, block: false }];
         attend(&kv, &spans, |p, j, _| j <= p, sc);

@@ -1,12 +1,13 @@
 //! Exact causal attention (flash-style online softmax, O(T) memory), with GQA and a query offset.
 
-mod cpu;
+pub(crate) mod cpu;
 
 use candle_core::{Device, Tensor};
 
 use crate::elem::{dispatch_dtype, Elem};
 use crate::error::Result;
 use crate::layout::{check_scale, AttnDims};
+use crate::ops::tile::KvLayout;
 use crate::ops::{require_cpu, with_cpu_data};
 
 /// Exact causal attention.
@@ -43,7 +44,9 @@ pub fn dense_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tens
 fn run<E: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, dims: &AttnDims, scale: f32) -> Result<Tensor> {
     let out = with_cpu_data::<E, _>("q", q, |qd| {
         with_cpu_data::<E, _>("k", k, |kd| {
-            with_cpu_data::<E, _>("v", v, |vd| Ok(cpu::dense_attn_cpu(qd, kd, vd, dims, scale)))
+            with_cpu_data::<E, _>("v", v, |vd| {
+                Ok(cpu::dense_attn_cpu(qd, kd, vd, dims, KvLayout::Contiguous, scale))
+            })
         })
     })?;
     let shape = (dims.batch, dims.t_q, dims.heads_q, dims.head_dim);

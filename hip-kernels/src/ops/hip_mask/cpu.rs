@@ -8,7 +8,7 @@ use crate::config::HipConfig;
 use crate::elem::Elem;
 use crate::gather::gather_rows;
 use crate::layout::AttnDims;
-use crate::ops::tile::{matmul_cm, Mat};
+use crate::ops::tile::{matmul_cm, KvLayout, KvRows, Mat};
 
 #[derive(Default)]
 struct MaskScratch {
@@ -28,6 +28,7 @@ pub(crate) fn hip_mask_cpu<E: Elem>(
     q: &[E],
     k: &[E],
     dims: &AttnDims,
+    layout: KvLayout<'_>,
     cfg: &HipConfig,
     scale: f32,
 ) -> HipMask {
@@ -44,7 +45,8 @@ pub(crate) fn hip_mask_cpu<E: Elem>(
         let rows: Vec<(&mut [u32], &mut u32)> = starts.chunks_mut(g_max).zip(counts.iter_mut()).collect();
         rows.into_par_iter().enumerate().for_each_init(MaskScratch::default, |sc, (row, (out, count))| {
             let (hh, m) = (row / n_qb, row % n_qb);
-            *count = search_row(q, k, dims, cfg, scale, b, g * group + hh, m, sc, out) as u32;
+            let rows = layout.rows(dims, b, g);
+            *count = search_row(q, k, dims, rows, cfg, scale, b, g * group + hh, m, sc, out) as u32;
         });
     }
     mask
@@ -54,6 +56,7 @@ fn search_row<E: Elem>(
     q: &[E],
     k: &[E],
     dims: &AttnDims,
+    rows: KvRows<'_>,
     cfg: &HipConfig,
     scale: f32,
     b: usize,
@@ -74,7 +77,6 @@ fn search_row<E: Elem>(
         return n;
     }
     let d = dims.head_dim;
-    let g = h / dims.group();
     // Strided queries of the block, scaled.
     sc.q.clear();
     let mut nq = 0;
@@ -103,7 +105,7 @@ fn search_row<E: Elem>(
                 sc.branches.push((mid, e, f32::NAN));
             }
         }
-        score_branches(k, dims, cfg, b, g, &qb, nq, sc);
+        score_branches(k, dims, rows, cfg, &qb, nq, sc);
         // Keep the best g_max branches; ties go to the earlier block.
         let keep = g_max.min(sc.branches.len());
         let cmp = |a: &(u32, u32, f32), c: &(u32, u32, f32)| c.2.total_cmp(&a.2).then(a.0.cmp(&c.0));
@@ -124,9 +126,8 @@ fn search_row<E: Elem>(
 fn score_branches<E: Elem>(
     k: &[E],
     dims: &AttnDims,
+    rows: KvRows<'_>,
     cfg: &HipConfig,
-    b: usize,
-    g: usize,
     qb: &super::QueryBlock,
     nq: usize,
     sc: &mut MaskScratch,
@@ -147,7 +148,7 @@ fn score_branches<E: Elem>(
         let end = (start + cfg.block_size_k).min(qb.search_end);
         let first_col = cols;
         for j in (start..end).step_by(cfg.block_stride_k) {
-            sc.offsets.push(dims.kv_off(b, j, g));
+            sc.offsets.push(rows.offset(j));
             cols += 1;
         }
         debug_assert!(cols - first_col <= keys_per_rep && cols > first_col);

@@ -1,6 +1,6 @@
 //! HiP mask estimation: the hierarchical top-k tree search over key blocks (hip-algorithm.md §1A).
 
-mod cpu;
+pub(crate) mod cpu;
 
 use candle_core::Tensor;
 
@@ -8,6 +8,7 @@ use crate::config::HipConfig;
 use crate::elem::{dispatch_dtype, Elem};
 use crate::error::{Error, Result};
 use crate::layout::{check_scale, AttnDims};
+use crate::ops::tile::KvLayout;
 use crate::ops::{require_cpu, with_cpu_data};
 
 /// Marks an unused slot of [`HipMask::block_starts`].
@@ -156,6 +157,8 @@ pub fn hip_mask(q: &Tensor, k: &Tensor, cfg: &HipConfig, scale: f32) -> Result<H
 
 fn run<E: Elem>(q: &Tensor, k: &Tensor, dims: &AttnDims, cfg: &HipConfig, scale: f32) -> Result<HipMask> {
     with_cpu_data::<E, _>("q", q, |qd| {
-        with_cpu_data::<E, _>("k", k, |kd| Ok(cpu::hip_mask_cpu(qd, kd, dims, cfg, scale)))
+        with_cpu_data::<E, _>("k", k, |kd| {
+            Ok(cpu::hip_mask_cpu(qd, kd, dims, KvLayout::Contiguous, cfg, scale))
+        })
     })
 }

@@ -1,0 +1,500 @@
+//! The synchronous engine: sequences (persistent contexts in the paged KV cache), generation
+//! requests on them, and [`Engine::step`], which runs one batched forward pass: at most one
+//! prefill chunk's worth of queued tokens plus one decode token for every generating request.
+//!
+//! The engine is driven through `&mut self`; it starts no threads. hip-sdk runs it on one thread
+//! per model.
+
+mod request;
+
+use std::collections::BTreeMap;
+
+pub use request::{Event, FinishReason, GenerateParams, RequestId};
+
+use crate::attention::{AttentionBackend, AttentionState};
+use crate::error::{Error, Result};
+use crate::kv::{KvCacheConfig, PagedKvCache, SeqId};
+use crate::loader::tokenizer::Tokenizer;
+use crate::model::{LogitsWanted, Model, SeqChunk};
+use crate::sampling::Sampler;
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Dense or HiP attention.
+    pub attention: AttentionBackend,
+    /// Tokens per KV-cache block.
+    pub kv_block_size: usize,
+    /// Memory for the KV cache, in bytes (K and V of every layer, f32).
+    pub kv_budget_bytes: usize,
+    /// Most prompt tokens processed per step (chunked prefill).
+    pub prefill_chunk: usize,
+    /// Most tokens a sequence may hold; `None` = the model's trained context length.
+    pub max_context: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            attention: AttentionBackend::Dense,
+            kv_block_size: 16,
+            kv_budget_bytes: 512 << 20,
+            prefill_chunk: 512,
+            max_context: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Sets the attention backend.
+    pub fn with_attention(mut self, attention: AttentionBackend) -> Self {
+        self.attention = attention;
+        self
+    }
+    /// Sets the KV-cache memory budget.
+    pub fn with_kv_budget_bytes(mut self, bytes: usize) -> Self {
+        self.kv_budget_bytes = bytes;
+        self
+    }
+    /// Sets the prefill chunk size.
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
+        self.prefill_chunk = tokens;
+        self
+    }
+    /// Sets the context limit.
+    pub fn with_max_context(mut self, tokens: usize) -> Self {
+        self.max_context = Some(tokens);
+        self
+    }
+    /// Sets the KV block size.
+    pub fn with_kv_block_size(mut self, tokens: usize) -> Self {
+        self.kv_block_size = tokens;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    /// Every token of the context, including those not yet in the cache.
+    tokens: Vec<u32>,
+    /// Tokens already in the KV cache (`tokens[..cached]`).
+    cached: usize,
+    /// Tokens queued since the last time the queue was empty (progress reporting).
+    prefill_total: usize,
+    request: Option<RequestId>,
+}
+
+#[derive(Debug)]
+struct Req {
+    seq: SeqId,
+    params: GenerateParams,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Bytes of the generated text already reported.
+    emitted: usize,
+}
+
+/// The engine: a model, its tokenizer, the KV cache and the live sequences and requests.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    tokenizer: Tokenizer,
+    kv: PagedKvCache,
+    attn: AttentionState,
+    cfg: EngineConfig,
+    max_context: usize,
+    seqs: BTreeMap<SeqId, Seq>,
+    reqs: BTreeMap<RequestId, Req>,
+    next_request: u64,
+}
+
+impl Engine {
+    /// Builds an engine.
+    ///
+    /// # Errors
+    /// A tokenizer that does not fit the model, an invalid HiP config, a KV budget too small for
+    /// one block, a zero prefill chunk.
+    pub fn new(model: Model, tokenizer: Tokenizer, cfg: EngineConfig) -> Result<Self> {
+        tokenizer.check_vocab(model.config().vocab_size)?;
+        if cfg.prefill_chunk == 0 {
+            return Err(Error::arg("prefill_chunk", 0, "must be at least 1"));
+        }
+        let mc = model.config();
+        let kv_cfg = KvCacheConfig::for_bytes(
+            mc.layers,
+            mc.kv_heads,
+            mc.head_dim,
+            cfg.kv_block_size,
+            cfg.kv_budget_bytes,
+        )?;
+        let kv = PagedKvCache::new(kv_cfg)?;
+        let attn = AttentionState::new(cfg.attention.clone())?;
+        let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);
+        Ok(Engine {
+            model,
+            tokenizer,
+            kv,
+            attn,
+            cfg,
+            max_context,
+            seqs: BTreeMap::new(),
+            reqs: BTreeMap::new(),
+            next_request: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    /// The settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    /// The context limit in tokens.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+    /// The KV cache (read-only: sizes, byte accounting).
+    pub fn kv(&self) -> &PagedKvCache {
+        &self.kv
+    }
+
+    /// A new, empty sequence.
+    pub fn create_sequence(&mut self) -> SeqId {
+        let id = self.kv.add_sequence();
+        self.seqs.insert(id, Seq { tokens: Vec::new(), cached: 0, prefill_total: 0, request: None });
+        id
+    }
+
+    fn seq(&self, seq: SeqId) -> Result<&Seq> {
+        self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))
+    }
+
+    fn idle_seq(&mut self, seq: SeqId) -> Result<&mut Seq> {
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if let Some(r) = s.request {
+            return Err(Error::arg("sequence", seq, format!("busy with request {r}")));
+        }
+        Ok(s)
+    }
+
+    /// Every token of the sequence's context (cached or queued).
+    ///
+    /// # Errors
+    /// An unknown sequence.
+    pub fn tokens(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.seq(seq)?.tokens)
+    }
+
+    /// Tokens of the sequence already in the KV cache.
+    ///
+    /// # Errors
+    /// An unknown sequence.
+    pub fn cached_len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.seq(seq)?.cached)
+    }
+
+    /// Queues `tokens` at the end of the sequence; later steps prefill them (reporting progress).
+    ///
+    /// # Errors
+    /// An unknown or busy sequence; [`Error::ContextOverflow`] when the context would pass the
+    /// limit (nothing is queued then); out-of-vocabulary tokens.
+    pub fn append(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::arg("token", bad, format!("out of the vocabulary of {vocab}")));
+        }
+        let limit = self.max_context;
+        let s = self.idle_seq(seq)?;
+        let total = s.tokens.len() + tokens.len();
+        if total > limit {
+            return Err(Error::ContextOverflow { tokens: total, limit });
+        }
+        if s.cached == s.tokens.len() {
+            s.prefill_total = 0;
+        }
+        s.tokens.extend_from_slice(tokens);
+        s.prefill_total += tokens.len();
+        Ok(())
+    }
+
+    /// Starts generating on `seq` after its context (queued tokens are prefilled first).
+    ///
+    /// # Errors
+    /// An unknown or busy sequence, an empty context, invalid sampling parameters, a context
+    /// already at its limit.
+    pub fn generate(&mut self, seq: SeqId, params: GenerateParams) -> Result<RequestId> {
+        let sampler = Sampler::new(params.sampling.clone())?;
+        let limit = self.max_context;
+        let s = self.idle_seq(seq)?;
+        if s.tokens.is_empty() {
+            return Err(Error::arg("sequence", seq, "has an empty context: append a prompt first"));
+        }
+        if s.tokens.len() >= limit {
+            return Err(Error::ContextOverflow { tokens: s.tokens.len() + 1, limit });
+        }
+        if s.cached == s.tokens.len() {
+            // Everything is cached but the logits of the last token are gone: recompute it.
+            let keep = s.cached - 1;
+            self.kv.truncate(seq, keep)?;
+            self.attn.forget(seq);
+            let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            s.cached = keep;
+            s.prefill_total = 1;
+        }
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.reqs.insert(id, Req { seq, params, sampler, generated: Vec::new(), emitted: 0 });
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.request = Some(id);
+        }
+        Ok(id)
+    }
+
+    /// A new sequence sharing `seq`'s context (and its KV blocks, copy-on-write).
+    ///
+    /// # Errors
+    /// An unknown or busy sequence.
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        let s = self.idle_seq(seq)?.clone();
+        let child = self.kv.fork(seq)?;
+        self.attn.fork(seq, child);
+        self.seqs.insert(child, s);
+        Ok(child)
+    }
+
+    /// Cuts the sequence's context to its first `len` tokens.
+    ///
+    /// # Errors
+    /// An unknown or busy sequence, `len` past the end.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        let s = self.idle_seq(seq)?;
+        if len > s.tokens.len() {
+            return Err(Error::arg(
+                "len",
+                len,
+                format!("past the {} tokens of the sequence", s.tokens.len()),
+            ));
+        }
+        s.tokens.truncate(len);
+        let cached = s.cached.min(len);
+        s.cached = cached;
+        s.prefill_total = len - cached;
+        self.kv.truncate(seq, cached)?;
+        self.attn.forget(seq);
+        Ok(())
+    }
+
+    /// Removes a sequence (aborting its request) and frees its cache blocks.
+    ///
+    /// # Errors
+    /// An unknown sequence.
+    pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let s = self.seqs.remove(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if let Some(r) = s.request {
+            self.reqs.remove(&r);
+        }
+        self.attn.forget(seq);
+        self.kv.remove_sequence(seq)
+    }
+
+    /// Stops a request; the tokens it generated stay in the sequence.
+    ///
+    /// # Errors
+    /// An unknown request.
+    pub fn abort(&mut self, request: RequestId) -> Result<()> {
+        let r = self.reqs.remove(&request).ok_or(Error::UnknownRequest(request.0))?;
+        if let Some(s) = self.seqs.get_mut(&r.seq) {
+            s.request = None;
+        }
+        Ok(())
+    }
+
+    /// Whether a step has anything to do.
+    pub fn has_work(&self) -> bool {
+        !self.reqs.is_empty() || self.seqs.values().any(|s| s.cached < s.tokens.len())
+    }
+
+    /// The sequence of a request.
+    pub fn request_seq(&self, request: RequestId) -> Option<SeqId> {
+        self.reqs.get(&request).map(|r| r.seq)
+    }
+
+    /// Runs one forward pass over a prefill chunk (at most `prefill_chunk` queued tokens, taken
+    /// from sequences in id order) and one token of every generating request, samples, and
+    /// reports what happened.
+    ///
+    /// A failure of the forward pass (a full KV cache, say) fails the requests and prefills of
+    /// this step with [`Event::Failed`], leaves their sequences as before the step and drops their
+    /// queued tokens; the engine stays usable.
+    ///
+    /// # Errors
+    /// None today besides internal inconsistencies; per-request failures are events.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let mut budget = self.cfg.prefill_chunk;
+        // (seq, start, end, logits?)
+        let mut plan: Vec<(SeqId, usize, usize, LogitsWanted)> = Vec::new();
+        for (&id, s) in &self.seqs {
+            let pending = s.tokens.len() - s.cached;
+            if pending == 0 {
+                continue;
+            }
+            let decoding =
+                s.request.is_some_and(|r| self.reqs.get(&r).is_some_and(|q| !q.generated.is_empty()));
+            let n = if decoding && pending == 1 {
+                1
+            } else {
+                if budget == 0 {
+                    continue;
+                }
+                let n = pending.min(budget);
+                budget -= n;
+                n
+            };
+            let finishes = n == pending;
+            let want = if finishes && s.request.is_some() { LogitsWanted::Last } else { LogitsWanted::None };
+            plan.push((id, s.cached, s.cached + n, want));
+        }
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .map(|&(seq, a, b, logits)| SeqChunk { seq, tokens: &self.seqs[&seq].tokens[a..b], logits })
+            .collect();
+        let result = self.model.forward(&chunks, &mut self.kv, &mut self.attn);
+        drop(chunks);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for &(seq, _, _, _) in &plan {
+                    let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+                    let request = s.request.take();
+                    if let Some(r) = request {
+                        // Generated tokens stay; the one not yet cached is dropped with the queue.
+                        self.reqs.remove(&r);
+                    }
+                    s.tokens.truncate(s.cached);
+                    s.prefill_total = 0;
+                    events.push(Event::Failed { request, seq, error: e.to_string() });
+                }
+                return Ok(events);
+            }
+        };
+        for (&(seq, _, end, _), logit) in plan.iter().zip(logits) {
+            let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            s.cached = end;
+            let pending = s.tokens.len() - s.cached;
+            let generating =
+                s.request.is_some_and(|r| self.reqs.get(&r).is_some_and(|q| !q.generated.is_empty()));
+            if !generating && s.prefill_total > 0 {
+                events.push(Event::Prefill { seq, done: s.prefill_total - pending, total: s.prefill_total });
+            }
+            if logit.dim(0)? == 0 {
+                continue;
+            }
+            let Some(rid) = s.request else { continue };
+            let row = logit.squeeze(0)?.to_vec1::<f32>()?;
+            self.sample_and_report(rid, &row, &mut events)?;
+        }
+        Ok(events)
+    }
+
+    fn sample_and_report(&mut self, rid: RequestId, logits: &[f32], events: &mut Vec<Event>) -> Result<()> {
+        let req = self.reqs.get_mut(&rid).ok_or(Error::UnknownRequest(rid.0))?;
+        let seq = self.seqs.get_mut(&req.seq).ok_or(Error::UnknownSequence(req.seq.0))?;
+        let token = req.sampler.sample(logits, &seq.tokens)?;
+        req.generated.push(token);
+        seq.tokens.push(token);
+        let is_eos = !req.params.ignore_eos
+            && (self.tokenizer.eos_token_ids().contains(&token) || req.params.stop_tokens.contains(&token));
+        let text_ids = if is_eos { &req.generated[..req.generated.len() - 1] } else { &req.generated[..] };
+        let text = self.tokenizer.decode(text_ids, true)?;
+        let mut finish = None;
+        let mut release_end = text.len();
+        if let Some(pos) = req
+            .params
+            .stop_strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            finish = Some(FinishReason::StopString);
+            release_end = pos;
+        } else if is_eos {
+            finish = Some(FinishReason::Eos);
+        } else if req.generated.len() >= req.params.max_tokens {
+            finish = Some(FinishReason::MaxTokens);
+        } else if seq.tokens.len() >= self.max_context {
+            finish = Some(FinishReason::ContextFull);
+        } else {
+            // Hold back an incomplete character and any tail that may start a stop string.
+            while release_end > 0 && text[..release_end].ends_with('\u{FFFD}') {
+                release_end -= '\u{FFFD}'.len_utf8();
+            }
+            for stop in &req.params.stop_strings {
+                for k in (1..stop.len()).rev() {
+                    if stop.is_char_boundary(k) && text[..release_end].ends_with(&stop[..k]) {
+                        release_end = release_end.min(text.len() - k);
+                        break;
+                    }
+                }
+            }
+        }
+        let release_end = release_end.max(req.emitted);
+        let piece = text.get(req.emitted..release_end).unwrap_or_default().to_string();
+        req.emitted = release_end;
+        match finish {
+            None => events.push(Event::Token { request: rid, token, text: piece }),
+            Some(reason) => {
+                events.push(Event::Token { request: rid, token, text: piece });
+                events.push(Event::Finished { request: rid, reason, text: String::new() });
+                let seq_id = req.seq;
+                self.reqs.remove(&rid);
+                if let Some(s) = self.seqs.get_mut(&seq_id) {
+                    s.request = None;
+                    s.prefill_total = s.tokens.len() - s.cached;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs steps until `request` finishes and returns its tokens and the finish reason (a
+    /// convenience for tests and synchronous callers; other requests advance too).
+    ///
+    /// # Errors
+    /// An unknown request; [`Error::InvalidArgument`] if it failed.
+    pub fn run_to_completion(&mut self, request: RequestId) -> Result<(Vec<u32>, String, FinishReason)> {
+        if !self.reqs.contains_key(&request) {
+            return Err(Error::UnknownRequest(request.0));
+        }
+        let (mut tokens, mut text) = (Vec::new(), String::new());
+        loop {
+            for ev in self.step()? {
+                match ev {
+                    Event::Token { request: r, token, text: t } if r == request => {
+                        tokens.push(token);
+                        text.push_str(&t);
+                    }
+                    Event::Finished { request: r, reason, text: t } if r == request => {
+                        text.push_str(&t);
+                        return Ok((tokens, text, reason));
+                    }
+                    Event::Failed { request: Some(r), error, .. } if r == request => {
+                        return Err(Error::arg("request", r, error));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! [`PagedKvCache`], its [`SeqId`]s and the read-only [`LayerView`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::block_pool::BlockPool;
+use super::config::KvCacheConfig;
+use crate::{Error, Result};
+
+/// Identifies a sequence of a [`PagedKvCache`]. Ids are handed out by
+/// [`PagedKvCache::add_sequence`] and [`PagedKvCache::fork`] in increasing order and never reused
+/// by the same cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+impl fmt::Display for SeqId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The K and V storage of one layer, `num_blocks * block_size * row_len` floats each.
+struct LayerStore {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// What the cache knows about one sequence.
+#[derive(Debug, Clone)]
+struct SeqState {
+    /// Block `i` holds the sequence's tokens `[i * block_size, (i + 1) * block_size)`.
+    table: Vec<u32>,
+    /// Committed tokens.
+    len: usize,
+    /// End of the writable range `[len, reserved)` set up by `reserve`; `len <= reserved <=
+    /// table.len() * block_size`.
+    reserved: usize,
+}
+
+/// A paged KV cache: a pool of fixed-size blocks shared by any number of sequences through
+/// per-sequence block tables, with reference-counted blocks, `fork` and copy-on-write.
+///
+/// See the [module documentation](super) for the layout and the write protocol.
+///
+/// # Memory
+///
+/// [`new`](Self::new) allocates the whole pool up front,
+/// [`KvCacheConfig::total_bytes`] bytes of zeroed `f32`s (zeroed allocations are normally backed
+/// lazily by the OS, so untouched blocks cost address space rather than resident memory).
+pub struct PagedKvCache {
+    cfg: KvCacheConfig,
+    /// `num_kv_heads * head_dim`.
+    row_len: usize,
+    /// `block_size * row_len`: floats of one block in one layer's K (or V).
+    block_floats: usize,
+    layers: Vec<LayerStore>,
+    pool: BlockPool,
+    seqs: BTreeMap<u64, SeqState>,
+    next_id: u64,
+}
+
+impl fmt::Debug for PagedKvCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagedKvCache")
+            .field("cfg", &self.cfg)
+            .field("sequences", &self.seqs.len())
+            .field("free_blocks", &self.pool.free_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PagedKvCache {
+    /// A cache with every block free, its storage allocated (see [Memory](#memory)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when `cfg` fails [`KvCacheConfig::validate`].
+    pub fn new(cfg: KvCacheConfig) -> Result<Self> {
+        cfg.validate()?;
+        let row_len = cfg.row_len();
+        let block_floats = cfg.block_size * row_len;
+        let layer_floats = cfg.num_blocks * block_floats;
+        let layers = (0..cfg.num_layers)
+            .map(|_| LayerStore { k: vec![0.0; layer_floats], v: vec![0.0; layer_floats] })
+            .collect();
+        let pool = BlockPool::new(cfg.num_blocks);
+        Ok(PagedKvCache { cfg, row_len, block_floats, layers, pool, seqs: BTreeMap::new(), next_id: 0 })
+    }
+
+    /// The configuration the cache was built with.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.cfg
+    }
+
+    /// Starts an empty sequence (no blocks yet).
+    pub fn add_sequence(&mut self) -> SeqId {
+        self.insert(SeqState { table: Vec::new(), len: 0, reserved: 0 })
+    }
+
+    fn insert(&mut self, state: SeqState) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, state);
+        SeqId(id)
+    }
+
+    fn state(&self, seq: SeqId) -> Result<&SeqState> {
+        self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.cfg.num_layers {
+            return Err(Error::arg(
+                "layer",
+                layer,
+                format!("the KV cache has {} layers", self.cfg.num_layers),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes a sequence, dropping one reference of each of its blocks (blocks no other
+    /// sequence holds return to the free list).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`].
+    pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let state = self.seqs.remove(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        for block in state.table {
+            self.pool.release(block);
+        }
+        Ok(())
+    }
+
+    /// Whether `seq` is a sequence of this cache.
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq.0)
+    }
+
+    /// The sequences, in increasing id order.
+    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.keys().map(|&id| SeqId(id))
+    }
+
+    /// Number of sequences.
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Committed tokens of `seq`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`].
+    pub fn len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.state(seq)?.len)
+    }
+
+    /// End of the range `[len, reserved)` that [`write`](Self::write) and
+    /// [`commit`](Self::commit) may cover; equal to [`len`](Self::len) when nothing is reserved.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`].
+    pub fn reserved(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.state(seq)?.reserved)
+    }
+
+    /// The block table of `seq`: block `i` holds its tokens `[i * block_size, (i + 1) *
+    /// block_size)`. It may extend past the committed tokens over reserved ones.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`].
+    pub fn block_table(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.state(seq)?.table)
+    }
+
+    /// Makes room for `n_new` tokens at positions `[len, len + n_new)`: allocates the blocks the
+    /// table lacks and copies-on-write every block of that range which another sequence shares
+    /// (in practice the partial last block after a [`fork`](Self::fork) or a
+    /// [`truncate`](Self::truncate)). Afterwards every layer may be [`write`](Self::write)n for
+    /// up to `n_new` tokens and the tokens [`commit`](Self::commit)ted. A reservation never
+    /// shrinks: reserving less than an earlier, still pending reservation keeps the larger one.
+    /// `n_new == 0` does nothing.
+    ///
+    /// All or nothing: on error nothing changes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::ContextOverflow`] when `len + n_new` exceeds what the
+    /// whole pool can hold ([`KvCacheConfig::max_tokens`]); [`Error::KvCacheFull`] when fewer
+    /// blocks are free than needed.
+    pub fn reserve(&mut self, seq: SeqId, n_new: usize) -> Result<()> {
+        let bs = self.cfg.block_size;
+        let limit = self.cfg.max_tokens();
+        let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        if n_new == 0 {
+            return Ok(());
+        }
+        let end = st.len.checked_add(n_new).ok_or(Error::ContextOverflow { tokens: usize::MAX, limit })?;
+        if end > limit {
+            return Err(Error::ContextOverflow { tokens: end, limit });
+        }
+        let blocks_needed = end.div_ceil(bs);
+        let new_blocks = blocks_needed.saturating_sub(st.table.len());
+        let written = st.len / bs..blocks_needed.min(st.table.len());
+        let cow: Vec<usize> = written.filter(|&i| self.pool.refcount(st.table[i]) > 1).collect();
+        let needed = new_blocks + cow.len();
+        let free = self.pool.free_count();
+        if needed > free {
+            return Err(Error::KvCacheFull { needed, free });
+        }
+
+        let PagedKvCache { seqs, pool, layers, block_floats, .. } = self;
+        let st = seqs.get_mut(&seq.0).expect("looked up above");
+        for i in cow {
+            let old = st.table[i];
+            let new = pool.allocate().expect("free blocks counted above");
+            let (src, dst) = (old as usize * *block_floats, new as usize * *block_floats);
+            for layer in layers.iter_mut() {
+                layer.k.copy_within(src..src + *block_floats, dst);
+                layer.v.copy_within(src..src + *block_floats, dst);
+            }
+            pool.release(old);
+            st.table[i] = new;
+        }
+        for _ in 0..new_blocks {
+            st.table.push(pool.allocate().expect("free blocks counted above"));
+        }
+        st.reserved = st.reserved.max(end);
+        Ok(())
+    }
+
+    /// Writes `n = k.len() / (num_kv_heads * head_dim)` tokens of `layer` at positions
+    /// `[len, len + n)` of `seq`. `k` and `v` are token-major `[n, num_kv_heads, head_dim]`.
+    /// The positions must have been [`reserve`](Self::reserve)d; writing the same layer again
+    /// before [`commit`](Self::commit) overwrites. Empty slices do nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] when `layer` is out of range, the
+    /// slices differ in length or are not whole rows, or the tokens exceed the reservation.
+    pub fn write(&mut self, seq: SeqId, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        self.check_layer(layer)?;
+        let row = self.row_len;
+        if v.len() != k.len() {
+            return Err(Error::arg("v.len()", v.len(), format!("must equal k.len() = {}", k.len())));
+        }
+        if k.len() % row != 0 {
+            return Err(Error::arg(
+                "k.len()",
+                k.len(),
+                format!("not a multiple of num_kv_heads * head_dim = {row}"),
+            ));
+        }
+        let n = k.len() / row;
+        if n > st.reserved - st.len {
+            return Err(Error::arg(
+                "k.len()",
+                k.len(),
+                format!(
+                    "{n} tokens at position {} exceed the reservation ending at {}; call reserve first",
+                    st.len, st.reserved
+                ),
+            ));
+        }
+        let bs = self.cfg.block_size;
+        let store = &mut self.layers[layer];
+        let (mut pos, mut done) = (st.len, 0);
+        while done < n {
+            let run = (bs - pos % bs).min(n - done);
+            let dst = (st.table[pos / bs] as usize * bs + pos % bs) * row;
+            let (src, cnt) = (done * row, run * row);
+            store.k[dst..dst + cnt].copy_from_slice(&k[src..src + cnt]);
+            store.v[dst..dst + cnt].copy_from_slice(&v[src..src + cnt]);
+            pos += run;
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// Advances the committed length of `seq` by `n` reserved tokens, which the caller has
+    /// [`write`](Self::write)n for every layer (the cache cannot check that).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] when `n` exceeds the reservation.
+    pub fn commit(&mut self, seq: SeqId, n: usize) -> Result<()> {
+        let st = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        if n > st.reserved - st.len {
+            return Err(Error::arg(
+                "n",
+                n,
+                format!("only {} tokens are reserved past position {}", st.reserved - st.len, st.len),
+            ));
+        }
+        st.len += n;
+        Ok(())
+    }
+
+    /// A read-only view of the first `len` tokens of `layer` of `seq`. `len` may exceed the
+    /// committed length over reserved (and written) tokens, not beyond the reservation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] when `layer` is out of range or
+    /// `len` exceeds [`reserved`](Self::reserved).
+    pub fn layer_view(&self, seq: SeqId, layer: usize, len: usize) -> Result<LayerView<'_>> {
+        let st = self.state(seq)?;
+        self.check_layer(layer)?;
+        if len > st.reserved {
+            return Err(Error::arg(
+                "len",
+                len,
+                format!("the sequence has {} committed and {} reserved tokens", st.len, st.reserved),
+            ));
+        }
+        let store = &self.layers[layer];
+        Ok(LayerView {
+            k: &store.k,
+            v: &store.v,
+            block_table: &st.table[..len.div_ceil(self.cfg.block_size)],
+            len,
+            block_size: self.cfg.block_size,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        })
+    }
+
+    /// Shortens `seq` to its first `new_len` tokens, dropping the blocks no longer needed and
+    /// cancelling any pending reservation (written but uncommitted tokens are discarded, even
+    /// when `new_len` equals the current length).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] when `new_len > len`.
+    pub fn truncate(&mut self, seq: SeqId, new_len: usize) -> Result<()> {
+        let st = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        if new_len > st.len {
+            return Err(Error::arg("new_len", new_len, format!("the sequence has only {} tokens", st.len)));
+        }
+        for block in st.table.drain(new_len.div_ceil(self.cfg.block_size)..) {
+            self.pool.release(block);
+        }
+        st.len = new_len;
+        st.reserved = new_len;
+        Ok(())
+    }
+
+    /// A new sequence with the committed tokens of `seq`, sharing all blocks that hold them
+    /// (the partial last one included); nothing is copied. Whichever sequence later writes into
+    /// a shared block copies it first ([`reserve`](Self::reserve) does). Blocks of `seq` that
+    /// hold only reserved tokens stay its own, and so does its reservation: the child starts
+    /// with none.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] in the unlikely case that a
+    /// block's reference count would overflow `u32`.
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        let st = self.state(seq)?;
+        let table = st.table[..st.len.div_ceil(self.cfg.block_size)].to_vec();
+        let len = st.len;
+        if table.iter().any(|&b| self.pool.refcount(b) == u32::MAX) {
+            return Err(Error::arg("seq", seq, "a block of the sequence is shared by too many sequences"));
+        }
+        for &block in &table {
+            self.pool.retain(block);
+        }
+        Ok(self.insert(SeqState { table, len, reserved: len }))
+    }
+
+    /// Bytes of one block (K and V of all layers):
+    /// `2 * num_layers * block_size * num_kv_heads * head_dim * 4`.
+    pub fn block_bytes(&self) -> usize {
+        self.cfg.block_bytes()
+    }
+
+    /// Bytes of the blocks referenced by at least one sequence (each counted once).
+    pub fn bytes_in_use(&self) -> usize {
+        self.used_blocks() * self.block_bytes()
+    }
+
+    /// Bytes of the blocks in the table of `seq`; a block shared with other sequences counts
+    /// for each of them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSequence`].
+    pub fn seq_bytes(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.state(seq)?.table.len() * self.block_bytes())
+    }
+
+    /// Blocks no sequence references.
+    pub fn free_blocks(&self) -> usize {
+        self.pool.free_count()
+    }
+
+    /// Blocks referenced by at least one sequence.
+    pub fn used_blocks(&self) -> usize {
+        self.pool.total() - self.pool.free_count()
+    }
+
+    /// Blocks in the pool ([`KvCacheConfig::num_blocks`]).
+    pub fn total_blocks(&self) -> usize {
+        self.pool.total()
+    }
+
+    /// Checks the bookkeeping: every block's reference count equals the number of block tables
+    /// holding it, the free list holds exactly the unreferenced blocks (each once), and every
+    /// sequence has `len <= reserved` and exactly the `reserved.div_ceil(block_size)` blocks its
+    /// reservation needs.
+    #[cfg(test)]
+    pub(super) fn check_invariants(&self) -> std::result::Result<(), String> {
+        let total = self.pool.total();
+        let mut counts = vec![0u64; total];
+        let bs = self.cfg.block_size;
+        for (id, st) in &self.seqs {
+            if st.len > st.reserved || st.reserved > st.table.len() * bs {
+                return Err(format!(
+                    "seq {id}: len {} reserved {} table {}",
+                    st.len,
+                    st.reserved,
+                    st.table.len()
+                ));
+            }
+            if st.table.len() != st.reserved.div_ceil(bs) {
+                return Err(format!(
+                    "seq {id}: table of {} blocks for {} tokens",
+                    st.table.len(),
+                    st.reserved
+                ));
+            }
+            for &b in &st.table {
+                counts[b as usize] += 1;
+            }
+        }
+        let mut is_free = vec![false; total];
+        for &b in self.pool.free_list() {
+            if std::mem::replace(&mut is_free[b as usize], true) {
+                return Err(format!("block {b} is on the free list twice"));
+            }
+        }
+        for b in 0..total {
+            let rc = u64::from(self.pool.refcount(b as u32));
+            if rc != counts[b] {
+                return Err(format!("block {b}: refcount {rc}, held by {} tables", counts[b]));
+            }
+            if is_free[b] != (rc == 0) {
+                return Err(format!("block {b}: refcount {rc}, on the free list: {}", is_free[b]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A read-only view of the first `len` tokens of one layer of one sequence: the layer's whole K
+/// and V storage plus the sequence's block table, for attention kernels that read the blocks in
+/// place. Token `j`'s K row (all heads, `num_kv_heads * head_dim` floats, head-major) starts at
+/// [`row_offset(j)`](Self::row_offset) in `k`, and likewise in `v`.
+#[derive(Clone, Copy)]
+pub struct LayerView<'a> {
+    /// The layer's K storage, all blocks: `[num_blocks * block_size, num_kv_heads, head_dim]`.
+    pub k: &'a [f32],
+    /// The layer's V storage, laid out as `k`.
+    pub v: &'a [f32],
+    /// The blocks holding the viewed tokens: `len.div_ceil(block_size)` entries.
+    pub block_table: &'a [u32],
+    /// Tokens viewed.
+    pub len: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// KV heads per token.
+    pub num_kv_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+}
+
+impl fmt::Debug for LayerView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerView")
+            .field("block_table", &self.block_table)
+            .field("len", &self.len)
+            .field("block_size", &self.block_size)
+            .field("num_kv_heads", &self.num_kv_heads)
+            .field("head_dim", &self.head_dim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerView<'_> {
+    /// Floats of one token's row: `num_kv_heads * head_dim`.
+    pub fn row_len(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Offset in `k` / `v` of token `j`'s head-0 row:
+    /// `(block_table[j / block_size] * block_size + j % block_size) * num_kv_heads * head_dim`.
+    /// Head `h` of the token follows at `+ h * head_dim`.
+    ///
+    /// # Panics
+    ///
+    /// When `j / block_size` is beyond the block table (`j` well past `len`).
+    pub fn row_offset(&self, j: usize) -> usize {
+        (self.block_table[j / self.block_size] as usize * self.block_size + j % self.block_size)
+            * self.row_len()
+    }
+
+    /// Token `j`'s K row, `[num_kv_heads, head_dim]`.
+    ///
+    /// # Panics
+    ///
+    /// As [`row_offset`](Self::row_offset).
+    pub fn k_row(&self, j: usize) -> &[f32] {
+        let o = self.row_offset(j);
+        &self.k[o..o + self.row_len()]
+    }
+
+    /// Token `j`'s V row, `[num_kv_heads, head_dim]`.
+    ///
+    /// # Panics
+    ///
+    /// As [`row_offset`](Self::row_offset).
+    pub fn v_row(&self, j: usize) -> &[f32] {
+        let o = self.row_offset(j);
+        &self.v[o..o + self.row_len()]
+    }
+
+    /// Copies the viewed tokens out as contiguous `[len, num_kv_heads, head_dim]` K and V.
+    /// The slow, readable path: for tests and as a fallback for kernels without paging.
+    pub fn gather(&self) -> (Vec<f32>, Vec<f32>) {
+        let row = self.row_len();
+        let mut k = Vec::with_capacity(self.len * row);
+        let mut v = Vec::with_capacity(self.len * row);
+        for j in 0..self.len {
+            k.extend_from_slice(self.k_row(j));
+            v.extend_from_slice(self.v_row(j));
+        }
+        (k, v)
+    }
+}

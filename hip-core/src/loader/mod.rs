@@ -1,0 +1,5 @@
+//! Loading models, tokenizers and chat templates from files.
+
+pub mod chat_template;
+pub mod gguf;
+pub mod tokenizer;

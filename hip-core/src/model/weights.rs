@@ -1,0 +1,261 @@
+//! Loading the weights from GGUF and the forward pass.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use hip_kernels::PagedKv;
+
+use super::config::{Arch, ModelConfig};
+use super::layers::{dequant, Linear, Mlp, RmsNorm, Rope};
+use crate::attention::AttentionState;
+use crate::error::{Error, Result};
+use crate::kv::{PagedKvCache, SeqId};
+use crate::loader::gguf::GgufFile;
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A loaded transformer (weights stay quantized as stored).
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    output: Linear,
+    rope: Rope,
+    device: Device,
+    fingerprint: String,
+}
+
+/// New tokens of one sequence for a forward pass.
+#[derive(Debug, Clone)]
+pub struct SeqChunk<'a> {
+    /// The sequence (its KV cache entry).
+    pub seq: SeqId,
+    /// Tokens appended at positions `kv.len(seq)..`.
+    pub tokens: &'a [u32],
+    /// Which logits to return for this chunk.
+    pub logits: LogitsWanted,
+}
+
+/// Which positions of a chunk need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None (a prefill chunk before the last).
+    None,
+    /// The last token only.
+    Last,
+    /// Every token (perplexity).
+    All,
+}
+
+impl Model {
+    /// Loads a GGUF model.
+    ///
+    /// # Errors
+    /// As [`GgufFile::open`], [`GgufFile::config`] and [`GgufFile::tensor`]; shape mismatches of
+    /// the weights are [`Error::Format`] naming the tensor.
+    pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let mut f = GgufFile::open(path)?;
+        let cfg = f.config()?;
+        let fingerprint = f.fingerprint();
+        let where_ = f.path().display().to_string();
+        let expect = |name: &str, t: &candle_core::quantized::QTensor, want: &[usize]| -> Result<()> {
+            if t.shape().dims() != want {
+                return Err(Error::format(
+                    where_.clone(),
+                    format!("tensor {name} has shape {:?}, expected {want:?}", t.shape().dims()),
+                ));
+            }
+            Ok(())
+        };
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let embed_q = f.tensor("token_embd.weight", device)?;
+        expect("token_embd.weight", &embed_q, &[cfg.vocab_size, h])?;
+        let embed = embed_q.dequantize(device)?.to_dtype(DType::F32)?;
+        let output = if f.has_tensor("output.weight") {
+            let w = f.tensor("output.weight", device)?;
+            expect("output.weight", &w, &[cfg.vocab_size, h])?;
+            Linear::new(w, None)?
+        } else {
+            Linear::new(embed_q, None)?
+        };
+        let norm = RmsNorm::new(f.tensor("output_norm.weight", device)?, cfg.rms_eps, device)?;
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let mut lin = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+                let full = format!("blk.{l}.{name}.weight");
+                let w = f.tensor(&full, device)?;
+                expect(&full, &w, &[rows, cols])?;
+                let b = if bias {
+                    let bn = format!("blk.{l}.{name}.bias");
+                    let b = f.tensor(&bn, device)?;
+                    expect(&bn, &b, &[rows])?;
+                    Some(dequant(b, device)?)
+                } else {
+                    None
+                };
+                Linear::new(w, b)
+            };
+            let bias = cfg.arch == Arch::Qwen2;
+            let q = lin("attn_q", cfg.heads * hd, h, bias)?;
+            let k = lin("attn_k", cfg.kv_heads * hd, h, bias)?;
+            let v = lin("attn_v", cfg.kv_heads * hd, h, bias)?;
+            let o = lin("attn_output", h, cfg.heads * hd, false)?;
+            let gate = lin("ffn_gate", cfg.ffn, h, false)?;
+            let up = lin("ffn_up", cfg.ffn, h, false)?;
+            let down = lin("ffn_down", h, cfg.ffn, false)?;
+            let attn_norm =
+                RmsNorm::new(f.tensor(&format!("blk.{l}.attn_norm.weight"), device)?, cfg.rms_eps, device)?;
+            let ffn_norm =
+                RmsNorm::new(f.tensor(&format!("blk.{l}.ffn_norm.weight"), device)?, cfg.rms_eps, device)?;
+            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp { gate, up, down } });
+        }
+        let rope = Rope::new(hd, cfg.rope_theta, cfg.arch == Arch::Llama);
+        Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The fingerprint of the weights file (see [`GgufFile::fingerprint`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the new tokens of every chunk through the model, appending their keys and values to
+    /// `kv`, and returns the requested logits per chunk (`[rows, vocab]` f32; an empty `[0, vocab]`
+    /// tensor for [`LogitsWanted::None`]).
+    ///
+    /// The linear layers run once over the tokens of all chunks; attention runs per sequence.
+    /// On error no sequence grows: reserved cache space is released.
+    ///
+    /// # Errors
+    /// Out-of-vocabulary tokens ([`Error::InvalidArgument`]), a full KV cache, kernel errors.
+    pub fn forward(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        kv: &mut PagedKvCache,
+        attn: &mut AttentionState,
+    ) -> Result<Vec<Tensor>> {
+        let mut starts = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(Error::arg(
+                    "token",
+                    bad,
+                    format!("out of the vocabulary of {}", self.cfg.vocab_size),
+                ));
+            }
+            starts.push(kv.len(c.seq)?);
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            if let Err(e) = kv.reserve(c.seq, c.tokens.len()) {
+                for (c, &s) in chunks.iter().zip(&starts).take(i) {
+                    let _ = kv.truncate(c.seq, s);
+                }
+                return Err(e);
+            }
+        }
+        match self.forward_reserved(chunks, &starts, kv, attn) {
+            Ok(out) => {
+                for c in chunks {
+                    kv.commit(c.seq, c.tokens.len())?;
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                for (c, &s) in chunks.iter().zip(&starts) {
+                    let _ = kv.truncate(c.seq, s);
+                    attn.forget(c.seq);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn forward_reserved(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        starts: &[usize],
+        kv: &mut PagedKvCache,
+        attn: &mut AttentionState,
+    ) -> Result<Vec<Tensor>> {
+        let cfg = &self.cfg;
+        let dev = &self.device;
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let n_total = ids.len();
+        let positions: Vec<usize> =
+            chunks.iter().zip(starts).flat_map(|(c, &s)| s..s + c.tokens.len()).collect();
+        let (cos, sin) = self.rope.tables(&positions, dev)?;
+        let ids_t = Tensor::from_vec(ids, n_total, dev)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let xn = blk.attn_norm.forward(&x)?;
+            let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
+            let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
+            let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
+            let q = self.rope.apply(&q, &cos, &sin)?;
+            let k = self.rope.apply(&k, &cos, &sin)?;
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut off = 0;
+            for (c, &start) in chunks.iter().zip(starts) {
+                let n = c.tokens.len();
+                let kc = k.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
+                let vc = v.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
+                kv.write(c.seq, layer, &kc, &vc)?;
+                let view = kv.layer_view(c.seq, layer, start + n)?;
+                let pkv = PagedKv {
+                    k: view.k,
+                    v: view.v,
+                    block_table: view.block_table,
+                    block_size: view.block_size,
+                    heads_kv: view.num_kv_heads,
+                    head_dim: view.head_dim,
+                    len: view.len,
+                };
+                let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
+                outs.push(attn.attend(layer, c.seq, &qc, &pkv, scale)?.squeeze(0)?);
+                off += n;
+            }
+            let a = Tensor::cat(&outs, 0)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
+            x = (x + blk.o.forward(&a)?)?;
+            let h = blk.ffn_norm.forward(&x)?;
+            x = (&x + blk.mlp.forward(&h)?)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut off = 0;
+        for c in chunks {
+            let n = c.tokens.len();
+            let rows = match c.logits {
+                LogitsWanted::None => None,
+                LogitsWanted::Last => Some(x.narrow(0, off + n - 1, 1)?),
+                LogitsWanted::All => Some(x.narrow(0, off, n)?),
+            };
+            out.push(match rows {
+                Some(r) => self.output.forward(&r.contiguous()?)?,
+                None => Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?,
+            });
+            off += n;
+        }
+        Ok(out)
+    }
+}
