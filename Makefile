@@ -1,9 +1,14 @@
 # hip: the two commands every fresh machine runs are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test fmt clippy unit demo bench bench-kernels doc
+.PHONY: test assets fmt clippy unit demo bench bench-kernels doc
 
-test: fmt clippy unit
+test: assets fmt clippy unit
+
+# Models and texts the tests need (SmolLM2-135M GGUF, Moby-Dick, State of the Union), cached in
+# $${HIP_ASSETS:-~/.cache/hip}; does nothing when they are already there.
+assets:
+	bash scripts/fetch-assets.sh smollm2 texts
 
 fmt:
 	$(CARGO) fmt --all -- --check
