@@ -63,7 +63,9 @@ fn batched_generation_equals_sequential_and_stop_conditions_hold() {
     while done < 3 {
         for ev in e.step().unwrap() {
             match ev {
-                Event::Token { request, token, .. } => got[reqs.iter().position(|&r| r == request).unwrap()].push(token),
+                Event::Token { request, token, .. } => {
+                    got[reqs.iter().position(|&r| r == request).unwrap()].push(token)
+                }
                 Event::Finished { .. } => done += 1,
                 Event::Failed { error, .. } => panic!("{error}"),
                 _ => {}
