@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache, SeqId};
 use hip_core::loader::tokenizer::Tokenizer;
-use hip_core::model::{LogitsWanted, Model, SeqChunk};
+use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
 use hip_core::HipConfig;
 
 fn asset(name: &str) -> PathBuf {
@@ -70,8 +70,9 @@ fn argmax(v: &[f32]) -> u32 {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
 }
 
+/// The weights exactly as stored, like candle-transformers runs them.
 fn load() -> Model {
-    Model::from_gguf(smollm2(), &Device::Cpu).unwrap()
+    Model::from_gguf_with(smollm2(), &Device::Cpu, WeightPolicy::AsStored).unwrap()
 }
 
 /// Our dense model and candle's `quantized_llama` on the same prompt: (max abs logit difference,

@@ -238,19 +238,31 @@ async fn context_overflow_leaves_the_session_usable() {
         .await
         .unwrap();
     let s = model.session().with_chat_template(false).build().await.unwrap();
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     let long = "one two three four five six seven eight nine ten ".repeat(8);
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     let err = s.generate_with(long.clone(), greedy(4)).await.unwrap_err();
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert!(err.is_context_overflow(), "{err:?}");
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     let err = s.append(long).await.unwrap_err();
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert!(err.is_context_overflow(), "{err:?}");
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert_eq!(s.usage().tokens, 0);
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
 
     let done = s.generate_with("Hello, my name is", greedy(4)).await.unwrap();
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert_eq!(done.tokens.len(), 4);
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     // A generation that reaches the limit finishes, it does not fail.
     let done = s.generate_with("", greedy(100).with_ignore_eos(true)).await.unwrap();
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert_eq!(done.finish_reason, FinishReason::ContextFull);
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
     assert_eq!(s.usage().tokens, 48);
+    eprintln!("T {:?} {}", std::time::Instant::now(), line!());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 use hip_core::attention::AttentionBackend;
-use hip_core::model::Model;
+use hip_core::model::{Model, WeightPolicy};
 
 #[test]
 fn smollm2_moby_dick_2048_matches_candle_token_by_token() {
@@ -11,7 +11,8 @@ fn smollm2_moby_dick_2048_matches_candle_token_by_token() {
     let text = hip_e2e::asset("moby-dick.txt").unwrap();
     let tok = hip_e2e::gguf_tokenizer(&model).unwrap();
     let tokens = hip_e2e::text_window(&tok, &text, 2048).unwrap();
-    let m = Model::from_gguf(&model, &Device::Cpu).unwrap();
+    // The weights exactly as stored, like candle-transformers runs them.
+    let m = Model::from_gguf_with(&model, &Device::Cpu, WeightPolicy::AsStored).unwrap();
     let (ours, scored) = hip_core::eval::perplexity(&m, AttentionBackend::Dense, &tokens, 512).unwrap();
     assert_eq!(scored, 2047);
     let reference = hip_e2e::candle_perplexity(&model, &tokens).unwrap();

@@ -13,7 +13,11 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    pub(crate) fn new(w: QTensor, b: Option<Tensor>) -> Result<Self> {
+    pub(crate) fn new(w: QTensor, b: Option<Tensor>, policy: WeightPolicy) -> Result<Self> {
+        let w = match policy {
+            WeightPolicy::AsStored => w,
+            WeightPolicy::FastCpu => requantize_for_cpu(w)?,
+        };
         Ok(Linear { w: QMatMul::from_qtensor(w)?, b })
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -23,6 +27,31 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// How quantized weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WeightPolicy {
+    /// Exactly as stored in the file.
+    AsStored,
+    /// Types that candle has no SIMD CPU kernel for (Q4_1, Q5_0, Q5_1, Q8_1) are re-quantized
+    /// to Q8_0 at load time, which has one: several times faster on the CPU, slightly more
+    /// memory, and a weight error far below the stored type's own rounding.
+    #[default]
+    FastCpu,
+}
+
+/// Re-quantizes a weight without a fast CPU dot product to Q8_0 (see [`WeightPolicy::FastCpu`]).
+fn requantize_for_cpu(w: QTensor) -> Result<QTensor> {
+    use candle_core::quantized::GgmlDType as G;
+    let slow = matches!(w.dtype(), G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_1);
+    let cols = w.shape().dims().last().copied().unwrap_or(0);
+    if !slow || !w.device().is_cpu() || cols % G::Q8_0.block_size() != 0 {
+        return Ok(w);
+    }
+    let f = w.dequantize(&w.device())?;
+    Ok(QTensor::quantize(&f, G::Q8_0)?)
 }
 
 /// RMSNorm with a learned scale.

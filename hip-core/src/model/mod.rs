@@ -7,4 +7,5 @@ mod layers;
 mod weights;
 
 pub use config::{Arch, ModelConfig};
+pub use layers::WeightPolicy;
 pub use weights::{LogitsWanted, Model, SeqChunk};

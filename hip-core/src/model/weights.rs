@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use hip_kernels::PagedKv;
 
 use super::config::{Arch, ModelConfig};
-use super::layers::{dequant, Linear, Mlp, RmsNorm, Rope};
+use super::layers::{dequant, Linear, Mlp, RmsNorm, Rope, WeightPolicy};
 use crate::attention::AttentionState;
 use crate::error::{Error, Result};
 use crate::kv::{PagedKvCache, SeqId};
@@ -65,6 +65,14 @@ impl Model {
     /// As [`GgufFile::open`], [`GgufFile::config`] and [`GgufFile::tensor`]; shape mismatches of
     /// the weights are [`Error::Format`] naming the tensor.
     pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_gguf_with(path, device, WeightPolicy::default())
+    }
+
+    /// Loads a GGUF model with an explicit [`WeightPolicy`].
+    ///
+    /// # Errors
+    /// As [`Model::from_gguf`].
+    pub fn from_gguf_with(path: impl AsRef<Path>, device: &Device, policy: WeightPolicy) -> Result<Self> {
         let mut f = GgufFile::open(path)?;
         let cfg = f.config()?;
         let fingerprint = f.fingerprint();
@@ -85,9 +93,9 @@ impl Model {
         let output = if f.has_tensor("output.weight") {
             let w = f.tensor("output.weight", device)?;
             expect("output.weight", &w, &[cfg.vocab_size, h])?;
-            Linear::new(w, None)?
+            Linear::new(w, None, policy)?
         } else {
-            Linear::new(embed_q, None)?
+            Linear::new(embed_q, None, policy)?
         };
         let norm = RmsNorm::new(f.tensor("output_norm.weight", device)?, cfg.rms_eps, device)?;
         let mut blocks = Vec::with_capacity(cfg.layers);
@@ -104,7 +112,7 @@ impl Model {
                 } else {
                     None
                 };
-                Linear::new(w, b)
+                Linear::new(w, b, policy)
             };
             let bias = cfg.arch == Arch::Qwen2;
             let q = lin("attn_q", cfg.heads * hd, h, bias)?;
