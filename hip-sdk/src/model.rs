@@ -463,6 +463,43 @@ mod tests {
         assert!(s.append("more").await.unwrap_err().is_engine());
     }
 
+    async fn raw_session(model: &Model, text: &str) -> crate::Session {
+        let s = model.session().with_chat_template(false).build().await.unwrap();
+        s.append(text).await.unwrap();
+        s
+    }
+
+    /// Token channels hold 2 tokens in unit tests: the rest waits in the engine's queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_stalls_nobody() {
+        let model = small_model().await;
+        let text = "Once upon a time";
+        let a = raw_session(&model, text).await;
+        let n = a.usage().tokens;
+        let opts = GenerateOptions::greedy().with_max_tokens(24).with_ignore_eos(true);
+        let mut slow = a.generate_with("", opts.clone());
+        let mut ids = vec![slow.next().await.unwrap().unwrap().id];
+
+        // Another session generates while `slow` is not read, and so does `slow`'s request.
+        let b = raw_session(&model, "The capital of France is").await;
+        assert_eq!(b.generate_with("", opts.clone().with_max_tokens(8)).await.unwrap().tokens.len(), 8);
+        for _ in 0..500 {
+            if a.usage().tokens == n + 24 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.usage().tokens, n + 24, "the unread request finished in the background");
+
+        // Everything queued arrives, in order.
+        while let Some(t) = slow.next().await {
+            ids.push(t.unwrap().id);
+        }
+        assert_eq!(slow.finish_reason(), Some(crate::FinishReason::MaxTokens));
+        let fresh = raw_session(&model, text).await.generate_with("", opts).await.unwrap();
+        assert_eq!(ids, fresh.tokens);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_engine_thread_exits_with_the_last_handle() {
         let model = small_model().await;

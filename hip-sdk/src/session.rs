@@ -231,6 +231,8 @@ impl fmt::Debug for Session {
     }
 }
 
+// TODO(persist): `Session::save(path)` / `SessionBuilder::load(path)`: tokens, KV blocks, mask
+// state, the chat state and the model fingerprint, through hip-core's `persist` module.
 impl Session {
     /// The model the session runs on.
     pub fn model(&self) -> &Model {
@@ -288,7 +290,8 @@ impl Session {
     /// ```
     ///
     /// The first text of an empty context gets the tokenizer's beginning-of-sequence token if the
-    /// model wants one.
+    /// model wants one. In a chat session the text lands between turns exactly as given (after an
+    /// assistant turn the template's closing markup comes only with the next user turn).
     ///
     /// # Errors
     ///
@@ -306,6 +309,11 @@ impl Session {
 
     /// Generates a reply to `prompt` with the session's default options; see
     /// [`generate_with`](Self::generate_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the stream (or the future) cancels the generation before the engine's next
+    /// step; the prompt and the tokens generated so far stay in the context.
     pub fn generate(&self, prompt: impl Into<String>) -> TokenStream {
         self.generate_with(prompt, GenerateOptions::new())
     }

@@ -25,10 +25,8 @@
 //! [`ModelShared::dead`], every channel to it closes, and every pending and later call fails with
 //! an [`ErrorKind::Engine`](crate::ErrorKind::Engine) error.
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -43,10 +41,14 @@ use crate::chat::{ChatState, OpenTurn};
 use crate::error::{Error, Result};
 use crate::stream::{Progress, Token};
 
+mod outbox;
+
+use outbox::{Draining, Outbox};
+
 /// Capacity of the command channel.
 pub(crate) const COMMAND_CAPACITY: usize = 64;
-/// Capacity of a token stream's channel.
-pub(crate) const TOKEN_CAPACITY: usize = 64;
+/// Capacity of a token stream's channel (tiny in unit tests, to exercise the overflow queue).
+pub(crate) const TOKEN_CAPACITY: usize = if cfg!(test) { 2 } else { 64 };
 /// Capacity of an append's progress channel.
 pub(crate) const PROGRESS_CAPACITY: usize = 8;
 
@@ -176,97 +178,6 @@ pub(crate) enum Command {
     /// Panics on the engine thread.
     #[cfg(test)]
     Panic,
-}
-
-/// An operation's channel to its consumer and what did not fit in it yet.
-#[derive(Debug)]
-struct Outbox<T> {
-    tx: mpsc::Sender<T>,
-    buf: VecDeque<T>,
-}
-
-impl<T> Outbox<T> {
-    fn new(tx: mpsc::Sender<T>) -> Self {
-        Outbox { tx, buf: VecDeque::new() }
-    }
-
-    fn push(&mut self, item: T) {
-        self.buf.push_back(item);
-        self.flush();
-    }
-
-    /// Sends what fits; drops everything once the consumer is gone.
-    fn flush(&mut self) {
-        while let Some(item) = self.buf.pop_front() {
-            match self.tx.try_send(item) {
-                Ok(()) => {}
-                Err(TrySendError::Full(item)) => {
-                    self.buf.push_front(item);
-                    return;
-                }
-                Err(TrySendError::Closed(_)) => {
-                    self.buf.clear();
-                    return;
-                }
-            }
-        }
-    }
-
-    fn closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Whether items wait for room in the channel.
-    fn pending(&self) -> bool {
-        !self.buf.is_empty() && !self.tx.is_closed()
-    }
-
-    /// Resolves when the channel has room (or closed).
-    fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + '_>> {
-        Box::pin(async move {
-            let _ = self.tx.reserve().await;
-        })
-    }
-}
-
-impl Outbox<AppendItem> {
-    /// Queues a progress report, replacing a queued one that was not delivered yet.
-    fn progress(&mut self, p: Progress) {
-        if let Some(AppendItem::Progress(last)) = self.buf.back_mut() {
-            *last = p;
-        } else {
-            self.buf.push_back(AppendItem::Progress(p));
-        }
-        self.flush();
-    }
-}
-
-/// The outbox of an operation that has ended, still delivering.
-#[derive(Debug)]
-enum Draining {
-    Gen(Outbox<GenItem>),
-    Append(Outbox<AppendItem>),
-}
-
-impl Draining {
-    fn flush(&mut self) {
-        match self {
-            Draining::Gen(o) => o.flush(),
-            Draining::Append(o) => o.flush(),
-        }
-    }
-    fn pending(&self) -> bool {
-        match self {
-            Draining::Gen(o) => o.pending(),
-            Draining::Append(o) => o.pending(),
-        }
-    }
-    fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + '_>> {
-        match self {
-            Draining::Gen(o) => o.ready(),
-            Draining::Append(o) => o.ready(),
-        }
-    }
 }
 
 #[derive(Debug)]
