@@ -51,8 +51,11 @@ fn truncated_and_foreign_files_are_format_errors() {
 #[test]
 fn unknown_architecture_is_named() {
     let path = tmp("gpt2.gguf");
-    let w = QTensor::quantize(&Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32)
-        .unwrap();
+    let w = QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let arch = Value::String("gpt2".into());
     let mut f = std::fs::File::create(&path).unwrap();
     gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &w)]).unwrap();
