@@ -78,7 +78,7 @@ fn batched_generation_equals_sequential_and_stop_conditions_hold() {
     let s = e.create_sequence();
     e.append(s, &encode(&e, prompts[0])).unwrap();
     let first_word = e.tokenizer().decode(&alone[0][..3], true).unwrap();
-    let stop = first_word.trim().split_whitespace().last().unwrap().to_string();
+    let stop = first_word.split_whitespace().last().unwrap().to_string();
     let r = e.generate(s, GenerateParams::greedy(12).with_stop_strings([stop.clone()])).unwrap();
     let (_, text, reason) = e.run_to_completion(r).unwrap();
     assert_eq!(reason, FinishReason::StopString, "stop {stop:?} text {text:?}");
