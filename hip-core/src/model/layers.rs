@@ -20,6 +20,10 @@ impl Linear {
         };
         Ok(Linear { w: QMatMul::from_qtensor(w)?, b })
     }
+    /// A projection with plain (f32 / f16 / bf16) weights `[out, in]`.
+    pub(crate) fn from_tensor(w: Tensor, b: Option<Tensor>) -> Self {
+        Linear { w: QMatMul::Tensor(w), b }
+    }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.w.forward(x)?;
         Ok(match &self.b {
@@ -64,6 +68,9 @@ pub(crate) struct RmsNorm {
 impl RmsNorm {
     pub(crate) fn new(w: QTensor, eps: f32, dev: &Device) -> Result<Self> {
         Ok(RmsNorm { w: w.dequantize(dev)?, eps })
+    }
+    pub(crate) fn from_tensor(w: Tensor, eps: f32) -> Self {
+        RmsNorm { w, eps }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.w, self.eps)?)

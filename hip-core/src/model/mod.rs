@@ -3,6 +3,7 @@
 //! sequence's paged KV view.
 
 mod config;
+mod hf;
 mod layers;
 mod weights;
 

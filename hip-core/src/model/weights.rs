@@ -13,27 +13,27 @@ use crate::kv::{PagedKvCache, SeqId};
 use crate::loader::gguf::GgufFile;
 
 #[derive(Debug)]
-struct Block {
-    attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ffn_norm: RmsNorm,
-    mlp: Mlp,
+pub(super) struct Block {
+    pub(super) attn_norm: RmsNorm,
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    pub(super) ffn_norm: RmsNorm,
+    pub(super) mlp: Mlp,
 }
 
 /// A loaded transformer (weights stay quantized as stored).
 #[derive(Debug)]
 pub struct Model {
-    cfg: ModelConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    output: Linear,
-    rope: Rope,
-    device: Device,
-    fingerprint: String,
+    pub(super) cfg: ModelConfig,
+    pub(super) embed: Tensor,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: RmsNorm,
+    pub(super) output: Linear,
+    pub(super) rope: Rope,
+    pub(super) device: Device,
+    pub(super) fingerprint: String,
 }
 
 /// New tokens of one sequence for a forward pass.

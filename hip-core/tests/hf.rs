@@ -1,0 +1,127 @@
+//! A Hugging Face folder (config.json + model.safetensors) made from the SmolLM2 GGUF — weights
+//! dequantized, renamed, and llama.cpp's q/k row permutation undone — runs like the GGUF.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use hip_core::attention::{AttentionBackend, AttentionState};
+use hip_core::kv::{KvCacheConfig, PagedKvCache};
+use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
+use hip_core::Error;
+
+fn smollm2() -> PathBuf {
+    let dir = std::env::var_os("HIP_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
+    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh", p.display());
+    p
+}
+
+/// llama.cpp stores q/k rows of each head as interleaved pairs; HF stores two halves.
+fn unpermute(t: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    let hd = rows / heads;
+    t.reshape((heads, hd / 2, 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+fn last_logits(model: &Model, prompt: &[u32]) -> Vec<f32> {
+    let c = model.config();
+    let mut kv =
+        PagedKvCache::new(KvCacheConfig::for_bytes(c.layers, c.kv_heads, c.head_dim, 16, 64 << 20).unwrap())
+            .unwrap();
+    let mut attn = AttentionState::new(AttentionBackend::Dense).unwrap();
+    let seq = kv.add_sequence();
+    model
+        .forward(&[SeqChunk { seq, tokens: prompt, logits: LogitsWanted::Last }], &mut kv, &mut attn)
+        .unwrap()[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn hf_folder_made_from_the_gguf_gives_the_same_logits() {
+    // SAFETY (edition 2021 `set_var`): no other test in this binary reads this variable. With it
+    // the GGUF model runs f32 weights too, so both sides compute the same float math.
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    std::thread::spawn(|| {
+        let path = smollm2();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let gguf = Model::from_gguf_with(&path, &Device::Cpu, WeightPolicy::AsStored).unwrap();
+        let c = gguf.config().clone();
+        let mut out: HashMap<String, Tensor> = HashMap::new();
+        let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+        for name in names {
+            let t = content.tensor(&mut f, &name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+            let hf = if name == "token_embd.weight" {
+                "model.embed_tokens.weight".to_string()
+            } else if name == "output_norm.weight" {
+                "model.norm.weight".to_string()
+            } else if name == "output.weight" {
+                "lm_head.weight".to_string()
+            } else {
+                let rest = name.strip_prefix("blk.").unwrap();
+                let (l, what) = rest.split_once('.').unwrap();
+                let hf_what = match what {
+                    "attn_q.weight" => "self_attn.q_proj.weight",
+                    "attn_k.weight" => "self_attn.k_proj.weight",
+                    "attn_v.weight" => "self_attn.v_proj.weight",
+                    "attn_output.weight" => "self_attn.o_proj.weight",
+                    "ffn_gate.weight" => "mlp.gate_proj.weight",
+                    "ffn_up.weight" => "mlp.up_proj.weight",
+                    "ffn_down.weight" => "mlp.down_proj.weight",
+                    "attn_norm.weight" => "input_layernorm.weight",
+                    "ffn_norm.weight" => "post_attention_layernorm.weight",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("model.layers.{l}.{hf_what}")
+            };
+            let t = if name.ends_with("attn_q.weight") {
+                unpermute(&t, c.heads)
+            } else if name.ends_with("attn_k.weight") {
+                unpermute(&t, c.kv_heads)
+            } else {
+                t
+            };
+            out.insert(hf, t);
+        }
+        let dir = std::env::temp_dir().join(format!("hip-hf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(&out, dir.join("model.safetensors")).unwrap();
+        let config = format!(
+            r#"{{"model_type": "llama", "vocab_size": {}, "hidden_size": {}, "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {}, "intermediate_size": {}, "rope_theta": {}, "rms_norm_eps": {}, "max_position_embeddings": {}, "tie_word_embeddings": true}}"#,
+            c.vocab_size, c.hidden, c.layers, c.heads, c.kv_heads, c.ffn, c.rope_theta, c.rms_eps, c.context_length
+        );
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        let hf = Model::from_hf_dir(&dir, &Device::Cpu).unwrap();
+        assert_eq!(hf.config(), gguf.config());
+        let prompt: Vec<u32> = (0..120u32).map(|i| 200 + (i * 7919) % 40000).collect();
+        let (a, b) = (last_logits(&gguf, &prompt), last_logits(&hf, &prompt));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-3, "max abs logit difference {diff}");
+
+        // Bad folders: no config, unknown architecture, missing tensor.
+        assert!(matches!(Model::from_hf_dir(dir.join("nope"), &Device::Cpu), Err(Error::Io { .. })));
+        let cfg_text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        std::fs::write(dir.join("config.json"), cfg_text.replace("\"llama\"", "\"gpt_neox\"")).unwrap();
+        assert!(matches!(Model::from_hf_dir(&dir, &Device::Cpu), Err(Error::UnsupportedArchitecture(_))));
+        std::fs::write(dir.join("config.json"), cfg_text.replace("\"num_hidden_layers\": 30", "\"num_hidden_layers\": 31"))
+            .unwrap();
+        let err = Model::from_hf_dir(&dir, &Device::Cpu).unwrap_err();
+        assert!(matches!(err, Error::Format { ref what, .. } if what.contains("model.layers.30")), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    })
+    .join()
+    .unwrap();
+}
