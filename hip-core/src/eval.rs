@@ -47,12 +47,16 @@ pub fn perplexity(
         )?;
         let rows = logits[0].to_vec2::<f32>()?;
         for (i, row) in rows.iter().enumerate() {
-            let target = tokens[start + i + 1] as usize;
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-            nll += lse - row[target] as f64;
+            nll += token_nll(row, tokens[start + i + 1]);
             scored += 1;
         }
     }
     Ok(((nll / scored as f64).exp(), scored))
+}
+
+/// `-log softmax(logits)[target]`, in f64.
+pub fn token_nll(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    lse - logits[target as usize] as f64
 }

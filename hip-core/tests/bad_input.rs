@@ -1,22 +1,16 @@
 //! Bad model files give typed errors that say what and where: missing, truncated, not GGUF,
 //! an unknown architecture.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use common::smollm2;
 use hip_core::model::Model;
 use hip_core::Error;
-
-fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("HIP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
-    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh", p.display());
-    p
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("hip-bad-input-{}", std::process::id()));

@@ -1,24 +1,16 @@
 //! The engine on the real SmolLM2 model: batched decode equals sequential runs, chunked prefill
 //! progress, stop conditions, abort, fork, and typed errors that leave the engine usable.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::Device;
+use common::smollm2;
 use hip_core::attention::AttentionBackend;
 use hip_core::engine::{Engine, EngineConfig, Event, FinishReason, GenerateParams};
 use hip_core::loader::tokenizer::Tokenizer;
 use hip_core::model::Model;
 use hip_core::sampling::SamplingParams;
 use hip_core::{Error, HipConfig};
-
-fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("HIP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
-    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh", p.display());
-    p
-}
 
 fn engine(cfg: EngineConfig) -> Engine {
     let path = smollm2();

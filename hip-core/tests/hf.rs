@@ -1,23 +1,16 @@
 //! A Hugging Face folder (config.json + model.safetensors) made from the SmolLM2 GGUF — weights
 //! dequantized, renamed, and llama.cpp's q/k row permutation undone — runs like the GGUF.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use common::smollm2;
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
 use hip_core::Error;
-
-fn smollm2() -> PathBuf {
-    let dir = std::env::var_os("HIP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
-    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh", p.display());
-    p
-}
 
 /// llama.cpp stores q/k rows of each head as interleaved pairs; HF stores two halves.
 fn unpermute(t: &Tensor, heads: usize) -> Tensor {

@@ -2,27 +2,15 @@
 //! SmolLM2-135M GGUF, plus HiP ≡ dense at large k, chunked ≡ one-shot prefill and fork ≡ fresh run.
 //! Needs `scripts/fetch-assets.sh` (run by `make test`).
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{argmax, asset, smollm2};
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache, SeqId};
 use hip_core::loader::tokenizer::Tokenizer;
 use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
 use hip_core::HipConfig;
-
-fn asset(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HIP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-assets.sh", p.display());
-    p
-}
-
-fn smollm2() -> PathBuf {
-    asset("smollm2-135m-instruct-q4_1.gguf")
-}
 
 fn prompt_tokens(n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(asset("moby-dick.txt")).unwrap();
@@ -66,11 +54,11 @@ impl Runner {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+/// The weights exactly as stored, like candle-transformers runs them.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// The weights exactly as stored, like candle-transformers runs them.
 fn load() -> Model {
     Model::from_gguf_with(smollm2(), &Device::Cpu, WeightPolicy::AsStored).unwrap()
 }
@@ -141,16 +129,7 @@ fn hip_with_k_covering_the_context_equals_dense_and_chunking_and_forks_are_exact
     let mut hip = Runner::new(load(), AttentionBackend::Hip(cfg));
     let s = hip.kv.add_sequence();
     let got = hip.forward(s, &prompt, LogitsWanted::All);
-    let diff = (&got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&got, &want);
     assert!(diff < 1e-3, "hip (k >= T) vs dense: {diff}");
 
     // Chunked prefill (chunks of 7, 64, then the rest) equals one-shot prefill.
@@ -159,16 +138,7 @@ fn hip_with_k_covering_the_context_equals_dense_and_chunking_and_forks_are_exact
     let b = dense.forward(s2, &prompt[7..71], LogitsWanted::All);
     let c = dense.forward(s2, &prompt[71..], LogitsWanted::All);
     let chunked = Tensor::cat(&[a, b, c], 0).unwrap();
-    let diff = (&chunked - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&chunked, &want);
     assert!(diff < 1e-3, "chunked vs one-shot: {diff}");
 
     // Fork after 150 tokens and continue: equals a fresh run of the same tokens.
@@ -182,27 +152,9 @@ fn hip_with_k_covering_the_context_equals_dense_and_chunking_and_forks_are_exact
     let mut all: Vec<u32> = prompt[..150].to_vec();
     all.extend_from_slice(&tail);
     let fresh_l = dense.forward(fresh, &all, LogitsWanted::All).narrow(0, 150, 5).unwrap();
-    let diff = (&forked - &fresh_l)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&forked, &fresh_l);
     assert!(diff < 1e-3, "fork vs fresh: {diff}");
     let want_parent = want.narrow(0, 150, 10).unwrap();
-    let diff = (&parent_cont - &want_parent)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&parent_cont, &want_parent);
     assert!(diff < 1e-3, "parent after fork: {diff}");
 }

@@ -3,29 +3,18 @@
 //! the file is absent. Like the SmolLM2 test, the tight comparison uses f32 weights
 //! (`CANDLE_DEQUANTIZE_ALL=1`) so 8-bit activation rounding cannot amplify last-bit differences.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::argmax;
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::loader::tokenizer::Tokenizer;
 use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
 
-fn qwen05() -> Option<PathBuf> {
-    let dir = std::env::var_os("HIP_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hip"));
-    let p = dir.join("qwen2.5-coder-0.5b-instruct.gguf");
-    p.exists().then_some(p)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
-}
-
 #[test]
 fn qwen2_matches_candle_quantized_qwen2() {
-    let Some(path) = qwen05() else {
+    let Some(path) = common::optional_asset("qwen2.5-coder-0.5b-instruct.gguf") else {
         eprintln!("skipped: qwen2.5-coder-0.5b-instruct.gguf absent (scripts/fetch-assets.sh qwen05)");
         return;
     };

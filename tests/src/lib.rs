@@ -76,9 +76,12 @@ pub fn candle_perplexity(model: &Path, tokens: &[u32]) -> Result<f64, String> {
         }
         .map_err(err)?;
         let row = logits.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?;
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-        nll += lse - row[tokens[i + 1] as usize] as f64;
+        nll += hip_core::eval::token_nll(&row, tokens[i + 1]);
     }
     Ok((nll / (tokens.len() - 1) as f64).exp())
+}
+
+/// Index of the largest logit (greedy decoding).
+pub fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0 as u32).unwrap_or(0)
 }

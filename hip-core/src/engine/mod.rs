@@ -14,7 +14,7 @@ pub use request::{Event, FinishReason, GenerateParams, RequestId};
 use crate::attention::{AttentionBackend, AttentionState};
 use crate::error::{Error, Result};
 use crate::kv::{KvCacheConfig, PagedKvCache, SeqId};
-use crate::loader::tokenizer::Tokenizer;
+use crate::loader::tokenizer::{DecodeStream, Tokenizer};
 use crate::model::{LogitsWanted, Model, SeqChunk};
 use crate::sampling::Sampler;
 
@@ -91,7 +91,11 @@ struct Req {
     params: GenerateParams,
     sampler: Sampler,
     generated: Vec<u32>,
-    /// Bytes of the generated text already reported.
+    /// Incremental detokenizer of the generated tokens (end-of-sequence tokens excluded).
+    stream: DecodeStream,
+    /// The text decoded so far.
+    text: String,
+    /// Bytes of `text` already reported.
     emitted: usize,
 }
 
@@ -250,7 +254,10 @@ impl Engine {
         }
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        self.reqs.insert(id, Req { seq, params, sampler, generated: Vec::new(), emitted: 0 });
+        let stream = self.tokenizer.decode_stream(true);
+        let req =
+            Req { seq, params, sampler, generated: Vec::new(), stream, text: String::new(), emitted: 0 };
+        self.reqs.insert(id, req);
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.request = Some(id);
         }
@@ -346,8 +353,7 @@ impl Engine {
             if pending == 0 {
                 continue;
             }
-            let decoding =
-                s.request.is_some_and(|r| self.reqs.get(&r).is_some_and(|q| !q.generated.is_empty()));
+            let decoding = self.is_decoding(s);
             let n = if decoding && pending == 1 {
                 1
             } else {
@@ -391,9 +397,9 @@ impl Engine {
         for (&(seq, _, end, _), logit) in plan.iter().zip(logits) {
             let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             s.cached = end;
+            let s = &self.seqs[&seq];
             let pending = s.tokens.len() - s.cached;
-            let generating =
-                s.request.is_some_and(|r| self.reqs.get(&r).is_some_and(|q| !q.generated.is_empty()));
+            let generating = self.is_decoding(s);
             if !generating && s.prefill_total > 0 {
                 events.push(Event::Prefill { seq, done: s.prefill_total - pending, total: s.prefill_total });
             }
@@ -407,6 +413,12 @@ impl Engine {
         Ok(events)
     }
 
+    /// Whether the sequence's request has generated at least one token (its queue then holds the
+    /// token to decode next).
+    fn is_decoding(&self, s: &Seq) -> bool {
+        s.request.is_some_and(|r| self.reqs.get(&r).is_some_and(|q| !q.generated.is_empty()))
+    }
+
     fn sample_and_report(&mut self, rid: RequestId, logits: &[f32], events: &mut Vec<Event>) -> Result<()> {
         let req = self.reqs.get_mut(&rid).ok_or(Error::UnknownRequest(rid.0))?;
         let seq = self.seqs.get_mut(&req.seq).ok_or(Error::UnknownSequence(req.seq.0))?;
@@ -415,42 +427,56 @@ impl Engine {
         seq.tokens.push(token);
         let is_eos = !req.params.ignore_eos
             && (self.tokenizer.eos_token_ids().contains(&token) || req.params.stop_tokens.contains(&token));
-        let text_ids = if is_eos { &req.generated[..req.generated.len() - 1] } else { &req.generated[..] };
-        let text = self.tokenizer.decode(text_ids, true)?;
-        let mut finish = None;
-        let mut release_end = text.len();
-        if let Some(pos) = req
+        if !is_eos {
+            if let Some(piece) = req.stream.step(token)? {
+                req.text.push_str(&piece);
+            }
+        }
+        let stop_at = req
             .params
             .stop_strings
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
-            finish = Some(FinishReason::StopString);
-            release_end = pos;
+            .filter_map(|s| req.text.find(s.as_str()))
+            .min();
+        let finish = if stop_at.is_some() {
+            Some(FinishReason::StopString)
         } else if is_eos {
-            finish = Some(FinishReason::Eos);
+            Some(FinishReason::Eos)
         } else if req.generated.len() >= req.params.max_tokens {
-            finish = Some(FinishReason::MaxTokens);
+            Some(FinishReason::MaxTokens)
         } else if seq.tokens.len() >= self.max_context {
-            finish = Some(FinishReason::ContextFull);
+            Some(FinishReason::ContextFull)
         } else {
-            // Hold back an incomplete character and any tail that may start a stop string.
-            while release_end > 0 && text[..release_end].ends_with('\u{FFFD}') {
-                release_end -= '\u{FFFD}'.len_utf8();
+            None
+        };
+        let text = &mut req.text;
+        let release_end = match (finish, stop_at) {
+            (_, Some(pos)) => pos,
+            (Some(_), None) => {
+                // Finished: release whatever the detokenizer still holds.
+                if let Some(rest) = req.stream.flush()? {
+                    text.push_str(&rest);
+                }
+                text.len()
             }
-            for stop in &req.params.stop_strings {
-                for k in (1..stop.len()).rev() {
-                    if stop.is_char_boundary(k) && text[..release_end].ends_with(&stop[..k]) {
-                        release_end = release_end.min(text.len() - k);
-                        break;
+            (None, None) => {
+                // Hold back any tail that may start a stop string (the detokenizer already holds
+                // back incomplete characters).
+                let mut end = text.len();
+                for stop in &req.params.stop_strings {
+                    for k in (1..stop.len()).rev() {
+                        if stop.is_char_boundary(k) && text.ends_with(&stop[..k]) {
+                            end = end.min(text.len() - k);
+                            break;
+                        }
                     }
                 }
+                end
             }
-        }
+        };
         let release_end = release_end.max(req.emitted);
-        let piece = text.get(req.emitted..release_end).unwrap_or_default().to_string();
+        let piece = req.text.get(req.emitted..release_end).unwrap_or_default().to_string();
         req.emitted = release_end;
         match finish {
             None => events.push(Event::Token { request: rid, token, text: piece }),

@@ -491,6 +491,21 @@ impl fmt::Debug for LayerView<'_> {
     }
 }
 
+impl<'a> From<LayerView<'a>> for hip_kernels::PagedKv<'a> {
+    /// The view as the attention kernels' paged input (same storage, no copy).
+    fn from(v: LayerView<'a>) -> Self {
+        hip_kernels::PagedKv {
+            k: v.k,
+            v: v.v,
+            block_table: v.block_table,
+            block_size: v.block_size,
+            heads_kv: v.num_kv_heads,
+            head_dim: v.head_dim,
+            len: v.len,
+        }
+    }
+}
+
 impl LayerView<'_> {
     /// Floats of one token's row: `num_kv_heads * head_dim`.
     pub fn row_len(&self) -> usize {

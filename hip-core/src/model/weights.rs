@@ -229,16 +229,7 @@ impl Model {
                 let kc = k.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
                 let vc = v.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
                 kv.write(c.seq, layer, &kc, &vc)?;
-                let view = kv.layer_view(c.seq, layer, start + n)?;
-                let pkv = PagedKv {
-                    k: view.k,
-                    v: view.v,
-                    block_table: view.block_table,
-                    block_size: view.block_size,
-                    heads_kv: view.num_kv_heads,
-                    head_dim: view.head_dim,
-                    len: view.len,
-                };
+                let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
                 let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
                 outs.push(attn.attend(layer, c.seq, &qc, &pkv, scale)?.squeeze(0)?);
                 off += n;

@@ -19,6 +19,7 @@ use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
 use hip_core::HipConfig;
+use hip_e2e::argmax;
 
 fn main() -> ExitCode {
     match run() {
@@ -35,10 +36,6 @@ struct Row {
     context: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0 as u32).unwrap_or(0)
 }
 
 fn ours(
