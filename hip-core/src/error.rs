@@ -29,9 +29,27 @@ pub enum Error {
         /// What is wrong, and where.
         what: String,
     },
+    /// A session file cannot be used: not a session file, a future version, another model's,
+    /// truncated or corrupt (see [`crate::persist`]).
+    #[error("session file {}: {problem}", path.display())]
+    SessionFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: crate::persist::SessionFileProblem,
+    },
     /// The model's architecture is not supported.
     #[error("unsupported model architecture {0:?} (supported: llama, qwen2)")]
     UnsupportedArchitecture(String),
+    /// A CUDA device could not be opened (see [`crate::device::cuda`]): no CUDA support in this
+    /// build, no driver or GPU, or no such device.
+    #[error("no CUDA device: {reason}")]
+    NoCudaDevice {
+        /// The device asked for.
+        ordinal: usize,
+        /// Why it could not be opened (one line).
+        reason: String,
+    },
     /// Tokenizer construction, encoding or decoding failed, or it does not fit the model.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

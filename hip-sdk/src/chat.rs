@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 const SENTINEL: &str = "\u{E000}hip-sdk-turn\u{E000}";
 
 /// The conversation state of a chat session (shared with the engine thread, which records the
-/// end of each generated turn).
-#[derive(Debug, Clone, Default)]
+/// end of each generated turn; saved in session files).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ChatState {
     /// Messages whose rendering is in the context (the system message, finished turns).
     pub(crate) history: Vec<Message>,
@@ -26,7 +26,7 @@ pub(crate) struct ChatState {
 }
 
 /// An assistant turn the model generated: its text, and the end-of-sequence token it ended with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct OpenTurn {
     pub(crate) text: String,
     pub(crate) eos: Option<u32>,
@@ -79,11 +79,31 @@ impl Chat {
         Ok(close.to_owned())
     }
 
-    /// The text a user turn appends to a context in `state`.
+    /// The text a user turn appends to a context in `state`, up to the generation prompt.
     pub(crate) fn turn(
         &self,
         state: &ChatState,
         user: &str,
+        decode: impl Fn(u32) -> Option<String>,
+    ) -> Result<TurnPrompt> {
+        self.extend(state, Message::user(user), true, decode)
+    }
+
+    /// The text one message appends to a context in `state` (no generation prompt).
+    pub(crate) fn message(
+        &self,
+        state: &ChatState,
+        message: Message,
+        decode: impl Fn(u32) -> Option<String>,
+    ) -> Result<TurnPrompt> {
+        self.extend(state, message, false, decode)
+    }
+
+    fn extend(
+        &self,
+        state: &ChatState,
+        message: Message,
+        generation_prompt: bool,
         decode: impl Fn(u32) -> Option<String>,
     ) -> Result<TurnPrompt> {
         let mut history = state.history.clone();
@@ -94,8 +114,8 @@ impl Chat {
             history.push(Message::assistant(open.text.clone()));
         }
         let base = if state.rendered { self.render(&history, false)? } else { String::new() };
-        history.push(Message::user(user));
-        let full = self.render(&history, true)?;
+        history.push(message);
+        let full = self.render(&history, generation_prompt)?;
         match full.strip_prefix(&base) {
             Some(delta) => text.push_str(delta),
             None => {
@@ -162,6 +182,23 @@ mod tests {
         let t3 = chat.turn(&state, "?", decode).unwrap();
         assert_eq!(t3.text, "<|im_end|>\n<|im_start|>user\n?<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(t3.history.len(), 5);
+    }
+
+    #[test]
+    fn messages_render_without_the_generation_prompt() {
+        let chat = chat();
+        let state = ChatState { history: vec![Message::system("S")], rendered: true, open: None };
+        let m = chat.message(&state, Message::user("Doc"), decode).unwrap();
+        assert_eq!(m.text, "<|im_start|>user\nDoc<|im_end|>\n");
+        let state = ChatState { history: m.history, rendered: true, open: None };
+        let t = chat.turn(&state, "Q?", decode).unwrap();
+        assert_eq!(t.text, "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n");
+        // After a generated answer the message first closes the assistant turn.
+        let open = Some(OpenTurn { text: "A".into(), eos: Some(2) });
+        let state = ChatState { history: t.history, rendered: true, open };
+        let m = chat.message(&state, Message::user("More"), decode).unwrap();
+        assert_eq!(m.text, "\n<|im_start|>user\nMore<|im_end|>\n");
+        assert_eq!(m.history.len(), 5);
     }
 
     #[test]

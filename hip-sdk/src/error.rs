@@ -27,6 +27,11 @@ pub enum ErrorKind {
     KvCacheFull,
     /// The operation was cancelled through an [`AbortHandle`](crate::AbortHandle).
     Cancelled,
+    /// A session file could not be written or read, or was refused: not a session file, of a
+    /// future format version, of another model, truncated or corrupt
+    /// ([`Error::session_file_problem`] says which). Nothing was changed: a failed save leaves
+    /// any earlier file at the path intact, a failed load creates no session.
+    SessionFile,
     /// The engine thread failed (a panic or an internal error) or is gone; every later call on
     /// the same [`Model`](crate::Model) fails the same way.
     Engine,
@@ -82,6 +87,19 @@ impl Error {
             | E::Tokenizer(_)
             | E::ChatTemplate(_)
             | E::Candle(_) => Error::load(format!("cannot load the model: {e}")).with_source(e),
+            E::NoCudaDevice { .. } => Error::load(e.to_string()).with_source(e),
+            e => Error::from_core(e),
+        }
+    }
+
+    /// A hip-core error from saving or loading a session file: I/O and format errors are
+    /// [`ErrorKind::SessionFile`], the rest are classified as by [`Error::from_core`].
+    pub(crate) fn from_core_session(e: hip_core::Error) -> Self {
+        use hip_core::Error as E;
+        match e {
+            E::Io { .. } | E::SessionFile { .. } => {
+                Error::new(ErrorKind::SessionFile, e.to_string()).with_source(e)
+            }
             e => Error::from_core(e),
         }
     }
@@ -94,12 +112,15 @@ impl Error {
                 ErrorKind::ContextOverflow { tokens: *tokens, limit: *limit }
             }
             E::KvCacheFull { .. } => ErrorKind::KvCacheFull,
+            E::SessionFile { .. } => ErrorKind::SessionFile,
             E::InvalidSampling { .. }
             | E::InvalidArgument { .. }
             | E::Kernel(_)
             | E::Tokenizer(_)
             | E::ChatTemplate(_) => ErrorKind::InvalidRequest,
-            E::Io { .. } | E::Format { .. } | E::UnsupportedArchitecture(_) => ErrorKind::Load,
+            E::Io { .. } | E::Format { .. } | E::UnsupportedArchitecture(_) | E::NoCudaDevice { .. } => {
+                ErrorKind::Load
+            }
             _ => ErrorKind::Engine,
         };
         Error::new(kind, e.to_string()).with_source(e)
@@ -151,6 +172,33 @@ impl Error {
     pub fn is_engine(&self) -> bool {
         self.kind == ErrorKind::Engine
     }
+
+    /// A session file could not be saved or loaded (see [`ErrorKind::SessionFile`]).
+    pub fn is_session_file(&self) -> bool {
+        self.kind == ErrorKind::SessionFile
+    }
+
+    /// Why a session file was refused, when it was (`None` for I/O errors and other kinds).
+    ///
+    /// ```no_run
+    /// # async fn demo(model: hip_sdk::Model) {
+    /// use hip_sdk::hip_core::persist::SessionFileProblem;
+    ///
+    /// match hip_sdk::Session::load(&model, "book.hips").await {
+    ///     Ok(session) => { /* … */ }
+    ///     Err(e) if matches!(e.session_file_problem(), Some(SessionFileProblem::OtherModel { .. })) => {
+    ///         eprintln!("saved with another model: prefilling again");
+    ///     }
+    ///     Err(e) => eprintln!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn session_file_problem(&self) -> Option<&hip_core::persist::SessionFileProblem> {
+        match self.source.as_deref()?.downcast_ref::<hip_core::Error>()? {
+            hip_core::Error::SessionFile { problem, .. } => Some(problem),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for Error {
@@ -195,5 +243,10 @@ mod tests {
         );
         assert!(Error::from_step_failure("boom".into()).is_engine());
         assert!(Error::cancelled().is_cancelled());
+        let e = Error::from_core_session(
+            hip_core::persist::SessionFileProblem::NotASessionFile.at_path("x.hips"),
+        );
+        assert!(e.is_session_file() && e.to_string().contains("x.hips"));
+        assert_eq!(e.session_file_problem(), Some(&hip_core::persist::SessionFileProblem::NotASessionFile));
     }
 }

@@ -69,6 +69,7 @@ mod worker;
 pub use error::{Error, ErrorKind, Result};
 pub use hip_core;
 pub use hip_core::engine::FinishReason;
+pub use hip_core::loader::chat_template::Message;
 pub use hip_core::sampling::SamplingParams;
 pub use hip_core::HipConfig;
 pub use model::{Attention, Device, KvUsage, Model, ModelBuilder};

@@ -40,7 +40,8 @@ pub enum Device {
     #[default]
     Cpu,
     /// A CUDA GPU, by ordinal. Needs the `cuda` feature; without it, or without the GPU,
-    /// [`ModelBuilder::build`] fails with a [`Load`](crate::ErrorKind::Load) error.
+    /// [`ModelBuilder::build`] fails with a [`Load`](crate::ErrorKind::Load) error whose message
+    /// starts with "no CUDA device".
     Cuda(usize),
 }
 
@@ -204,8 +205,7 @@ impl ModelBuilder {
     fn load_in_pool(&self) -> Result<(Engine, Option<Chat>)> {
         let device = match self.device {
             Device::Cpu => candle_core::Device::Cpu,
-            Device::Cuda(i) => candle_core::Device::new_cuda(i)
-                .map_err(|e| Error::load(format!("CUDA device {i} is not available: {e}")).with_source(e))?,
+            Device::Cuda(i) => hip_core::device::cuda(i).map_err(Error::from_core_load)?,
         };
         let gguf = GgufFile::open(&self.path).map_err(Error::from_core_load)?;
         let tokenizer = match &self.tokenizer {
@@ -483,7 +483,8 @@ mod tests {
         // Another session generates while `slow` is not read, and so does `slow`'s request.
         let b = raw_session(&model, "The capital of France is").await;
         assert_eq!(b.generate_with("", opts.clone().with_max_tokens(8)).await.unwrap().tokens.len(), 8);
-        for _ in 0..500 {
+        // Generous deadline: the machine may be busy (this is not a speed check).
+        for _ in 0..12_000 {
             if a.usage().tokens == n + 24 {
                 break;
             }

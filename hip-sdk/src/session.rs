@@ -1,12 +1,14 @@
 //! [`SessionBuilder`] → [`Session`]: a persistent context on a [`Model`].
 
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::FutureExt;
 use hip_core::kv::SeqId;
 use hip_core::loader::chat_template::Message;
+use hip_core::persist::{self, Expected, KvGeometry, SessionFile, SessionFileProblem};
 use hip_core::sampling::SamplingParams;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -143,21 +145,31 @@ impl SessionInner {
         self.shared.tokens.load(Ordering::Acquire) == 0
     }
 
+    /// Appends `text` (raw, or rendered from `message` with the chat template) and prefills it.
     async fn start_append(
         self: Arc<Self>,
         text: String,
-        chat_turn: Option<Vec<Message>>,
+        message: Option<Message>,
     ) -> Result<mpsc::Receiver<AppendItem>> {
         let permit = self.turn().await?;
-        let tokens = self.model.inner.encode(text, self.is_empty()).await?;
+        let inner = &self.model.inner;
+        let (text, chat, add_special) = match (&inner.chat, self.chat, message) {
+            (Some(chat), true, Some(message)) => {
+                let mut state = self.shared.chat().clone();
+                let tok = &inner.tokenizer;
+                let turn = chat.message(&state, message, |id| tok.decode(&[id], false).ok())?;
+                let add = self.is_empty() && (chat.bos.is_empty() || !turn.text.starts_with(&chat.bos));
+                state.history = turn.history;
+                state.rendered = true;
+                state.open = None;
+                (turn.text, Some(state), add)
+            }
+            (_, _, Some(message)) => (message.content, None, self.is_empty()),
+            (_, _, None) => (text, None, self.is_empty()),
+        };
+        let tokens = inner.encode(text, add_special).await?;
         let (tx, rx) = mpsc::channel(PROGRESS_CAPACITY);
-        if let Some(history) = chat_turn {
-            // Only the system prompt goes this way, before the session is handed out.
-            let mut chat = self.shared.chat();
-            chat.history = history;
-            chat.rendered = true;
-        }
-        self.model.inner.send(Command::Append { seq: self.seq(), tokens, out: tx, permit }).await?;
+        inner.send(Command::Append { seq: self.seq(), tokens, chat, out: tx, permit }).await?;
         Ok(rx)
     }
 
@@ -231,8 +243,6 @@ impl fmt::Debug for Session {
     }
 }
 
-// TODO(persist): `Session::save(path)` / `SessionBuilder::load(path)`: tokens, KV blocks, mask
-// state, the chat state and the model fingerprint, through hip-core's `persist` module.
 impl Session {
     /// The model the session runs on.
     pub fn model(&self) -> &Model {
@@ -256,11 +266,7 @@ impl Session {
         let inner = &self.inner.model.inner;
         match (&inner.chat, self.inner.chat) {
             (Some(chat), true) => match chat.system_prefix(&system)? {
-                Some(prefix) => {
-                    let history = vec![Message::system(system)];
-                    let start = Arc::clone(&self.inner).start_append(prefix, Some(history)).boxed();
-                    Append::new(Arc::clone(&self.inner), start).await
-                }
+                Some(_) => self.append_message(Message::system(system)).await,
                 // The template renders the system message only with the first turn.
                 None => {
                     self.inner.shared.chat().history = vec![Message::system(system)];
@@ -304,6 +310,39 @@ impl Session {
     /// Dropping the [`Append`] before it completes cancels it and restores the context.
     pub fn append(&self, text: impl Into<String>) -> Append {
         let start = Arc::clone(&self.inner).start_append(text.into(), None).boxed();
+        Append::new(Arc::clone(&self.inner), start)
+    }
+
+    /// Appends one chat message (a document handed over as a user message, say) and prefills it,
+    /// without generating: the context gets the chat template's rendering of `message` (after
+    /// closing the previous assistant turn, if one is open). In a session without the chat
+    /// template, `message.content` is appended raw, as by [`append`](Self::append).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: hip_sdk::Session, report: String) -> hip_sdk::Result<()> {
+    /// use futures::StreamExt;
+    /// use hip_sdk::Message;
+    ///
+    /// let mut append = session.append_message(Message::user(format!("Read this report:\n{report}")));
+    /// while let Some(p) = append.next().await {
+    ///     let p = p?;
+    ///     eprint!("\r{}/{} tokens", p.done, p.total);
+    /// }
+    /// let answer = session.generate("What is its main finding?").await?;
+    /// # let _ = answer; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`append`](Self::append); [`InvalidRequest`](crate::ErrorKind::InvalidRequest) when the
+    /// template cannot render the message.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the [`Append`] before it completes cancels it and restores the context and the
+    /// conversation.
+    pub fn append_message(&self, message: Message) -> Append {
+        let start = Arc::clone(&self.inner).start_append(String::new(), Some(message)).boxed();
         Append::new(Arc::clone(&self.inner), start)
     }
 
@@ -398,4 +437,140 @@ impl Session {
             }),
         })
     }
+
+    /// Saves the session to a file: its context (tokens and KV cache, so that loading needs no
+    /// prefill), its conversation state and its settings, tied to the model's fingerprint. Waits
+    /// for the operations running on the session first; the session stays usable.
+    ///
+    /// The file is written atomically (a temporary file in the same folder, flushed to disk and
+    /// renamed): after a crash or a failure the path holds the previous file, if any, or nothing.
+    /// The format is documented in `docs/format/session.md`; a session of `n` cached tokens takes
+    /// about `n × layers × 2 × kv_heads × head_dim × 4` bytes.
+    ///
+    /// ```no_run
+    /// # async fn demo(model: hip_sdk::Model, book: String) -> hip_sdk::Result<()> {
+    /// use hip_sdk::Session;
+    ///
+    /// let session = model.session().build().await?;
+    /// session.append(book).await?;
+    /// session.save("book.hips").await?;
+    ///
+    /// // Later, in another process: no prefill.
+    /// let session = Session::load(&model, "book.hips").await?;
+    /// let answer = session.generate("Who is the narrator?").await?;
+    /// # let _ = answer; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SessionFile`](crate::ErrorKind::SessionFile) when the file cannot be written (the
+    /// folder is missing or read-only, the disk is full); [`Engine`](crate::ErrorKind::Engine)
+    /// if the engine thread is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future after the context was copied lets the write finish in the
+    /// background (atomically); before, nothing is written.
+    pub async fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let inner = &self.inner;
+        let path = path.as_ref().to_owned();
+        let permit = inner.turn().await?;
+        let (reply, rx) = oneshot::channel();
+        let model = &inner.model.inner;
+        model.send(Command::Snapshot { seq: inner.seq(), reply }).await?;
+        let snapshot = rx.await.map_err(|_| model.shared.engine_error())??;
+        let state = SavedState {
+            format: SAVED_STATE_FORMAT.to_owned(),
+            chat: inner.chat,
+            sampling: inner.sampling.clone(),
+            conversation: inner.shared.chat().clone(),
+        };
+        drop(permit);
+        let app = serde_json::to_value(&state)
+            .map_err(|e| Error::invalid(format!("cannot serialize the session state: {e}")))?;
+        let file = SessionFile::new(inner.model.fingerprint(), snapshot).with_app(app);
+        tokio::task::spawn_blocking(move || persist::save(&path, &file))
+            .await
+            .map_err(|e| Error::engine(format!("the session writer failed: {e}")))?
+            .map_err(Error::from_core_session)?;
+        Ok(())
+    }
+
+    /// Opens a session saved by [`save`](Self::save) on `model`: the context comes back without
+    /// any prefill, with the conversation state and settings it was saved with, and continues
+    /// exactly as the saved session would have.
+    ///
+    /// Everything is checked before the session is created: the magic, the format version, the
+    /// model's fingerprint, the file's length and every checksum.
+    ///
+    /// # Errors
+    ///
+    /// [`SessionFile`](crate::ErrorKind::SessionFile) for a file that is missing, unreadable,
+    /// not a session file, of a future format version, of another model, truncated or corrupt
+    /// ([`Error::session_file_problem`] tells which);
+    /// [`ContextOverflow`](crate::ErrorKind::ContextOverflow) when the saved context is longer
+    /// than this model's context limit; [`KvCacheFull`](crate::ErrorKind::KvCacheFull) when the
+    /// KV cache has no room for it; [`InvalidRequest`](crate::ErrorKind::InvalidRequest) for a
+    /// chat session loaded on a model without a chat template.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future frees whatever was loaded.
+    pub async fn load(model: &Model, path: impl AsRef<Path>) -> Result<Session> {
+        let path = path.as_ref().to_owned();
+        let cfg = model.config();
+        let expected = Expected {
+            fingerprint: model.fingerprint().to_owned(),
+            geometry: KvGeometry {
+                num_layers: cfg.layers,
+                num_kv_heads: cfg.kv_heads,
+                head_dim: cfg.head_dim,
+            },
+        };
+        let shown = path.clone();
+        let file = tokio::task::spawn_blocking(move || persist::load(&path, &expected))
+            .await
+            .map_err(|e| Error::engine(format!("the session reader failed: {e}")))?
+            .map_err(Error::from_core_session)?;
+        let state: SavedState = serde_json::from_value(file.app).map_err(|e| {
+            let problem = SessionFileProblem::Corrupt(format!("session state: {e}"));
+            Error::from_core_session(problem.at_path(&shown))
+        })?;
+        if state.format != SAVED_STATE_FORMAT {
+            let what = format!("session state {:?}, this build reads {SAVED_STATE_FORMAT:?}", state.format);
+            return Err(Error::from_core_session(SessionFileProblem::Incompatible(what).at_path(shown)));
+        }
+        if state.chat && model.inner.chat.is_none() {
+            return Err(Error::invalid("the session uses a chat template and the model has none"));
+        }
+        state.sampling.validate().map_err(Error::from_core)?;
+        let shared = Arc::new(SessionShared::default());
+        *shared.chat() = state.conversation;
+        let (reply, rx) = oneshot::channel();
+        let snapshot = Box::new(file.snapshot);
+        model.inner.send(Command::Restore { snapshot, session: Arc::clone(&shared), reply }).await?;
+        let guard = rx.await.map_err(|_| model.inner.shared.engine_error())??;
+        Ok(Session {
+            inner: Arc::new(SessionInner {
+                model: model.clone(),
+                guard,
+                shared,
+                ops: Arc::new(Semaphore::new(1)),
+                chat: state.chat,
+                sampling: state.sampling,
+            }),
+        })
+    }
+}
+
+/// Marks the application state hip-sdk keeps in a session file.
+const SAVED_STATE_FORMAT: &str = "hip-sdk session state 1";
+
+/// What hip-sdk keeps in a session file besides the context.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    format: String,
+    chat: bool,
+    sampling: SamplingParams,
+    conversation: ChatState,
 }

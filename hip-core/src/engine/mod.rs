@@ -4,6 +4,10 @@
 //!
 //! The engine is driven through `&mut self`; it starts no threads. hip-sdk runs it on one thread
 //! per model.
+//!
+//! A finished generation leaves its last token uncached (its KV rows need one more forward pass).
+//! Such a token is not prefilled on its own: it waits for the sequence's next append or request
+//! and is prefilled together with it, so that the cache never depends on when that comes.
 
 mod request;
 
@@ -16,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::kv::{KvCacheConfig, PagedKvCache, SeqId};
 use crate::loader::tokenizer::{DecodeStream, Tokenizer};
 use crate::model::{LogitsWanted, Model, SeqChunk};
+use crate::persist::{KvGeometry, LayerKv, SeqSnapshot};
 use crate::sampling::Sampler;
 
 /// Engine settings.
@@ -83,6 +88,11 @@ struct Seq {
     /// Tokens queued since the last time the queue was empty (progress reporting).
     prefill_total: usize,
     request: Option<RequestId>,
+    /// The uncached tokens wait for the next append or request instead of being prefilled on
+    /// their own: the last token of a finished generation, or those of a restored snapshot.
+    /// Prefilling them together with what comes next makes the cache (and, with HiP, the
+    /// approximation) independent of when the next request arrives.
+    dangling: bool,
 }
 
 #[derive(Debug)]
@@ -172,7 +182,10 @@ impl Engine {
     /// A new, empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
         let id = self.kv.add_sequence();
-        self.seqs.insert(id, Seq { tokens: Vec::new(), cached: 0, prefill_total: 0, request: None });
+        self.seqs.insert(
+            id,
+            Seq { tokens: Vec::new(), cached: 0, prefill_total: 0, request: None, dangling: false },
+        );
         id
     }
 
@@ -225,6 +238,7 @@ impl Engine {
         }
         s.tokens.extend_from_slice(tokens);
         s.prefill_total += tokens.len();
+        s.dangling = false;
         Ok(())
     }
 
@@ -252,6 +266,12 @@ impl Engine {
             s.cached = keep;
             s.prefill_total = 1;
         }
+        // Every request starts from a fresh decode mask, so that its tokens depend only on the
+        // context (a restored session then continues exactly like the uninterrupted one).
+        self.attn.forget(seq);
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            s.dangling = false;
+        }
         let id = RequestId(self.next_request);
         self.next_request += 1;
         let stream = self.tokenizer.decode_stream(true);
@@ -276,7 +296,77 @@ impl Engine {
         Ok(child)
     }
 
-    /// Cuts the sequence's context to its first `len` tokens.
+    /// A copy of the sequence's context: its tokens and the KV rows of the cached ones, ready for
+    /// [`persist::save`](crate::persist::save) or [`restore`](Self::restore).
+    ///
+    /// # Errors
+    /// An unknown or busy sequence.
+    pub fn snapshot(&self, seq: SeqId) -> Result<SeqSnapshot> {
+        let s = self.seq(seq)?;
+        if let Some(r) = s.request {
+            return Err(Error::arg("sequence", seq, format!("busy with request {r}")));
+        }
+        let geometry = KvGeometry::of(&self.model);
+        let layers = (0..geometry.num_layers)
+            .map(|l| {
+                let (k, v) = self.kv.layer_view(seq, l, s.cached)?.gather();
+                Ok(LayerKv { k, v })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SeqSnapshot { geometry, tokens: s.tokens.clone(), cached: s.cached, layers })
+    }
+
+    /// A new sequence holding `snapshot`'s context: its cached KV rows are copied into the cache,
+    /// its other tokens are queued for prefill.
+    ///
+    /// # Errors
+    /// [`Error::SessionFile`] when the snapshot does not fit the model (geometry, vocabulary) or
+    /// is inconsistent; [`Error::ContextOverflow`] past the context limit;
+    /// [`Error::KvCacheFull`] when the cache has too few free blocks. Nothing changes on error.
+    pub fn restore(&mut self, snapshot: &SeqSnapshot) -> Result<SeqId> {
+        use crate::persist::SessionFileProblem as P;
+        snapshot.check()?;
+        let geometry = KvGeometry::of(&self.model);
+        if snapshot.geometry != geometry {
+            let what = format!("KV rows of {:?}, the model has {:?}", snapshot.geometry, geometry);
+            return Err(P::Incompatible(what).at("snapshot"));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = snapshot.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(
+                P::Incompatible(format!("token {bad} is outside the vocabulary of {vocab}")).at("snapshot")
+            );
+        }
+        let n = snapshot.tokens.len();
+        if n > self.max_context {
+            return Err(Error::ContextOverflow { tokens: n, limit: self.max_context });
+        }
+        let seq = self.kv.add_sequence();
+        let filled = (|| {
+            self.kv.reserve(seq, snapshot.cached)?;
+            for (l, layer) in snapshot.layers.iter().enumerate() {
+                self.kv.write(seq, l, &layer.k, &layer.v)?;
+            }
+            self.kv.commit(seq, snapshot.cached)
+        })();
+        if let Err(e) = filled {
+            self.kv.remove_sequence(seq)?;
+            return Err(e);
+        }
+        let prefill_total = n - snapshot.cached;
+        let s = Seq {
+            tokens: snapshot.tokens.clone(),
+            cached: snapshot.cached,
+            prefill_total,
+            request: None,
+            dangling: prefill_total > 0,
+        };
+        self.seqs.insert(seq, s);
+        Ok(seq)
+    }
+
+    /// Cuts the sequence's context to its first `len` tokens. Tokens left uncached wait for the
+    /// next append or request.
     ///
     /// # Errors
     /// An unknown or busy sequence, `len` past the end.
@@ -293,6 +383,7 @@ impl Engine {
         let cached = s.cached.min(len);
         s.cached = cached;
         s.prefill_total = len - cached;
+        s.dangling = len > cached;
         self.kv.truncate(seq, cached)?;
         self.attn.forget(seq);
         Ok(())
@@ -311,7 +402,8 @@ impl Engine {
         self.kv.remove_sequence(seq)
     }
 
-    /// Stops a request; the tokens it generated stay in the sequence.
+    /// Stops a request; the tokens it generated stay in the sequence (those not yet cached wait
+    /// for the next append or request).
     ///
     /// # Errors
     /// An unknown request.
@@ -319,13 +411,14 @@ impl Engine {
         let r = self.reqs.remove(&request).ok_or(Error::UnknownRequest(request.0))?;
         if let Some(s) = self.seqs.get_mut(&r.seq) {
             s.request = None;
+            s.dangling = s.cached < s.tokens.len();
         }
         Ok(())
     }
 
     /// Whether a step has anything to do.
     pub fn has_work(&self) -> bool {
-        !self.reqs.is_empty() || self.seqs.values().any(|s| s.cached < s.tokens.len())
+        !self.reqs.is_empty() || self.seqs.values().any(|s| s.cached < s.tokens.len() && !s.dangling)
     }
 
     /// The sequence of a request.
@@ -350,7 +443,7 @@ impl Engine {
         let mut plan: Vec<(SeqId, usize, usize, LogitsWanted)> = Vec::new();
         for (&id, s) in &self.seqs {
             let pending = s.tokens.len() - s.cached;
-            if pending == 0 {
+            if pending == 0 || s.dangling {
                 continue;
             }
             let decoding = self.is_decoding(s);
@@ -488,6 +581,7 @@ impl Engine {
                 if let Some(s) = self.seqs.get_mut(&seq_id) {
                     s.request = None;
                     s.prefill_total = s.tokens.len() - s.cached;
+                    s.dangling = s.prefill_total > 0;
                 }
             }
         }

@@ -89,6 +89,12 @@ impl Model {
         for n in names {
             h.update(n.as_bytes());
             h.update(format!("{:?}{:?}", tensors[n].dtype(), tensors[n].dims()).as_bytes());
+            // Tie the fingerprint to the weight values cheaply: the first elements of each tensor.
+            let flat = tensors[n].flatten_all()?;
+            let head = flat.narrow(0, 0, flat.dim(0)?.min(64))?.to_dtype(candle_core::DType::F32)?;
+            for x in head.to_vec1::<f32>()? {
+                h.update(x.to_le_bytes());
+            }
         }
         let fingerprint = format!("{:x}", h.finalize());
         let where_ = dir.display().to_string();

@@ -34,6 +34,7 @@ use futures::future::{select, select_all, Either};
 use hip_core::engine::{Engine, Event, FinishReason, GenerateParams, RequestId};
 use hip_core::kv::SeqId;
 use hip_core::loader::chat_template::Message;
+use hip_core::persist::SeqSnapshot;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
@@ -169,12 +170,27 @@ pub(crate) enum Command {
     Create { session: Arc<SessionShared>, reply: oneshot::Sender<Result<SeqGuard>> },
     /// Removes a sequence (its session was dropped).
     Remove { seq: SeqId },
-    /// Appends tokens to a sequence and prefills them.
-    Append { seq: SeqId, tokens: Vec<u32>, out: mpsc::Sender<AppendItem>, permit: OwnedSemaphorePermit },
+    /// Appends tokens to a sequence and prefills them; `chat` becomes the session's conversation
+    /// state once they are in.
+    Append {
+        seq: SeqId,
+        tokens: Vec<u32>,
+        chat: Option<ChatState>,
+        out: mpsc::Sender<AppendItem>,
+        permit: OwnedSemaphorePermit,
+    },
     /// Starts a generation.
     Generate(Box<GenerateCmd>),
     /// Forks a sequence.
     Fork { seq: SeqId, child: Arc<SessionShared>, reply: oneshot::Sender<Result<SeqGuard>> },
+    /// Copies a sequence's context out (for a session file).
+    Snapshot { seq: SeqId, reply: oneshot::Sender<Result<SeqSnapshot>> },
+    /// Creates a sequence from a saved context.
+    Restore {
+        snapshot: Box<SeqSnapshot>,
+        session: Arc<SessionShared>,
+        reply: oneshot::Sender<Result<SeqGuard>>,
+    },
     /// Panics on the engine thread.
     #[cfg(test)]
     Panic,
@@ -189,6 +205,8 @@ struct AppendOp {
     target: usize,
     /// Tokens appended.
     n: usize,
+    /// The conversation state once the tokens are in.
+    chat: Option<ChatState>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -361,10 +379,28 @@ impl Worker {
                 let _ = reply.send(Ok(self.guard(seq)));
             }
             Command::Remove { seq } => self.remove(seq),
-            Command::Append { seq, tokens, out, permit } => self.start_append(seq, tokens, out, permit),
+            Command::Append { seq, tokens, chat, out, permit } => {
+                self.start_append(seq, tokens, chat, out, permit)
+            }
             Command::Generate(cmd) => self.start_generate(*cmd),
             Command::Fork { seq, child, reply } => {
                 let res = self.fork(seq, child);
+                let _ = reply.send(res);
+            }
+            Command::Snapshot { seq, reply } => {
+                let res =
+                    self.idle_entry(seq).and_then(|_| self.engine.snapshot(seq).map_err(Error::from_core));
+                let _ = reply.send(res);
+            }
+            Command::Restore { snapshot, session, reply } => {
+                let res = match self.engine.restore(&snapshot) {
+                    Ok(seq) => {
+                        self.seqs.insert(seq, Entry { session, op: None });
+                        self.publish(seq);
+                        Ok(self.guard(seq))
+                    }
+                    Err(e) => Err(Error::from_core_session(e)),
+                };
                 let _ = reply.send(res);
             }
             #[cfg(test)]
@@ -405,6 +441,7 @@ impl Worker {
         &mut self,
         seq: SeqId,
         tokens: Vec<u32>,
+        chat: Option<ChatState>,
         out: mpsc::Sender<AppendItem>,
         permit: OwnedSemaphorePermit,
     ) {
@@ -422,10 +459,11 @@ impl Worker {
         self.publish(seq);
         let n = tokens.len();
         if n == 0 {
+            self.set_chat(seq, chat);
             out.push(AppendItem::Progress(Progress { done: 0, total: 0 }));
             return self.park_append(out, AppendItem::Done);
         }
-        let op = AppendOp { out, base, target: base + n, n, _permit: permit };
+        let op = AppendOp { out, base, target: base + n, n, chat, _permit: permit };
         if let Some(entry) = self.seqs.get_mut(&seq) {
             entry.op = Some(Op::Append(op));
         }
@@ -585,6 +623,7 @@ impl Worker {
         a.out.progress(Progress { done, total: a.n });
         if done == a.n {
             if let Some(Op::Append(a)) = entry.op.take() {
+                self.set_chat(seq, a.chat);
                 self.publish(seq);
                 self.park_append(a.out, AppendItem::Done);
             }
@@ -629,6 +668,13 @@ impl Worker {
         match op {
             Op::Generate(g) => self.park_gen(g.out, GenItem::Failed(err)),
             Op::Append(a) => self.park_append(a.out, AppendItem::Failed(err)),
+        }
+    }
+
+    /// Sets a chat session's conversation state after an append.
+    fn set_chat(&self, seq: SeqId, chat: Option<ChatState>) {
+        if let (Some(chat), Some(entry)) = (chat, self.seqs.get(&seq)) {
+            *entry.session.chat() = chat;
         }
     }
 
