@@ -41,6 +41,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod elem;
 mod error;
 mod gather;

@@ -30,6 +30,12 @@ use crate::ops::hip_mask::{hip_mask, HipMask};
 /// # Errors
 /// As [`hip_mask`] and [`block_sparse_attn`].
 pub fn hip_attn(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &HipConfig, scale: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda(q) {
+        // The mask stays on the device.
+        let mask = crate::cuda::hip_mask_cuda(q, k, cfg, scale)?;
+        return crate::cuda::block_sparse_attn_cuda(q, k, v, &mask, scale, 0);
+    }
     let mask = hip_mask(q, k, cfg, scale)?;
     block_sparse_attn(q, k, v, &mask, scale, 0)
 }

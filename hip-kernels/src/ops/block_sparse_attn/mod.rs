@@ -40,6 +40,12 @@ pub fn block_sparse_attn(
     let dims = AttnDims::from_qkv(q, k, Some(v))?;
     check_scale(scale)?;
     mask.check_fits(&dims)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda(q) {
+        let m = crate::cuda::CudaMask::new(mask, q.device())?;
+        let keys = crate::cuda::Keys::Mask(&m, extra_window_tokens);
+        return crate::cuda::span_attn(q, k, v, &dims, keys, None, scale);
+    }
     require_cpu("block_sparse_attn", &[q, k, v])?;
     dispatch_dtype!(q.dtype(), E => run::<E>(q, k, v, &dims, mask, scale, extra_window_tokens))
 }

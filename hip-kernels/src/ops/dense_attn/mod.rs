@@ -33,10 +33,15 @@ use crate::ops::{require_cpu, with_cpu_data};
 /// # Errors
 /// [`crate::Error::Shape`] / [`crate::Error::DType`] for inconsistent inputs,
 /// [`crate::Error::InvalidArgument`] for a non-finite or non-positive scale,
-/// [`crate::Error::UnsupportedDevice`] for non-CPU tensors in this build.
+/// [`crate::Error::UnsupportedDevice`] for tensors on a device this build does not support. With
+/// the `cuda` feature, CUDA tensors run the CUDA kernel (bf16/f16, head dims 64 and 128).
 pub fn dense_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
     let dims = AttnDims::from_qkv(q, k, Some(v))?;
     check_scale(scale)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda(q) {
+        return crate::cuda::span_attn(q, k, v, &dims, crate::cuda::Keys::Dense, None, scale);
+    }
     require_cpu("dense_attn", &[q, k, v])?;
     dispatch_dtype!(q.dtype(), E => run::<E>(q, k, v, &dims, scale))
 }

@@ -151,6 +151,10 @@ pub fn hip_mask(q: &Tensor, k: &Tensor, cfg: &HipConfig, scale: f32) -> Result<H
     cfg.validate()?;
     check_scale(scale)?;
     let dims = AttnDims::from_qkv(q, k, None)?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_cuda(q) {
+        return crate::cuda::hip_mask_cuda(q, k, cfg, scale)?.to_host();
+    }
     require_cpu("hip_mask", &[q, k])?;
     dispatch_dtype!(q.dtype(), E => run::<E>(q, k, &dims, cfg, scale))
 }

@@ -1,0 +1,44 @@
+//! With the `cuda` feature: compiles `kernels/*.cu` to PTX (loaded at run time through candle's
+//! CUDA device). nvcc comes from `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `PATH`;
+//! `scripts/cuda-env.sh` installs the pinned CUDA 13.0 compiler and sets these.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const KERNELS: &[&str] = &["span_attn", "hip_mask"];
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    for k in KERNELS {
+        println!("cargo:rerun-if-changed=kernels/{k}.cu");
+    }
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=HIP_PTX_ARCH");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")))
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    // PTX for compute capability 9.0 (the H200); the driver compiles it at load time.
+    let arch = std::env::var("HIP_PTX_ARCH").unwrap_or_else(|_| "compute_90".to_owned());
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    for k in KERNELS {
+        let ptx = out.join(format!("{k}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
+            .arg(&ptx)
+            .arg(format!("kernels/{k}.cu"))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "hip-kernels: cannot run nvcc ({}): {e}. Source scripts/cuda-env.sh first \
+                     (`. scripts/cuda-env.sh`), or set NVCC.",
+                    nvcc.display()
+                )
+            });
+        assert!(status.success(), "hip-kernels: nvcc failed on kernels/{k}.cu ({status})");
+    }
+}

@@ -1,0 +1,603 @@
+//! CUDA implementations (feature `cuda`): dense and block-sparse attention as one "key span"
+//! kernel (`kernels/span_attn.cu`), prefill with tensor-core tiles and decode as split-KV
+//! flash-decoding with a combine step. The public ops ([`crate::dense_attn`],
+//! [`crate::block_sparse_attn`] and their paged forms) dispatch here for CUDA tensors.
+//!
+//! Supported on CUDA: bf16 and f16 (f32 accumulation), head dims 64 and 128, GQA, query offsets,
+//! contiguous or paged K/V; mask query blocks a multiple of 16. Anything else is a typed error
+//! before any launch.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::layout::AttnDims;
+use crate::ops::hip_mask::HipMask;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/span_attn.ptx"));
+const MODULE: &str = "hip_span_attn";
+
+/// Queries per decode launch at most; more go through the prefill kernel.
+const DECODE_MAX_TQ: usize = 8;
+
+/// `KvArgs` of `span_attn.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct KvArgs {
+    k: u64,
+    v: u64,
+    kv_b: i64,
+    kv_t: i64,
+    table: u64,
+    table_stride: i32,
+    page: i32,
+    t_k: i32,
+    heads_kv: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for KvArgs {}
+
+/// `MaskArgs` of `span_attn.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct MaskArgs {
+    starts: u64,
+    counts: u64,
+    n_qblocks: i32,
+    max_blocks: i32,
+    block_q: i32,
+    block_k: i32,
+    sink: i32,
+    window: i64,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for MaskArgs {}
+
+/// A [`HipMask`] uploaded to a CUDA device.
+#[derive(Debug, Clone)]
+pub struct CudaMask {
+    /// Block starts `[batch, heads, n_qblocks, max_blocks]`, u32.
+    pub starts: Tensor,
+    /// Used slots per row `[batch, heads, n_qblocks]`, u32.
+    pub counts: Tensor,
+    /// Geometry and sink/window of the mask (its `block_starts`/`counts` left empty).
+    pub meta: HipMask,
+}
+
+impl CudaMask {
+    /// Uploads `mask` to `device`.
+    ///
+    /// # Errors
+    /// Candle errors (allocation, copy).
+    pub fn new(mask: &HipMask, device: &Device) -> Result<Self> {
+        let m = mask;
+        let starts = if m.max_blocks == 0 {
+            // No slot at all: one dummy slot per row (every count is 0).
+            Tensor::zeros((m.batch, m.heads, m.n_qblocks, 1), DType::U32, device)?
+        } else {
+            Tensor::from_slice(&m.block_starts, (m.batch, m.heads, m.n_qblocks, m.max_blocks), device)?
+        };
+        let counts = Tensor::from_slice(&m.counts, (m.batch, m.heads, m.n_qblocks), device)?;
+        let meta = HipMask {
+            batch: m.batch,
+            heads: m.heads,
+            n_qblocks: m.n_qblocks,
+            max_blocks: m.max_blocks.max(1),
+            block_size_q: m.block_size_q,
+            block_size_k: m.block_size_k,
+            sink_tokens: m.sink_tokens,
+            window_tokens: m.window_tokens,
+            t_k: m.t_k,
+            block_starts: Vec::new(),
+            counts: Vec::new(),
+        };
+        Ok(CudaMask { starts, counts, meta })
+    }
+}
+
+/// Which keys the queries see.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Keys<'a> {
+    /// Causal dense attention.
+    Dense,
+    /// Sink + window (+ `extra` tokens) + the mask's blocks.
+    Mask(&'a CudaMask, usize),
+}
+
+/// Paged K/V: storages `[num_blocks * page, heads_kv, head_dim]` and a block table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Paged<'a> {
+    /// Block table `[batch, table_stride]`, u32 on the device.
+    pub(crate) table: &'a Tensor,
+    pub(crate) page: usize,
+    pub(crate) t_k: usize,
+}
+
+/// Checks what the CUDA kernels support.
+pub(crate) fn check(dims: &AttnDims, dtype: DType, keys: &Keys<'_>) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::DType { name: "q", expected: "bf16 or f16 on CUDA".into(), got: dtype });
+    }
+    if !matches!(dims.head_dim, 64 | 128) {
+        return Err(Error::arg("head_dim", dims.head_dim, "CUDA kernels support head dims 64 and 128"));
+    }
+    if let Keys::Mask(m, _) = keys {
+        if m.meta.block_size_q % 16 != 0 {
+            return Err(Error::arg("block_size_q", m.meta.block_size_q, "must be a multiple of 16 on CUDA"));
+        }
+    }
+    Ok(())
+}
+
+fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => Err(Error::UnsupportedDevice { op: "span attention", device: format!("{:?}", d.location()) }),
+    }
+}
+
+/// Attention of `q` over `k`/`v` (contiguous `[batch, t_k, heads_kv, head_dim]`, or paged) on the
+/// keys `keys` selects. `dims` are the checked logical dims (t_k = context length).
+pub(crate) fn span_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: &AttnDims,
+    keys: Keys<'_>,
+    paged: Option<Paged<'_>>,
+    scale: f32,
+) -> Result<Tensor> {
+    check(dims, q.dtype(), &keys)?;
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype() != q.dtype() {
+            return Err(Error::DType { name, expected: format!("{:?} like q", q.dtype()), got: t.dtype() });
+        }
+    }
+    let dev = cuda_dev(q)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = SpanOp { dims: *dims, keys, paged, scale, dev };
+    Ok(q.apply_op3_no_bwd(&k, &v, &op)?)
+}
+
+struct SpanOp<'a> {
+    dims: AttnDims,
+    keys: Keys<'a>,
+    paged: Option<Paged<'a>>,
+    scale: f32,
+    dev: CudaDevice,
+}
+
+/// The device pointer of a contiguous u32 tensor.
+fn u32_ptr(t: &Tensor, dev: &CudaDevice) -> candle_core::Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else { candle_core::bail!("expected a CUDA tensor") };
+    let s = cs.as_cuda_slice::<u32>()?;
+    let stream = dev.cuda_stream();
+    let (p, _sync) = s.device_ptr(&stream);
+    Ok(p + (l.start_offset() * 4) as u64)
+}
+
+impl SpanOp<'_> {
+    fn run<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = &self.dims;
+        let dev = &self.dev;
+        let stream = dev.cuda_stream();
+        let esize = std::mem::size_of::<T>() as u64;
+        let (qs, ks, vs) = (q.as_cuda_slice::<T>()?, k.as_cuda_slice::<T>()?, v.as_cuda_slice::<T>()?);
+        let (qp, _g1) = qs.device_ptr(&stream);
+        let (kp, _g2) = ks.device_ptr(&stream);
+        let (vp, _g3) = vs.device_ptr(&stream);
+        let qp = qp + ql.start_offset() as u64 * esize;
+        let kp = kp + kl.start_offset() as u64 * esize;
+        let vp = vp + vl.start_offset() as u64 * esize;
+        let hd = d.head_dim;
+        let row_kv = (d.heads_kv * hd) as i64;
+        let mut kv = KvArgs {
+            k: kp,
+            v: vp,
+            kv_b: d.t_k as i64 * row_kv,
+            kv_t: row_kv,
+            table: 0,
+            table_stride: 0,
+            page: 1,
+            t_k: d.t_k as i32,
+            heads_kv: d.heads_kv as i32,
+        };
+        if let Some(p) = &self.paged {
+            kv.table = u32_ptr(p.table, dev)?;
+            kv.table_stride = p.table.dim(1)? as i32;
+            kv.page = p.page as i32;
+            kv.t_k = p.t_k as i32;
+        }
+        let (mask, block_q, l_max) = match self.keys {
+            Keys::Dense => (
+                MaskArgs {
+                    starts: 0,
+                    counts: 0,
+                    n_qblocks: 1,
+                    max_blocks: 0,
+                    block_q: i32::MAX,
+                    block_k: 1,
+                    sink: 0,
+                    window: i64::MAX / 4,
+                },
+                64,
+                d.t_k,
+            ),
+            Keys::Mask(m, extra) => {
+                let meta = &m.meta;
+                let window = meta.window_tokens + extra;
+                let l_max = meta.sink_tokens + meta.max_blocks * meta.block_size_k + window + d.t_q;
+                (
+                    MaskArgs {
+                        starts: u32_ptr(&m.starts, dev)?,
+                        counts: u32_ptr(&m.counts, dev)?,
+                        n_qblocks: meta.n_qblocks as i32,
+                        max_blocks: meta.max_blocks as i32,
+                        block_q: meta.block_size_q as i32,
+                        block_k: meta.block_size_k as i32,
+                        sink: meta.sink_tokens as i32,
+                        window: window as i64,
+                    },
+                    meta.block_size_q,
+                    l_max.min(d.t_k),
+                )
+            }
+        };
+        let tn = if T::DTYPE == DType::BF16 { "bf16" } else { "f16" };
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let n_out = d.batch * d.t_q * d.heads_q * hd;
+        let out = if poison() {
+            // Tests: NaN everywhere first, so that an element the kernels miss shows.
+            dev.clone_htod(&vec![T::from_f64(f64::NAN); n_out])?
+        } else {
+            // SAFETY: the kernels below write every element.
+            unsafe { dev.alloc::<T>(n_out)? }
+        };
+        let (op, _g4) = out.device_ptr(&stream);
+        let q_b = (d.t_q * d.heads_q * hd) as i64;
+        let q_t = (d.heads_q * hd) as i64;
+        let (t_q, heads_q) = (d.t_q as i32, d.heads_q as i32);
+
+        if d.t_q <= DECODE_MAX_TQ {
+            // Split-KV decode: about 4 CTAs per multiprocessor in all.
+            let rows = d.batch * d.t_q * d.heads_q;
+            let target = (528 / rows.max(1)).max(1);
+            let per = l_max.div_ceil(target).max(64);
+            let splits = l_max.div_ceil(per).max(1);
+            let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
+            let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
+            let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
+            let f = dev.get_or_load_custom_func(&format!("span_decode_{tn}_d{hd}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (splits as u32, d.heads_q as u32, (d.batch * d.t_q) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (per_i, splits_i) = (per as i32, splits as i32);
+            let mut b = f.builder();
+            b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
+            b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
+            // SAFETY: argument list matches `span_decode_*`; buffers are sized above.
+            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            let f = dev.get_or_load_custom_func(&format!("span_combine_{tn}_d{hd}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let rows_i = rows as i32;
+            let mut b = f.builder();
+            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
+            b.arg(&t_q).arg(&heads_q).arg(&rows_i);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        } else {
+            let warps = [4usize, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
+            let bm = 16 * warps;
+            let smem = (bm * (hd + 8) + 64 * (hd + 8)) * 2
+                + bm * (64 + 4) * 4
+                + bm * (64 + 8) * 2
+                + bm * (hd + 4) * 4
+                + 2 * bm * 4
+                + 2 * 64 * 4;
+            let f = dev.get_or_load_custom_func(&format!("span_prefill_{tn}_d{hd}_w{warps}"), MODULE, PTX)?;
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            let cfg = LaunchConfig {
+                grid_dim: (d.t_q.div_ceil(bm) as u32, d.heads_q as u32, d.batch as u32),
+                block_dim: ((32 * warps) as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = f.builder();
+            b.arg(&qp)
+                .arg(&op)
+                .arg(&q_b)
+                .arg(&q_t)
+                .arg(&t_q)
+                .arg(&heads_q)
+                .arg(&kv)
+                .arg(&mask)
+                .arg(&scale_log2);
+            // SAFETY: argument list matches `span_prefill_*`; shared memory as computed above.
+            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        }
+        drop(_g4);
+        let shape = Shape::from((d.batch, d.t_q, d.heads_q, hd));
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
+
+impl candle_core::CustomOp3 for SpanOp<'_> {
+    fn name(&self) -> &'static str {
+        "hip-span-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("hip-span-attn runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match q.dtype() {
+            DType::BF16 => self.run::<bf16>(q, ql, k, kl, v, vl),
+            DType::F16 => self.run::<f16>(q, ql, k, kl, v, vl),
+            dt => candle_core::bail!("hip-span-attn: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+/// Whether outputs are filled with NaN before the kernels run (`HIP_CUDA_POISON=1`, for tests).
+fn poison() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
+}
+
+/// `true` when the tensor lives on a CUDA device.
+pub(crate) fn is_cuda(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cuda(_))
+}
+
+/// Block-sparse attention over a mask already on the device (see [`crate::block_sparse_attn`],
+/// which uploads a CPU [`HipMask`] on every call).
+///
+/// # Errors
+/// As [`crate::block_sparse_attn`]; [`Error::UnsupportedDevice`] for tensors not on CUDA.
+pub fn block_sparse_attn_cuda(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &CudaMask,
+    scale: f32,
+    extra_window_tokens: usize,
+) -> Result<Tensor> {
+    let dims = AttnDims::from_qkv(q, k, Some(v))?;
+    crate::layout::check_scale(scale)?;
+    let m = &mask.meta;
+    let n_q = dims.t_q.div_ceil(m.block_size_q.max(1));
+    if (m.batch, m.heads, m.n_qblocks) != (dims.batch, dims.heads_q, n_q) || m.t_k > dims.t_k {
+        return Err(Error::Shape {
+            name: "mask",
+            expected: format!(
+                "a mask for batch {}, {} query heads, {n_q} query blocks and at most {} keys",
+                dims.batch, dims.heads_q, dims.t_k
+            ),
+            got: vec![m.batch, m.heads, m.n_qblocks, m.t_k],
+        });
+    }
+    span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
+}
+
+const MASK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/hip_mask.ptx"));
+const MASK_MODULE: &str = "hip_mask_search";
+
+/// `SearchArgs` of `hip_mask.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SearchArgs {
+    t_q: i32,
+    heads_q: i32,
+    block_q: i32,
+    stride_q: i32,
+    block_k: i32,
+    stride_k: i32,
+    sink: i32,
+    window: i32,
+    groups: i32,
+    n_qblocks: i32,
+    cap: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for SearchArgs {}
+
+impl CudaMask {
+    /// Downloads the mask into a [`HipMask`].
+    ///
+    /// # Errors
+    /// Candle errors (copy).
+    pub fn to_host(&self) -> Result<HipMask> {
+        let mut m = self.meta.clone();
+        m.block_starts = self.starts.flatten_all()?.to_vec1::<u32>()?;
+        m.counts = self.counts.flatten_all()?.to_vec1::<u32>()?;
+        Ok(m)
+    }
+}
+
+/// HiP mask estimation on CUDA (see [`crate::hip_mask`] for the algorithm and shapes); the mask
+/// stays on the device.
+///
+/// Supported: bf16/f16, head dims 64 and 128, `block_size_q / block_stride_q <= 32` strided
+/// queries, `block_size_k / block_stride_k <= 64` strided keys, `k / block_size_k <= 4096`.
+///
+/// # Errors
+/// Invalid config, shapes or dtypes; unsupported sizes (above); tensors not on CUDA.
+pub fn hip_mask_cuda(q: &Tensor, k: &Tensor, cfg: &crate::HipConfig, scale: f32) -> Result<CudaMask> {
+    cfg.validate()?;
+    crate::layout::check_scale(scale)?;
+    let dims = AttnDims::from_qkv(q, k, None)?;
+    check(&dims, q.dtype(), &Keys::Dense)?;
+    if k.dtype() != q.dtype() {
+        return Err(Error::DType { name: "k", expected: format!("{:?} like q", q.dtype()), got: k.dtype() });
+    }
+    let nq = cfg.block_size_q.div_ceil(cfg.block_stride_q);
+    if nq > 32 {
+        return Err(Error::arg(
+            "block_size_q",
+            cfg.block_size_q,
+            "at most 32 strided queries per block on CUDA",
+        ));
+    }
+    let kpb = cfg.block_size_k.div_ceil(cfg.block_stride_k);
+    if kpb > 64 {
+        return Err(Error::arg(
+            "block_size_k",
+            cfg.block_size_k,
+            "at most 64 strided keys per block on CUDA",
+        ));
+    }
+    let groups = cfg.selected_blocks();
+    if groups > 4096 {
+        return Err(Error::arg("k", cfg.k, "at most 4096 selected blocks on CUDA"));
+    }
+    let dev = cuda_dev(q)?;
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    let meta = HipMask {
+        batch: dims.batch,
+        heads: dims.heads_q,
+        n_qblocks: dims.t_q.div_ceil(cfg.block_size_q),
+        max_blocks: groups,
+        block_size_q: cfg.block_size_q,
+        block_size_k: cfg.block_size_k,
+        sink_tokens: cfg.sink_tokens,
+        window_tokens: cfg.window_tokens,
+        t_k: dims.t_k,
+        block_starts: Vec::new(),
+        counts: Vec::new(),
+    };
+    let rows = dims.batch * dims.heads_q * meta.n_qblocks;
+    let (starts, counts) = {
+        let out_s = dev.alloc_zeros::<u32>(rows * groups)?;
+        let out_c = dev.alloc_zeros::<u32>(rows)?;
+        launch_mask(&q, &k, &dims, cfg, scale, &dev, &out_s, &out_c, meta.n_qblocks)?;
+        let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
+        let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
+        (
+            Tensor::from_storage(
+                Storage::Cuda(s),
+                (dims.batch, dims.heads_q, meta.n_qblocks, groups),
+                BackpropOp::none(),
+                false,
+            ),
+            Tensor::from_storage(
+                Storage::Cuda(c),
+                (dims.batch, dims.heads_q, meta.n_qblocks),
+                BackpropOp::none(),
+                false,
+            ),
+        )
+    };
+    Ok(CudaMask { starts, counts, meta })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_mask(
+    q: &Tensor,
+    k: &Tensor,
+    dims: &AttnDims,
+    cfg: &crate::HipConfig,
+    scale: f32,
+    dev: &CudaDevice,
+    out_s: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    out_c: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    n_qblocks: usize,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let (qst, ql) = q.storage_and_layout();
+    let (kst, kl) = k.storage_and_layout();
+    let (Storage::Cuda(qs), Storage::Cuda(ks)) = (&*qst, &*kst) else {
+        return Err(Error::UnsupportedDevice { op: "hip_mask", device: "mixed devices".into() });
+    };
+    let hd = dims.head_dim;
+    let (tn, esize) = if q.dtype() == DType::BF16 { ("bf16", 2u64) } else { ("f16", 2u64) };
+    let ((qp, _g1), (kp, _g2)) = if q.dtype() == DType::BF16 {
+        (qs.as_cuda_slice::<bf16>()?.device_ptr(&stream), ks.as_cuda_slice::<bf16>()?.device_ptr(&stream))
+    } else {
+        (qs.as_cuda_slice::<f16>()?.device_ptr(&stream), ks.as_cuda_slice::<f16>()?.device_ptr(&stream))
+    };
+    let qp = qp + ql.start_offset() as u64 * esize;
+    let kp = kp + kl.start_offset() as u64 * esize;
+    let row_kv = (dims.heads_kv * hd) as i64;
+    let kv = KvArgs {
+        k: kp,
+        v: kp,
+        kv_b: dims.t_k as i64 * row_kv,
+        kv_t: row_kv,
+        table: 0,
+        table_stride: 0,
+        page: 1,
+        t_k: dims.t_k as i32,
+        heads_kv: dims.heads_kv as i32,
+    };
+    let groups = cfg.selected_blocks();
+    let cap = (2 * groups).next_power_of_two();
+    let sa = SearchArgs {
+        t_q: dims.t_q as i32,
+        heads_q: dims.heads_q as i32,
+        block_q: cfg.block_size_q as i32,
+        stride_q: cfg.block_stride_q as i32,
+        block_k: cfg.block_size_k as i32,
+        stride_k: cfg.block_stride_k as i32,
+        sink: cfg.sink_tokens as i32,
+        window: cfg.window_tokens as i32,
+        groups: groups as i32,
+        n_qblocks: n_qblocks as i32,
+        cap: cap as i32,
+    };
+    let smem = (32 * (hd + 8) + 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 * 2 + cap * 12;
+    let f = dev.get_or_load_custom_func(&format!("hip_mask_{tn}_d{hd}"), MASK_MODULE, MASK_PTX)?;
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let cfg_l = LaunchConfig {
+        grid_dim: (n_qblocks as u32, dims.heads_q as u32, dims.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let q_b = (dims.t_q * dims.heads_q * hd) as i64;
+    let q_t = (dims.heads_q * hd) as i64;
+    let mut b = f.builder();
+    b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(out_s).arg(out_c);
+    // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows.
+    unsafe { b.launch(cfg_l) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! CUDA kernels against the CPU implementation, on fresh random inputs at awkward sizes (feature
+//! `cuda`; needs a GPU: run on the H200 through `make cuda`). Outputs are poisoned with NaN before
+//! every launch (`HIP_CUDA_POISON=1`), so an element a kernel fails to write fails the check.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use hip_kernels::cuda::{block_sparse_attn_cuda, hip_mask_cuda, CudaMask};
+use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask};
+
+fn gpu() -> Device {
+    std::env::set_var("HIP_CUDA_POISON", "1");
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+/// Random `[1, t, heads, d]` in `dtype`, and the same values in f32 on the CPU.
+fn rand(t: usize, heads: usize, d: usize, dtype: DType, seed: u64, dev: &Device) -> (Tensor, Tensor) {
+    let cpu = Tensor::randn(0f32, 1.0, (1, t, heads, d), &Device::Cpu).unwrap();
+    // Different calls draw different values; mix in the seed so that every input is fresh.
+    let cpu = (cpu + (seed as f64 * 1e-3)).unwrap().to_dtype(dtype).unwrap();
+    (cpu.to_device(dev).unwrap(), cpu.to_dtype(DType::F32).unwrap())
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    let got = got.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let n = got.elem_count();
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(g.len(), w.len());
+    let bad = g.iter().filter(|x| !x.is_finite()).count();
+    assert_eq!(bad, 0, "{bad} of {n} output elements are not finite (unwritten?)");
+    let num: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt() as f32
+}
+
+#[test]
+fn dense_matches_cpu() {
+    let dev = gpu();
+    let mut seed = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for (hq, hkv) in [(2, 2), (4, 2), (7, 1)] {
+                for (t_q, t_k) in
+                    [(1, 1), (1, 7), (5, 97), (7, 4099), (97, 97), (54, 1000), (1000, 1000), (130, 4099)]
+                {
+                    seed += 1;
+                    let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
+                    let (k, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);
+                    let (v, vc) = rand(t_k, hkv, d, dtype, seed + 200, &dev);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let got = dense_attn(&q, &k, &v, scale).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let want = dense_attn(&qc, &kc, &vc, scale).unwrap();
+                    let e = rel_err(&got, &want);
+                    assert!(e <= 1e-2, "{dtype:?} d{d} {hq}/{hkv} t_q {t_q} t_k {t_k}: rel err {e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn block_sparse_matches_cpu() {
+    let dev = gpu();
+    let mut seed = 1000;
+    for dtype in [DType::BF16, DType::F16] {
+        for (d, hq, hkv) in [(64, 4, 2), (128, 7, 1), (128, 8, 2)] {
+            for bq in [32, 64] {
+                let cfg = HipConfig::paper().with_k(64).with_query_block(bq, 2).with_sink_window(16, 32);
+                for (t_q, t_k, extra) in
+                    [(97, 97, 0), (1, 1000, 5), (3, 1000, 0), (1000, 1000, 0), (300, 4099, 7)]
+                {
+                    seed += 1;
+                    let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
+                    let (k, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);
+                    let (v, vc) = rand(t_k, hkv, d, dtype, seed + 200, &dev);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let mask = hip_mask(&qc, &kc, &cfg, scale).unwrap();
+                    let want = block_sparse_attn(&qc, &kc, &vc, &mask, scale, extra).unwrap();
+                    let got = block_sparse_attn(&q, &k, &v, &mask, scale, extra).unwrap();
+                    let e = rel_err(&got, &want);
+                    let what = format!("{dtype:?} d{d} {hq}/{hkv} bq {bq} t_q {t_q} t_k {t_k} extra {extra}");
+                    assert!(e <= 1e-2, "{what}: rel err {e}");
+                    // The same with the mask uploaded once.
+                    let m = CudaMask::new(&mask, &dev).unwrap();
+                    let again = block_sparse_attn_cuda(&q, &k, &v, &m, scale, extra).unwrap();
+                    assert!(rel_err(&again, &want) <= 1e-2, "{what} (uploaded mask)");
+                }
+            }
+        }
+    }
+}
+
+/// Mean over rows of |GPU blocks ∩ CPU blocks| / |CPU blocks|, after checking the GPU rows are
+/// valid (ascending, distinct, aligned candidates, unused slots marked).
+fn overlap(gpu: &HipMask, cpu: &HipMask) -> f64 {
+    assert_eq!(gpu.counts.len(), cpu.counts.len());
+    let (mut sum, mut rows) = (0.0, 0);
+    for b in 0..cpu.batch {
+        for h in 0..cpu.heads {
+            for m in 0..cpu.n_qblocks {
+                let (g, c) = (gpu.blocks(b, h, m), cpu.blocks(b, h, m));
+                assert_eq!(g.len(), c.len(), "row {b}/{h}/{m}: count");
+                assert!(g.windows(2).all(|w| w[0] < w[1]), "row {b}/{h}/{m}: {g:?} not ascending");
+                for &s in g {
+                    assert!(
+                        s as usize >= cpu.sink_tokens
+                            && (s as usize - cpu.sink_tokens) % cpu.block_size_k == 0
+                    );
+                    assert!((s as usize) < cpu.t_k);
+                }
+                if c.is_empty() {
+                    continue;
+                }
+                sum += g.iter().filter(|s| c.contains(s)).count() as f64 / c.len() as f64;
+                rows += 1;
+            }
+        }
+    }
+    if rows == 0 {
+        1.0
+    } else {
+        sum / rows as f64
+    }
+}
+
+#[test]
+fn mask_search_matches_cpu() {
+    let dev = gpu();
+    let mut seed = 5000;
+    for dtype in [DType::BF16, DType::F16] {
+        for (d, hq, hkv) in [(64, 4, 2), (128, 8, 2)] {
+            for (bq, sq, bk, sk) in [(64, 2, 2, 1), (32, 1, 4, 2), (16, 1, 8, 1)] {
+                let cfg =
+                    HipConfig::paper().with_k(64 * bk / 2).with_query_block(bq, sq).with_key_block(bk, sk);
+                let cfg = cfg.with_sink_window(16, 64);
+                for (t_q, t_k) in [(97, 97), (1, 1000), (1000, 1000), (64, 4099), (4099, 4099)] {
+                    seed += 1;
+                    let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
+                    let (k, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);
+                    let (v, _) = rand(t_k, hkv, d, dtype, seed + 200, &dev);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let what =
+                        format!("{dtype:?} d{d} {hq}/{hkv} bq {bq}/{sq} bk {bk}/{sk} t_q {t_q} t_k {t_k}");
+                    let want = hip_mask(&qc, &kc, &cfg, scale).unwrap();
+                    let got = hip_mask(&q, &k, &cfg, scale).unwrap();
+                    let o = overlap(&got, &want);
+                    // Near-ties may break differently (f32 sums in another order): most blocks agree.
+                    assert!(o >= 0.9, "{what}: block overlap {o}");
+                    // HiP on the GPU is block-sparse attention over the GPU's own mask.
+                    let out = hip_attn(&q, &k, &v, &cfg, scale).unwrap();
+                    let vc = v.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                    let reference = block_sparse_attn(&qc, &kc, &vc, &got, scale, 0).unwrap();
+                    let e = rel_err(&out, &reference);
+                    assert!(e <= 1e-2, "{what}: hip_attn rel err {e}");
+                    println!("{what}: overlap {o:.4}, rel err {e:.2e}");
+                }
+            }
+        }
+    }
+    // With k covering the context every candidate is selected: the masks are identical.
+    let cfg = HipConfig::paper().with_k(4096).with_sink_window(16, 64);
+    let (q, qc) = rand(300, 4, 128, DType::BF16, 1, &dev);
+    let (k, kc) = rand(3000, 2, 128, DType::BF16, 2, &dev);
+    let m = hip_mask_cuda(&q, &k, &cfg, 0.1).unwrap().to_host().unwrap();
+    assert_eq!(m, hip_mask(&qc, &kc, &cfg, 0.1).unwrap());
+}
+
+#[test]
+fn unsupported_inputs_are_typed_errors() {
+    let dev = gpu();
+    let q = Tensor::zeros((1, 4, 2, 64), DType::F32, &dev).unwrap();
+    assert!(matches!(dense_attn(&q, &q, &q, 0.1), Err(Error::DType { .. })));
+    let q = Tensor::zeros((1, 4, 2, 80), DType::BF16, &dev).unwrap();
+    assert!(matches!(dense_attn(&q, &q, &q, 0.1), Err(Error::InvalidArgument { name: "head_dim", .. })));
+    let cpu = Tensor::zeros((1, 4, 2, 64), DType::BF16, &Device::Cpu).unwrap();
+    let q = Tensor::zeros((1, 4, 2, 64), DType::BF16, &dev).unwrap();
+    assert!(dense_attn(&q, &cpu, &cpu, 0.1).is_err());
+}
