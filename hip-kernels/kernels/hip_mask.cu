@@ -95,7 +95,8 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     float* Ss = reinterpret_cast<float*>(Ks + BN * LDK);  // [QR][LDS]
     float* kmax = Ss + QR * LDS;                        // [BN]
     int* kbranch = reinterpret_cast<int*>(kmax + BN);   // [BN] branch of each gathered key, -1 none
-    float* score = reinterpret_cast<float*>(kbranch + BN);  // [cap]
+    int* kj = kbranch + BN;                             // [BN] token of each gathered key, -1 none
+    float* score = reinterpret_cast<float*>(kj + BN);   // [cap]
     uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);
     uint32_t* ge = gs + sa.cap;
     __shared__ int s_n, s_more;
@@ -178,9 +179,16 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
                     if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
                 }
                 kbranch[c] = j >= 0 ? br : -1;
-                uint4* dst = reinterpret_cast<uint4*>(Ks + c * LDK);
-                const uint4* src = j >= 0 ? reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D) : nullptr;
-                for (int x = 0; x < D / 8; x++) dst[x] = src ? src[x] : make_uint4(0, 0, 0, 0);
+                kj[c] = j;
+            }
+            __syncthreads();
+            // Gather: every thread issues independent 16-byte loads.
+            for (int c = tid; c < BN * (D / 8); c += NT) {
+                int r = c / (D / 8), x = (c % (D / 8)) * 8;
+                int j = kj[r];
+                uint4 val = make_uint4(0, 0, 0, 0);
+                if (j >= 0) val = *reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D + x);
+                *reinterpret_cast<uint4*>(Ks + r * LDK + x) = val;
             }
             __syncthreads();
             // S = Qs Ks^T: QR x BN = 2 x 4 tiles, two per warp.

@@ -40,7 +40,11 @@ fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("attn") => {}
-        other => return Err(format!("usage: hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] (got {other:?})")),
+        other => {
+            return Err(format!(
+                "usage: hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] (got {other:?})"
+            ))
+        }
     }
     let list = |s: String| -> Result<Vec<usize>, String> {
         s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
@@ -95,12 +99,16 @@ struct Ceil {
 }
 
 fn measure_ceilings(dev: &Device) -> R<Ceil> {
-    let x = Tensor::randn(0f32, 1.0, (1 << 28,), dev)?.to_dtype(DType::BF16)?; // 512 MiB
+    let Device::Cuda(cd) = dev else { return Err("not a CUDA device".into()) };
+    let n_bytes = 1usize << 31; // 2 GiB, far past the L2
+    let src = cd.alloc_zeros::<u8>(n_bytes)?;
+    let mut dst = cd.alloc_zeros::<u8>(n_bytes)?;
     let ms = time(dev, 9, || {
-        let _y = x.copy()?;
+        cd.memcpy_dtod(&src, &mut dst)?;
         Ok(())
     })?;
-    let bw = 2.0 * (x.elem_count() * 2) as f64 / (ms * 1e-3);
+    // Bytes read plus bytes written.
+    let bw = 2.0 * n_bytes as f64 / (ms * 1e-3);
     let n = 8192;
     let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(DType::BF16)?;
@@ -130,11 +138,7 @@ fn run() -> R<()> {
     let args = parse()?;
     let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
     let ceil = measure_ceilings(&dev)?;
-    println!(
-        "ceilings: copy {:.0} GB/s, bf16 matmul {:.0} TFLOP/s",
-        ceil.bw / 1e9,
-        ceil.flops / 1e12
-    );
+    println!("ceilings: copy {:.0} GB/s, bf16 matmul {:.0} TFLOP/s", ceil.bw / 1e9, ceil.flops / 1e12);
     let mut json = match &args.json {
         Some(p) => Some(std::fs::File::create(p)?),
         None => None,
@@ -150,7 +154,9 @@ fn run() -> R<()> {
         rows.push(row);
         Ok(())
     };
-    println!("| op | T | batch | dense ms | HiP ms | HiP / dense | dense floor ms | HiP mask ms | HiP attn ms |");
+    println!(
+        "| op | T | batch | dense ms | HiP ms | HiP / dense | dense floor ms | HiP mask ms | HiP attn ms |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for &t in &args.ts {
         let bmax = args.batches.iter().copied().max().unwrap_or(1);
@@ -160,7 +166,7 @@ fn run() -> R<()> {
         let chunk = args.chunk.min(t);
         let (k1, v1) = (k.narrow(0, 0, 1)?.contiguous()?, v.narrow(0, 0, 1)?.contiguous()?);
         let q = randn((1, chunk, HQ, D), &dev)?;
-        let dense = time(&dev, args.reps.min(3).max(1), || {
+        let dense = time(&dev, args.reps.clamp(1, 3), || {
             dense_attn(&q, &k1, &v1, scale)?;
             Ok(())
         })?;
