@@ -3,7 +3,7 @@ CARGO ?= cargo
 
 .PHONY: test assets fmt clippy unit demo bench bench-kernels doc
 
-test: assets fmt clippy unit
+test: assets fmt clippy unit doc
 
 # Models and texts the tests need (SmolLM2-135M GGUF, Moby-Dick, State of the Union), cached in
 # $${HIP_ASSETS:-~/.cache/hip}; does nothing when they are already there.

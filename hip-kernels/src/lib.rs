@@ -7,7 +7,7 @@
 //! attention sinks and a sliding window.
 //!
 //! This crate knows nothing of models, tokens or requests: inputs are tensors, masks and config
-//! structs. Every fast op has a slow, readable reference in [`reference`] that tests compare against.
+//! structs. Every fast op has a slow, readable reference in [`mod@reference`] that tests compare against.
 //!
 //! | op | what |
 //! |---|---|

@@ -15,7 +15,7 @@
 //! target's folder, flushed and `fsync`ed, renamed over the target, and the folder `fsync`ed; a
 //! crash leaves either the old file or the new one, never half of one. [`load`] checks the magic,
 //! the version, the model fingerprint and the geometry before it allocates anything, the file's
-//! exact length, and every checksum; any failure is an [`Error::SessionFile`] naming the
+//! exact length, and every checksum; any failure is an [`Error::SessionFile`](crate::Error::SessionFile) naming the
 //! [`SessionFileProblem`].
 //!
 //! ```no_run
