@@ -72,6 +72,35 @@ __device__ void bitonic_sort(float* score, uint32_t* a, uint32_t* b, int n_pow2,
     __syncthreads();
 }
 
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Exclusive prefix sum of `x` over the block (blockDim.x a multiple of 32, at most 32 warps);
+// `total` gets the sum. Ends with a barrier.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* total, int* tmp) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int incl = x;
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) tmp[warp] = incl;
+    __syncthreads();
+    int before = 0, sum = 0;
+    for (int w = 0; w < warps; w++) {
+        if (w < warp) before += tmp[w];
+        sum += tmp[w];
+    }
+    *total = sum;
+    __syncthreads();
+    return before + incl - x;
+}
+
 // Higher score first; ties to the earlier block; padding (start 0xffffffff) last.
 struct BestFirst {
     __device__ __forceinline__ bool operator()(float s1, uint32_t a1, float s2, uint32_t a2) const {
@@ -91,15 +120,18 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     constexpr int LDQ = D + 8, LDK = D + 8, LDS = BN + 4;
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem);                 // [QR][LDQ]
-    T* Ks = Qs + QR * LDQ;                              // [BN][LDK]
-    float* Ss = reinterpret_cast<float*>(Ks + BN * LDK);  // [QR][LDS]
+    T* Ks = Qs + QR * LDQ;                              // [2][BN][LDK] (double buffer)
+    float* Ss = reinterpret_cast<float*>(Ks + 2 * BN * LDK);  // [QR][LDS]
     float* kmax = Ss + QR * LDS;                        // [BN]
-    int* kbranch = reinterpret_cast<int*>(kmax + BN);   // [BN] branch of each gathered key, -1 none
-    int* kj = kbranch + BN;                             // [BN] token of each gathered key, -1 none
-    float* score = reinterpret_cast<float*>(kj + BN);   // [cap]
-    uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);
+    int* kbranch = reinterpret_cast<int*>(kmax + BN);   // [2][BN] branch of each gathered key, -1 none
+    int* kj = kbranch + 2 * BN;                         // [2][BN] token of each gathered key, -1 none
+    float* score = reinterpret_cast<float*>(kj + 2 * BN);  // [cap]
+    uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);  // groups / branches [cap]
     uint32_t* ge = gs + sa.cap;
-    __shared__ int s_n, s_more;
+    uint32_t* ns = ge + sa.cap;                         // the next iteration's branches [cap]
+    uint32_t* ne = ns + sa.cap;
+    __shared__ int s_n;
+    __shared__ int scan_tmp[WARPS];
 
     const int tid = threadIdx.x, warp = tid / 32;
     const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -141,57 +173,71 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch (<= BN)
     const int bpt = BN / kpb;                                       // branches per key tile
     const T* K = static_cast<const T*>(kv.k);
-    for (;;) {
-        // Split: groups [0, n) -> branches [0, nb) in place, from the back (two slots per group).
-        const int n = s_n;
-        __syncthreads();
-        if (tid == 0) {
-            int nb = 0, more = 0;
-            for (int g = 0; g < n; g++) nb += ge[g] - gs[g] > 1 ? 2 : 1;
-            // Write from the back so that no group is overwritten before it is read.
-            int w = nb;
-            for (int g = n - 1; g >= 0; g--) {
-                uint32_t s = gs[g], e = ge[g];
-                if (e - s > 1) {
-                    uint32_t mid = s + (e - s) / 2;
-                    gs[w - 1] = mid; ge[w - 1] = e;
-                    gs[w - 2] = s; ge[w - 2] = mid;
-                    w -= 2;
-                    more |= (mid - s > 1) || (e - mid > 1);
-                } else {
-                    gs[w - 1] = s; ge[w - 1] = e;
-                    w -= 1;
-                }
+    // Token and branch of key slot c of a tile starting at branch t0 (-1: none).
+    auto prep = [&](int t0, int buf) {
+        for (int c = tid; c < BN; c += NT) {
+            int br = t0 + c / kpb, r = c % kpb;
+            int j = -1;
+            if (c / kpb < bpt && br < s_n) {
+                int center = gs[br] + (ge[br] - gs[br]) / 2;
+                j = sa.sink + center * sa.block_k + r * sa.stride_k;
+                if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
             }
-            s_n = nb;
-            s_more = more;
+            kbranch[buf * BN + c] = j >= 0 ? br : -1;
+            kj[buf * BN + c] = j;
         }
+    };
+    // Asynchronous gather of a tile's key rows (zero rows for empty slots), 16 bytes a copy.
+    auto issue = [&](int buf) {
+        T* dst0 = Ks + buf * BN * LDK;
+        for (int c = tid; c < BN * (D / 8); c += NT) {
+            int r = c / (D / 8), x = (c % (D / 8)) * 8;
+            int j = kj[buf * BN + r];
+            const T* src = j >= 0 ? K + kv_row(kv, b, j) + (long long)hk * D + x : K;
+            cp_async16(dst0 + r * LDK + x, src, j >= 0 ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+    for (;;) {
+        // Split every group of more than one block in two, in parallel: each thread takes a
+        // contiguous run of groups, a block-wide scan places its branches.
+        const int n = s_n;
+        const int per = (n + NT - 1) / NT, g0 = min(n, tid * per), g1 = min(n, g0 + per);
+        int cnt = 0, more = 0;
+        for (int g = g0; g < g1; g++) cnt += ge[g] - gs[g] > 1 ? 2 : 1;
+        int total;
+        int w = block_exclusive_scan(cnt, &total, scan_tmp);
+        for (int g = g0; g < g1; g++) {
+            uint32_t s0 = gs[g], e0 = ge[g];
+            if (e0 - s0 > 1) {
+                uint32_t mid = s0 + (e0 - s0) / 2;
+                ns[w] = s0; ne[w] = mid;
+                ns[w + 1] = mid; ne[w + 1] = e0;
+                w += 2;
+                more |= (mid - s0 > 1) || (e0 - mid > 1);
+            } else {
+                ns[w] = s0; ne[w] = e0;
+                w += 1;
+            }
+        }
+        more = __syncthreads_or(more);
+        { uint32_t* t = gs; gs = ns; ns = t; t = ge; ge = ne; ne = t; }
+        if (tid == 0) s_n = total;
         __syncthreads();
-        const int nb = s_n;
-        // Score every branch by its center block.
-        for (int t0 = 0; t0 < nb; t0 += bpt) {
-            for (int c = tid; c < BN; c += NT) {
-                int br = t0 + c / kpb, r = c % kpb;
-                int j = -1;
-                if (c / kpb < bpt && br < nb) {
-                    int center = gs[br] + (ge[br] - gs[br]) / 2;
-                    j = sa.sink + center * sa.block_k + r * sa.stride_k;
-                    if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
-                }
-                kbranch[c] = j >= 0 ? br : -1;
-                kj[c] = j;
-            }
+        const int nb = total;
+        // Score every branch by its center block, gathering tile t + 1 while tile t computes.
+        const int ntiles = (nb + bpt - 1) / bpt;
+        prep(0, 0);
+        __syncthreads();
+        issue(0);
+        for (int t = 0; t < ntiles; t++) {
+            const int cur = t & 1;
+            if (t + 1 < ntiles) prep((t + 1) * bpt, cur ^ 1);
             __syncthreads();
-            // Gather: every thread issues independent 16-byte loads.
-            for (int c = tid; c < BN * (D / 8); c += NT) {
-                int r = c / (D / 8), x = (c % (D / 8)) * 8;
-                int j = kj[r];
-                uint4 val = make_uint4(0, 0, 0, 0);
-                if (j >= 0) val = *reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D + x);
-                *reinterpret_cast<uint4*>(Ks + r * LDK + x) = val;
-            }
+            if (t + 1 < ntiles) issue(cur ^ 1); else cp_async_commit();
+            cp_async_wait_1();
             __syncthreads();
-            // S = Qs Ks^T: QR x BN = 2 x 4 tiles, two per warp.
+            const T* Kc = Ks + cur * BN * LDK;
             for (int tile = warp; tile < (QR / 16) * (BN / 16); tile += WARPS) {
                 int tr = tile / (BN / 16), tc = tile % (BN / 16);
                 wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -200,7 +246,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
                     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
                     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
                     wmma::load_matrix_sync(a, Qs + tr * 16 * LDQ + kk * 16, LDQ);
-                    wmma::load_matrix_sync(bf, Ks + tc * 16 * LDK + kk * 16, LDK);
+                    wmma::load_matrix_sync(bf, Kc + tc * 16 * LDK + kk * 16, LDK);
                     wmma::mma_sync(acc, a, bf, acc);
                 }
                 wmma::store_matrix_sync(Ss + tr * 16 * LDS + tc * 16, acc, LDS, wmma::mem_row_major);
@@ -208,21 +254,22 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
             __syncthreads();
             for (int c = tid; c < BN; c += NT) {
                 float best = NEG_INF;
-                if (kbranch[c] >= 0)
+                if (kbranch[cur * BN + c] >= 0)
                     for (int r = 0; r < nq; r++) best = fmaxf(best, Ss[r * LDS + c]);
                 kmax[c] = best;
             }
             __syncthreads();
             for (int x = tid; x < bpt; x += NT) {
-                int br = t0 + x;
+                int br = t * bpt + x;
                 if (br < nb) {
                     float best = NEG_INF;
                     for (int r = 0; r < kpb; r++) best = fmaxf(best, kmax[x * kpb + r]);
                     score[br] = best * scale;
                 }
             }
-            __syncthreads();
         }
+        cp_async_wait_0();
+        __syncthreads();
         // Keep the best G branches.
         int np2 = 1;
         while (np2 < nb) np2 <<= 1;
@@ -230,7 +277,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         bitonic_sort(score, gs, ge, np2, BestFirst());
         if (tid == 0) s_n = min(nb, G);
         __syncthreads();
-        if (!s_more) break;
+        if (!more) break;
     }
     // Every group is one block: output the starts, ascending.
     const int n = s_n;

@@ -584,8 +584,9 @@ fn launch_mask(
         n_qblocks: n_qblocks as i32,
         cap: cap as i32,
     };
-    // Must match the layout of `hip_mask_search` (QR = 32 queries, BN = 64 keys per tile).
-    let smem = (32 * (hd + 8) + 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 * 3 + cap * 12;
+    // Must match the layout of `hip_mask_search`: QR = 32 queries, two buffers of BN = 64 keys,
+    // scores, per-slot max / branch / token, and score + 4 branch arrays of `cap` entries.
+    let smem = (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
     let f = dev.get_or_load_custom_func(&format!("hip_mask_{tn}_d{hd}"), MASK_MODULE, MASK_PTX)?;
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
