@@ -342,6 +342,121 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
     }
 }
 
+
+// Dense decode, GQA-aware: one CTA per (split, KV head, batch * t_q) handles every query head of
+// the KV head's group, so each K/V row is read once. Each warp scores 32 keys at a time, one key
+// per lane (all heads of the group), then switches to one slice of the head dim per lane to add
+// the 32 weighted V rows. Partials go to the same workspace layout as `span_attn_decode`.
+template <typename T, int D, int MAXG>
+__device__ void dense_decode_gqa(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
+                                 KvArgs kv, float scale_log2, int keys_per_split, float* __restrict__ part_m,
+                                 float* __restrict__ part_l, float* __restrict__ part_acc, int n_splits) {
+    constexpr int WARPS = 4;
+    constexpr int E = D / 32;
+    __shared__ float qs[MAXG][D];
+    __shared__ float sm_m[WARPS][MAXG], sm_l[WARPS][MAXG];
+    __shared__ float sm_acc[WARPS][MAXG][D];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int split = blockIdx.x, hk = blockIdx.y;
+    const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
+    const int G = heads_q / kv.heads_kv;
+    const int p = kv.t_k - t_q + i;
+    const int start = split * keys_per_split, end = min(p + 1, start + keys_per_split);
+
+    for (int c = threadIdx.x; c < G * D; c += 32 * WARPS) {
+        int g = c / D, d = c % D;
+        qs[g][d] = to_f(q[b * q_b + (long long)i * q_t + (long long)(hk * G + g) * D + d]) * scale_log2;
+    }
+    __syncthreads();
+
+    float m[MAXG], l[MAXG], acc[MAXG][E];
+#pragma unroll
+    for (int g = 0; g < MAXG; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[g][e] = 0.f;
+    }
+    const T* K = static_cast<const T*>(kv.k);
+    const T* V = static_cast<const T*>(kv.v);
+    for (int base = start + warp * 32; base < end; base += WARPS * 32) {
+        const int j = base + lane;
+        const bool valid = j < end;
+        float s[MAXG];
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) s[g] = 0.f;
+        if (valid) {
+            const T* kr = K + kv_row(kv, b, j) + (long long)hk * D;
+#pragma unroll 4
+            for (int x = 0; x < D; x += 8) {
+                uint4 raw = *reinterpret_cast<const uint4*>(kr + x);
+                const T* k8 = reinterpret_cast<const T*>(&raw);
+                float kf[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[e] = to_f(k8[e]);
+#pragma unroll
+                for (int g = 0; g < MAXG; g++) {
+                    if (g < G) {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) s[g] += qs[g][x + e] * kf[e];
+                    }
+                }
+            }
+        }
+        float pe[MAXG];
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) {
+            if (g >= G) { pe[g] = 0.f; continue; }
+            const float sv = valid ? s[g] : NEG_INF;
+            const float m_new = fmaxf(m[g], warp_max(sv));  // lane 0 is always valid
+            const float alpha = m[g] == NEG_INF ? 0.f : exp2f(m[g] - m_new);
+            pe[g] = valid ? exp2f(sv - m_new) : 0.f;
+            l[g] = l[g] * alpha + warp_sum(pe[g]);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[g][e] *= alpha;
+            m[g] = m_new;
+        }
+        const int n = min(32, end - base);
+        for (int kk = 0; kk < n; kk++) {
+            const T* vr = V + kv_row(kv, b, base + kk) + (long long)hk * D + lane * E;
+            float vf[E];
+#pragma unroll
+            for (int e = 0; e < E; e++) vf[e] = to_f(vr[e]);
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                const float pg = __shfl_sync(0xffffffffu, pe[g], kk);
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[g][e] += pg * vf[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < MAXG; g++) {
+        if (g >= G) continue;
+        if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
+#pragma unroll
+        for (int e = 0; e < E; e++) sm_acc[warp][g][lane * E + e] = acc[g][e];
+    }
+    __syncthreads();
+    // Warp w merges heads g = w, w + WARPS, ...
+    for (int g = warp; g < G; g += WARPS) {
+        float mm = NEG_INF;
+        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm_m[w][g]);
+        float ll = 0.f, out[E];
+        for (int e = 0; e < E; e++) out[e] = 0.f;
+        for (int w = 0; w < WARPS; w++) {
+            const float f = sm_m[w][g] == NEG_INF ? 0.f : exp2f(sm_m[w][g] - mm);
+            ll += sm_l[w][g] * f;
+            for (int e = 0; e < E; e++) out[e] += sm_acc[w][g][lane * E + e] * f;
+        }
+        const int h = hk * G + g;
+        const long long prow = (((long long)b * t_q + i) * heads_q + h) * n_splits + split;
+        if (lane == 0) { part_m[prow] = mm; part_l[prow] = ll; }
+        for (int e = 0; e < E; e++) part_acc[prow * D + lane * E + e] = out[e];
+    }
+}
+
 // One warp per (batch, query, head): merges the splits' partial softmax states.
 template <typename T, int D>
 __device__ void span_attn_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
@@ -390,6 +505,14 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
         span_attn_combine<T, D>(part_m, part_l, part_acc, n_splits, o, o_b, o_t, t_q, heads_q, rows);             \
     }
 
+#define DECODE_GQA(NAME, T, D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128)                                                              \
+        NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, float scale_log2,          \
+             int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {                    \
+        dense_decode_gqa<T, D, 8>(q, q_b, q_t, t_q, heads_q, kv, scale_log2, keys_per_split, part_m, part_l,       \
+                                  part_acc, n_splits);                                                             \
+    }
+
 #define ALL(TN, T)                                     \
     PREFILL(span_prefill_##TN##_d64_w1, T, 64, 1)      \
     PREFILL(span_prefill_##TN##_d64_w2, T, 64, 2)      \
@@ -399,6 +522,8 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     PREFILL(span_prefill_##TN##_d128_w4, T, 128, 4)    \
     DECODE(span_decode_##TN##_d64, T, 64)              \
     DECODE(span_decode_##TN##_d128, T, 128)            \
+    DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64)     \
+    DECODE_GQA(dense_decode_gqa_##TN##_d128, T, 128)   \
     COMBINE(span_combine_##TN##_d64, T, 64)            \
     COMBINE(span_combine_##TN##_d128, T, 128)
 

@@ -272,7 +272,31 @@ impl SpanOp<'_> {
         let q_t = (d.heads_q * hd) as i64;
         let (t_q, heads_q) = (d.t_q as i32, d.heads_q as i32);
 
-        if d.t_q <= DECODE_MAX_TQ {
+        let group = d.heads_q / d.heads_kv;
+        if d.t_q <= DECODE_MAX_TQ && matches!(self.keys, Keys::Dense) && group <= 8 {
+            // Dense decode, one CTA per (split, KV head): each K/V row is read once per group.
+            let rows = d.batch * d.t_q * d.heads_q;
+            let ctas = d.batch * d.t_q * d.heads_kv;
+            let target = (528 / ctas.max(1)).max(1);
+            let per = l_max.div_ceil(target).max(256);
+            let splits = l_max.div_ceil(per).max(1);
+            let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
+            let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
+            let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
+            let f = dev.get_or_load_custom_func(&format!("dense_decode_gqa_{tn}_d{hd}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (per_i, splits_i) = (per as i32, splits as i32);
+            let mut b = f.builder();
+            b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
+            b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
+            // SAFETY: argument list matches `dense_decode_gqa_*`; buffers are sized above.
+            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            self.combine::<T>(&part_m, &part_l, &part_acc, splits, op, rows)?;
+        } else if d.t_q <= DECODE_MAX_TQ {
             // Split-KV decode: about 4 CTAs per multiprocessor in all.
             let rows = d.batch * d.t_q * d.heads_q;
             let target = (528 / rows.max(1)).max(1);
@@ -293,18 +317,7 @@ impl SpanOp<'_> {
             b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
             // SAFETY: argument list matches `span_decode_*`; buffers are sized above.
             unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-            let f = dev.get_or_load_custom_func(&format!("span_combine_{tn}_d{hd}"), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let rows_i = rows as i32;
-            let mut b = f.builder();
-            b.arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
-            b.arg(&t_q).arg(&heads_q).arg(&rows_i);
-            // SAFETY: as above.
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            self.combine::<T>(&part_m, &part_l, &part_acc, splits, op, rows)?;
         } else {
             let warps = [4usize, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
             let bm = 16 * warps;
@@ -341,6 +354,38 @@ impl SpanOp<'_> {
         drop(_g4);
         let shape = Shape::from((d.batch, d.t_q, d.heads_q, hd));
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+}
+
+impl SpanOp<'_> {
+    /// Merges the decode partials of `rows` (batch, query, head) rows into the output at `op`.
+    fn combine<T: CudaDType + candle_core::WithDType>(
+        &self,
+        part_m: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        part_l: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        part_acc: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        splits: usize,
+        op: u64,
+        rows: usize,
+    ) -> candle_core::Result<()> {
+        let d = &self.dims;
+        let tn = if T::DTYPE == DType::BF16 { "bf16" } else { "f16" };
+        let f =
+            self.dev.get_or_load_custom_func(&format!("span_combine_{tn}_d{}", d.head_dim), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (splits_i, rows_i, t_q, heads_q) = (splits as i32, rows as i32, d.t_q as i32, d.heads_q as i32);
+        let q_b = (d.t_q * d.heads_q * d.head_dim) as i64;
+        let q_t = (d.heads_q * d.head_dim) as i64;
+        let mut b = f.builder();
+        b.arg(part_m).arg(part_l).arg(part_acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
+        b.arg(&t_q).arg(&heads_q).arg(&rows_i);
+        // SAFETY: argument list matches `span_combine_*`; the partials hold rows * splits entries.
+        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(())
     }
 }
 
