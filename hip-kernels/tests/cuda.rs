@@ -4,7 +4,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use hip_kernels::cuda::{block_sparse_attn_cuda, hip_mask_cuda, CudaMask};
+use hip_kernels::cuda::{
+    block_sparse_attn_cuda, dense_attn_paged_cuda, hip_attn_paged_cuda, hip_mask_cuda, hip_mask_paged_cuda,
+    CudaMask, CudaPagedKv,
+};
 use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask};
 
 fn gpu() -> Device {
@@ -164,6 +167,64 @@ fn mask_search_matches_cpu() {
     let (k, kc) = rand(3000, 2, 128, DType::BF16, 2, &dev);
     let m = hip_mask_cuda(&q, &k, &cfg, 0.1).unwrap().to_host().unwrap();
     assert_eq!(m, hip_mask(&qc, &kc, &cfg, 0.1).unwrap());
+}
+
+/// `x: [1, t, h, d]` scattered into a paged store of `blocks` blocks of `bs` rows, the sequence's
+/// blocks in a shuffled order; returns the store and the block table.
+fn paginate(x: &Tensor, bs: usize, blocks: usize, order: &[u32], dev: &Device) -> Tensor {
+    let (_, t, h, d) = x.dims4().unwrap();
+    let mut store = Tensor::zeros((blocks * bs, h, d), x.dtype(), &Device::Cpu).unwrap();
+    let rows = x.squeeze(0).unwrap().to_device(&Device::Cpu).unwrap();
+    for (i, &blk) in order.iter().enumerate() {
+        let start = i * bs;
+        if start >= t {
+            break;
+        }
+        let n = bs.min(t - start);
+        let part = rows.narrow(0, start, n).unwrap();
+        store = store.slice_assign(&[blk as usize * bs..blk as usize * bs + n, 0..h, 0..d], &part).unwrap();
+    }
+    store.to_device(dev).unwrap()
+}
+
+#[test]
+fn paged_matches_contiguous() {
+    let dev = gpu();
+    let cfg = HipConfig::paper().with_k(64).with_query_block(32, 2).with_sink_window(16, 32);
+    for (t_q, t_k, bs) in [(1, 1000, 16), (5, 4099, 64), (300, 4099, 16), (97, 97, 32)] {
+        let (q, _) = rand(t_q, 8, 128, DType::BF16, t_k as u64, &dev);
+        let (k, _) = rand(t_k, 2, 128, DType::BF16, t_k as u64 + 1, &dev);
+        let (v, _) = rand(t_k, 2, 128, DType::BF16, t_k as u64 + 2, &dev);
+        let n = t_k.div_ceil(bs);
+        let blocks = n + 3;
+        // A shuffled placement: the sequence's blocks in reverse order, after 3 unused blocks.
+        let order: Vec<u32> = (0..n).map(|i| (blocks - 1 - i) as u32).collect();
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "placement must be one-to-one");
+        let (ks, vs) = (paginate(&k, bs, blocks, &order, &dev), paginate(&v, bs, blocks, &order, &dev));
+        let table = Tensor::from_slice(&order, n, &dev).unwrap();
+        let kv = CudaPagedKv { k: &ks, v: &vs, block_table: &table, block_size: bs, len: t_k };
+        let scale = 0.088;
+        let what = format!("t_q {t_q} t_k {t_k} block {bs}");
+        let want = dense_attn(&q, &k, &v, scale).unwrap();
+        let got = dense_attn_paged_cuda(&q, &kv, scale).unwrap();
+        let want_f = want.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+        assert!(rel_err(&got, &want_f) <= 1e-6, "{what}: dense");
+        let m1 = hip_mask_cuda(&q, &k, &cfg, scale).unwrap().to_host().unwrap();
+        let m2 = hip_mask_paged_cuda(&q, &kv, &cfg, scale).unwrap().to_host().unwrap();
+        assert_eq!(m1, m2, "{what}: mask");
+        let want = hip_attn(&q, &k, &v, &cfg, scale).unwrap().to_dtype(DType::F32).unwrap();
+        let got = hip_attn_paged_cuda(&q, &kv, &cfg, scale).unwrap();
+        assert!(rel_err(&got, &want.to_device(&Device::Cpu).unwrap()) <= 1e-6, "{what}: hip");
+    }
+    // A table too short for the length is refused.
+    let (q, _) = rand(1, 8, 128, DType::BF16, 1, &dev);
+    let store = Tensor::zeros((64, 2, 128), DType::BF16, &dev).unwrap();
+    let table = Tensor::from_slice(&[0u32, 1], 2, &dev).unwrap();
+    let kv = CudaPagedKv { k: &store, v: &store, block_table: &table, block_size: 16, len: 40 };
+    assert!(matches!(dense_attn_paged_cuda(&q, &kv, 0.1), Err(Error::InvalidArgument { .. })));
 }
 
 #[test]

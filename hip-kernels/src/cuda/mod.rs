@@ -218,7 +218,7 @@ impl SpanOp<'_> {
         };
         if let Some(p) = &self.paged {
             kv.table = u32_ptr(p.table, dev)?;
-            kv.table_stride = p.table.dim(1)? as i32;
+            kv.table_stride = p.table.elem_count() as i32;
             kv.page = p.page as i32;
             kv.t_k = p.t_k as i32;
         }
@@ -449,18 +449,7 @@ pub fn block_sparse_attn_cuda(
 ) -> Result<Tensor> {
     let dims = AttnDims::from_qkv(q, k, Some(v))?;
     crate::layout::check_scale(scale)?;
-    let m = &mask.meta;
-    let n_q = dims.t_q.div_ceil(m.block_size_q.max(1));
-    if (m.batch, m.heads, m.n_qblocks) != (dims.batch, dims.heads_q, n_q) || m.t_k > dims.t_k {
-        return Err(Error::Shape {
-            name: "mask",
-            expected: format!(
-                "a mask for batch {}, {} query heads, {n_q} query blocks and at most {} keys",
-                dims.batch, dims.heads_q, dims.t_k
-            ),
-            got: vec![m.batch, m.heads, m.n_qblocks, m.t_k],
-        });
-    }
+    check_mask_fits(mask, &dims)?;
     span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
 }
 
@@ -508,9 +497,22 @@ impl CudaMask {
 /// # Errors
 /// Invalid config, shapes or dtypes; unsupported sizes (above); tensors not on CUDA.
 pub fn hip_mask_cuda(q: &Tensor, k: &Tensor, cfg: &crate::HipConfig, scale: f32) -> Result<CudaMask> {
+    let dims = AttnDims::from_qkv(q, k, None)?;
+    mask_search(q, k, &dims, None, cfg, scale)
+}
+
+/// The mask search over contiguous or paged keys.
+fn mask_search(
+    q: &Tensor,
+    k: &Tensor,
+    dims: &AttnDims,
+    paged: Option<Paged<'_>>,
+    cfg: &crate::HipConfig,
+    scale: f32,
+) -> Result<CudaMask> {
+    let dims = *dims;
     cfg.validate()?;
     crate::layout::check_scale(scale)?;
-    let dims = AttnDims::from_qkv(q, k, None)?;
     check(&dims, q.dtype(), &Keys::Dense)?;
     if k.dtype() != q.dtype() {
         return Err(Error::DType { name: "k", expected: format!("{:?} like q", q.dtype()), got: k.dtype() });
@@ -554,7 +556,7 @@ pub fn hip_mask_cuda(q: &Tensor, k: &Tensor, cfg: &crate::HipConfig, scale: f32)
     let (starts, counts) = {
         let out_s = dev.alloc_zeros::<u32>(rows * groups)?;
         let out_c = dev.alloc_zeros::<u32>(rows)?;
-        launch_mask(&q, &k, &dims, cfg, scale, &dev, &out_s, &out_c, meta.n_qblocks)?;
+        launch_mask(&q, &k, &dims, paged, cfg, scale, &dev, &out_s, &out_c, meta.n_qblocks)?;
         let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
         let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
         (
@@ -580,6 +582,7 @@ fn launch_mask(
     q: &Tensor,
     k: &Tensor,
     dims: &AttnDims,
+    paged: Option<Paged<'_>>,
     cfg: &crate::HipConfig,
     scale: f32,
     dev: &CudaDevice,
@@ -603,7 +606,7 @@ fn launch_mask(
     let qp = qp + ql.start_offset() as u64 * esize;
     let kp = kp + kl.start_offset() as u64 * esize;
     let row_kv = (dims.heads_kv * hd) as i64;
-    let kv = KvArgs {
+    let mut kv = KvArgs {
         k: kp,
         v: kp,
         kv_b: dims.t_k as i64 * row_kv,
@@ -614,6 +617,12 @@ fn launch_mask(
         t_k: dims.t_k as i32,
         heads_kv: dims.heads_kv as i32,
     };
+    if let Some(p) = &paged {
+        kv.table = u32_ptr(p.table, dev)?;
+        kv.table_stride = p.table.elem_count() as i32;
+        kv.page = p.page as i32;
+        kv.t_k = p.t_k as i32;
+    }
     let groups = cfg.selected_blocks();
     let cap = (2 * groups).next_power_of_two();
     let sa = SearchArgs {
@@ -646,5 +655,154 @@ fn launch_mask(
     b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(out_s).arg(out_c);
     // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows.
     unsafe { b.launch(cfg_l) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(())
+}
+
+/// One sequence's keys and values in a paged KV cache on a CUDA device (the CUDA counterpart of
+/// [`crate::PagedKv`]).
+///
+/// `k` and `v` hold whole blocks, `[num_blocks * block_size, heads_kv, head_dim]` (bf16 or f16);
+/// token `j` of the sequence lives in block `block_table[j / block_size]` at slot
+/// `j % block_size`. `block_table` is a u32 tensor on the same device with at least
+/// `len.div_ceil(block_size)` entries, each below `num_blocks`: the cache that builds it
+/// guarantees that (it is checked here only in debug builds, since reading it back costs a copy).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaPagedKv<'a> {
+    /// Key blocks.
+    pub k: &'a Tensor,
+    /// Value blocks, laid out like `k`.
+    pub v: &'a Tensor,
+    /// Block of each group of `block_size` tokens, in order (u32, on the device).
+    pub block_table: &'a Tensor,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Tokens in the sequence.
+    pub len: usize,
+}
+
+impl CudaPagedKv<'_> {
+    /// Checks the view and `q: [1, t_q, heads_q, head_dim]` against it.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] / [`Error::InvalidArgument`] naming what does not fit.
+    pub fn dims(&self, q: &Tensor) -> Result<AttnDims> {
+        let (nk, hkv, d) = self
+            .k
+            .dims3()
+            .map_err(|_| Error::shape("k", "[num_blocks * block_size, heads_kv, head_dim]", self.k.dims()))?;
+        if self.v.dims() != self.k.dims() {
+            return Err(Error::shape("v", format!("the shape of k, {:?}", self.k.dims()), self.v.dims()));
+        }
+        let bs = self.block_size;
+        if bs == 0 || nk % bs != 0 || self.len == 0 || self.len > nk {
+            return Err(Error::arg(
+                "paged kv",
+                format!("block_size {bs}, len {}, {nk} rows", self.len),
+                "block_size must divide the rows and 0 < len <= rows",
+            ));
+        }
+        let needed = self.len.div_ceil(bs);
+        if self.block_table.dtype() != DType::U32 || self.block_table.elem_count() < needed {
+            return Err(Error::arg(
+                "block_table",
+                format!("{:?} with {} entries", self.block_table.dtype(), self.block_table.elem_count()),
+                format!("must be u32 with at least {needed} entries"),
+            ));
+        }
+        if cfg!(debug_assertions) {
+            let table = self.block_table.flatten_all()?.to_vec1::<u32>()?;
+            if let Some(&bad) = table[..needed].iter().find(|&&b| b as usize >= nk / bs) {
+                return Err(Error::arg(
+                    "block_table",
+                    bad,
+                    format!("block index past the {} blocks", nk / bs),
+                ));
+            }
+        }
+        let (b, t_q, heads_q, qd) =
+            q.dims4().map_err(|_| Error::shape("q", "[1, t_q, heads_q, head_dim]", q.dims()))?;
+        if b != 1 || qd != d || heads_q % hkv != 0 || t_q == 0 || t_q > self.len {
+            return Err(Error::shape(
+                "q",
+                format!("[1, t_q <= {}, a multiple of {hkv} heads, {d}]", self.len),
+                q.dims(),
+            ));
+        }
+        Ok(AttnDims { batch: 1, t_q, t_k: self.len, heads_q, heads_kv: hkv, head_dim: d })
+    }
+
+    fn paged(&self) -> Paged<'_> {
+        Paged { table: self.block_table, page: self.block_size, t_k: self.len }
+    }
+}
+
+/// Dense causal attention over a paged cache on CUDA (see [`crate::dense_attn`]).
+///
+/// # Errors
+/// As [`CudaPagedKv::dims`]; unsupported dtypes or head dims.
+pub fn dense_attn_paged_cuda(q: &Tensor, kv: &CudaPagedKv<'_>, scale: f32) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(kv.paged()), scale)
+}
+
+/// HiP mask estimation over a paged cache on CUDA (see [`hip_mask_cuda`]).
+///
+/// # Errors
+/// As [`CudaPagedKv::dims`] and [`hip_mask_cuda`].
+pub fn hip_mask_paged_cuda(
+    q: &Tensor,
+    kv: &CudaPagedKv<'_>,
+    cfg: &crate::HipConfig,
+    scale: f32,
+) -> Result<CudaMask> {
+    let dims = kv.dims(q)?;
+    mask_search(q, kv.k, &dims, Some(kv.paged()), cfg, scale)
+}
+
+/// Block-sparse attention over a paged cache on CUDA (see [`block_sparse_attn_cuda`]).
+///
+/// # Errors
+/// As [`CudaPagedKv::dims`] and [`block_sparse_attn_cuda`].
+pub fn block_sparse_attn_paged_cuda(
+    q: &Tensor,
+    kv: &CudaPagedKv<'_>,
+    mask: &CudaMask,
+    scale: f32,
+    extra_window_tokens: usize,
+) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    check_mask_fits(mask, &dims)?;
+    span_attn(q, kv.k, kv.v, &dims, Keys::Mask(mask, extra_window_tokens), Some(kv.paged()), scale)
+}
+
+/// HiP attention (mask, then block-sparse attention) over a paged cache on CUDA.
+///
+/// # Errors
+/// As [`hip_mask_paged_cuda`] and [`block_sparse_attn_paged_cuda`].
+pub fn hip_attn_paged_cuda(
+    q: &Tensor,
+    kv: &CudaPagedKv<'_>,
+    cfg: &crate::HipConfig,
+    scale: f32,
+) -> Result<Tensor> {
+    let mask = hip_mask_paged_cuda(q, kv, cfg, scale)?;
+    block_sparse_attn_paged_cuda(q, kv, &mask, scale, 0)
+}
+
+fn check_mask_fits(mask: &CudaMask, dims: &AttnDims) -> Result<()> {
+    let m = &mask.meta;
+    let n_q = dims.t_q.div_ceil(m.block_size_q.max(1));
+    if (m.batch, m.heads, m.n_qblocks) != (dims.batch, dims.heads_q, n_q) || m.t_k > dims.t_k {
+        return Err(Error::Shape {
+            name: "mask",
+            expected: format!(
+                "a mask for batch {}, {} query heads, {n_q} query blocks and at most {} keys",
+                dims.batch, dims.heads_q, dims.t_k
+            ),
+            got: vec![m.batch, m.heads, m.n_qblocks, m.t_k],
+        });
+    }
     Ok(())
 }
