@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use hip_kernels::{dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, HipConfig, MaskCache, PagedKv};
 
 use crate::error::Result;
-use crate::kv::SeqId;
+use crate::kv::{DeviceLayerView, SeqId};
 
 /// Which attention the model runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,50 @@ impl AttentionState {
         } else {
             self.caches.remove(&(seq, layer));
             Ok(hip_attn_paged(q, kv, cfg, scale)?)
+        }
+    }
+
+    /// [`attend`](Self::attend) over a KV cache on a CUDA device: `q: [1, n, heads_q, head_dim]`
+    /// (any float dtype; computed in the cache's dtype, bf16 or f16), returns f32
+    /// `[1, n, heads_q, head_dim]`.
+    ///
+    /// # Errors
+    /// Kernel errors; without the `cuda` feature, an error saying so.
+    pub fn attend_device(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        q: &Tensor,
+        kv: &DeviceLayerView<'_>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            use hip_kernels::cuda::{
+                dense_attn_paged_cuda, hip_attn_decode_paged_cuda, hip_attn_paged_cuda, CudaPagedKv,
+            };
+            let table = Tensor::from_slice(kv.block_table, kv.block_table.len(), kv.k.device())?;
+            let view =
+                CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len: kv.len };
+            let q = q.to_dtype(kv.k.dtype())?;
+            let out = match &self.backend {
+                AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => {
+                    if q.dim(1)? == 1 {
+                        let cache = self.caches.entry((seq, layer)).or_default();
+                        hip_attn_decode_paged_cuda(&q, &view, cfg, scale, cache)?
+                    } else {
+                        self.caches.remove(&(seq, layer));
+                        hip_attn_paged_cuda(&q, &view, cfg, scale)?
+                    }
+                }
+                _ => dense_attn_paged_cuda(&q, &view, scale)?,
+            };
+            Ok(out.to_dtype(candle_core::DType::F32)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (layer, seq, q, kv, scale);
+            Err(crate::Error::arg("device", "cuda", "attention on a device cache needs the `cuda` feature"))
         }
     }
 

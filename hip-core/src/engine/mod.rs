@@ -142,7 +142,12 @@ impl Engine {
             cfg.kv_block_size,
             cfg.kv_budget_bytes,
         )?;
-        let kv = PagedKvCache::new(kv_cfg)?;
+        // On a GPU the cache lives there, in bf16 (the CUDA kernels' input type).
+        let kv = if model.device().is_cuda() {
+            PagedKvCache::new_on_device(kv_cfg, model.device(), candle_core::DType::BF16)?
+        } else {
+            PagedKvCache::new(kv_cfg)?
+        };
         let attn = AttentionState::new(cfg.attention.clone())?;
         let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);
         Ok(Engine {
@@ -309,7 +314,7 @@ impl Engine {
         let geometry = KvGeometry::of(&self.model);
         let layers = (0..geometry.num_layers)
             .map(|l| {
-                let (k, v) = self.kv.layer_view(seq, l, s.cached)?.gather();
+                let (k, v) = self.kv.gather_layer(seq, l, s.cached)?;
                 Ok(LayerKv { k, v })
             })
             .collect::<Result<Vec<_>>>()?;

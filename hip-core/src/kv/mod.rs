@@ -102,7 +102,7 @@ mod config;
 mod paged;
 
 pub use config::KvCacheConfig;
-pub use paged::{LayerView, PagedKvCache, SeqId};
+pub use paged::{DeviceLayerView, LayerView, PagedKvCache, SeqId};
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use candle_core::{DType, Device, Tensor};
+
 use super::block_pool::BlockPool;
 use super::config::KvCacheConfig;
 use crate::{Error, Result};
@@ -53,7 +55,10 @@ pub struct PagedKvCache {
     row_len: usize,
     /// `block_size * row_len`: floats of one block in one layer's K (or V).
     block_floats: usize,
+    /// Host storage (empty when the cache lives on a device).
     layers: Vec<LayerStore>,
+    /// Device storage: per layer K and V, `[num_blocks * block_size, num_kv_heads, head_dim]`.
+    device: Option<Vec<(Tensor, Tensor)>>,
     pool: BlockPool,
     seqs: BTreeMap<u64, SeqState>,
     next_id: u64,
@@ -84,7 +89,54 @@ impl PagedKvCache {
             .map(|_| LayerStore { k: vec![0.0; layer_floats], v: vec![0.0; layer_floats] })
             .collect();
         let pool = BlockPool::new(cfg.num_blocks);
-        Ok(PagedKvCache { cfg, row_len, block_floats, layers, pool, seqs: BTreeMap::new(), next_id: 0 })
+        Ok(PagedKvCache {
+            cfg,
+            row_len,
+            block_floats,
+            layers,
+            device: None,
+            pool,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// A cache whose blocks live on `device` as `dtype` tensors (one K and one V tensor of
+    /// `[num_blocks * block_size, num_kv_heads, head_dim]` per layer) instead of host memory.
+    /// Written with [`write_tensor`](Self::write_tensor) and read with
+    /// [`device_layer`](Self::device_layer); the block tables, fork and copy-on-write work as for
+    /// the host cache.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid `cfg`; candle errors when the device memory
+    /// cannot be allocated.
+    pub fn new_on_device(cfg: KvCacheConfig, device: &Device, dtype: DType) -> Result<Self> {
+        cfg.validate()?;
+        let row_len = cfg.row_len();
+        let block_floats = cfg.block_size * row_len;
+        let rows = cfg.num_blocks * cfg.block_size;
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                let shape = (rows, cfg.num_kv_heads, cfg.head_dim);
+                Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pool = BlockPool::new(cfg.num_blocks);
+        Ok(PagedKvCache {
+            cfg,
+            row_len,
+            block_floats,
+            layers: Vec::new(),
+            device: Some(layers),
+            pool,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Whether the blocks live on a device ([`new_on_device`](Self::new_on_device)).
+    pub fn is_on_device(&self) -> bool {
+        self.device.is_some()
     }
 
     /// The configuration the cache was built with.
@@ -213,7 +265,7 @@ impl PagedKvCache {
             return Err(Error::KvCacheFull { needed, free });
         }
 
-        let PagedKvCache { seqs, pool, layers, block_floats, .. } = self;
+        let PagedKvCache { seqs, pool, layers, device, block_floats, .. } = self;
         let st = seqs.get_mut(&seq.0).expect("looked up above");
         for i in cow {
             let old = st.table[i];
@@ -222,6 +274,13 @@ impl PagedKvCache {
             for layer in layers.iter_mut() {
                 layer.k.copy_within(src..src + *block_floats, dst);
                 layer.v.copy_within(src..src + *block_floats, dst);
+            }
+            if let Some(dev) = device.as_ref() {
+                let (src, dst) = (old as usize * bs, new as usize * bs);
+                for (k, v) in dev {
+                    k.slice_set(&k.narrow(0, src, bs)?.copy()?, 0, dst)?;
+                    v.slice_set(&v.narrow(0, src, bs)?.copy()?, 0, dst)?;
+                }
             }
             pool.release(old);
             st.table[i] = new;
@@ -243,6 +302,12 @@ impl PagedKvCache {
     /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] when `layer` is out of range, the
     /// slices differ in length or are not whole rows, or the tokens exceed the reservation.
     pub fn write(&mut self, seq: SeqId, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        if self.device.is_some() {
+            let shape = (k.len() / self.row_len.max(1), self.cfg.num_kv_heads, self.cfg.head_dim);
+            let kt = Tensor::from_slice(k, shape, &Device::Cpu)?;
+            let vt = Tensor::from_slice(v, shape, &Device::Cpu)?;
+            return self.write_tensor(seq, layer, &kt, &vt);
+        }
         let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         self.check_layer(layer)?;
         let row = self.row_len;
@@ -282,6 +347,94 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// [`write`](Self::write) for tensors `k`, `v: [n, num_kv_heads, head_dim]` (any float dtype,
+    /// any device): on a device cache the rows are copied on the device, converted to the
+    /// cache's dtype; on a host cache they are read back as f32.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write); candle errors for mismatched shapes.
+    pub fn write_tensor(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let Some(dev) = self.device.as_ref() else {
+            let kc = k.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let vc = v.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            return self.write(seq, layer, &kc, &vc);
+        };
+        let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+        self.check_layer(layer)?;
+        let want = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let (n, h, d) = k.dims3()?;
+        if (h, d) != want || v.dims() != k.dims() {
+            return Err(Error::arg(
+                "k/v",
+                format!("{:?} / {:?}", k.dims(), v.dims()),
+                format!("must both be [n, {}, {}]", want.0, want.1),
+            ));
+        }
+        if n > st.reserved - st.len {
+            return Err(Error::arg(
+                "k",
+                format!("{n} tokens"),
+                format!("exceed the reservation ending at {} (position {})", st.reserved, st.len),
+            ));
+        }
+        let (ks, vs) = &dev[layer];
+        let (k, v) = (
+            k.to_device(ks.device())?.to_dtype(ks.dtype())?,
+            v.to_device(ks.device())?.to_dtype(ks.dtype())?,
+        );
+        let bs = self.cfg.block_size;
+        let (mut pos, mut done) = (st.len, 0);
+        while done < n {
+            let run = (bs - pos % bs).min(n - done);
+            let dst = st.table[pos / bs] as usize * bs + pos % bs;
+            ks.slice_set(&k.narrow(0, done, run)?.contiguous()?, 0, dst)?;
+            vs.slice_set(&v.narrow(0, done, run)?.contiguous()?, 0, dst)?;
+            pos += run;
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// The device blocks of `layer` and the first `len` tokens' block table, for attention on a
+    /// device cache.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] on a host cache, for a layer out of
+    /// range or `len` past the reservation.
+    pub fn device_layer(&self, seq: SeqId, layer: usize, len: usize) -> Result<DeviceLayerView<'_>> {
+        let st = self.state(seq)?;
+        self.check_layer(layer)?;
+        let Some(dev) = self.device.as_ref() else {
+            return Err(Error::arg("cache", "host", "device_layer needs a cache made by new_on_device"));
+        };
+        if len > st.reserved {
+            return Err(Error::arg("len", len, format!("the sequence has {} reserved tokens", st.reserved)));
+        }
+        let (k, v) = &dev[layer];
+        let needed = len.div_ceil(self.cfg.block_size);
+        Ok(DeviceLayerView { k, v, block_table: &st.table[..needed], block_size: self.cfg.block_size, len })
+    }
+
+    /// The first `len` tokens of `layer` as token-major f32 rows `(k, v)`, each
+    /// `[len, num_kv_heads, head_dim]` flattened — from either kind of cache.
+    ///
+    /// # Errors
+    /// As [`layer_view`](Self::layer_view) / [`device_layer`](Self::device_layer).
+    pub fn gather_layer(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if self.device.is_none() {
+            return Ok(self.layer_view(seq, layer, len)?.gather());
+        }
+        let view = self.device_layer(seq, layer, len)?;
+        let bs = view.block_size;
+        let rows: Vec<u32> =
+            (0..len).map(|j| view.block_table[j / bs] * bs as u32 + (j % bs) as u32).collect();
+        let idx = Tensor::from_vec(rows, len, view.k.device())?;
+        let get = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.index_select(&idx, 0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Ok((get(view.k)?, get(view.v)?))
+    }
+
     /// Advances the committed length of `seq` by `n` reserved tokens, which the caller has
     /// [`write`](Self::write)n for every layer (the cache cannot check that).
     ///
@@ -311,6 +464,9 @@ impl PagedKvCache {
     pub fn layer_view(&self, seq: SeqId, layer: usize, len: usize) -> Result<LayerView<'_>> {
         let st = self.state(seq)?;
         self.check_layer(layer)?;
+        if self.device.is_some() {
+            return Err(Error::arg("cache", "device", "layer_view reads host blocks: use device_layer"));
+        }
         if len > st.reserved {
             return Err(Error::arg(
                 "len",
@@ -556,4 +712,20 @@ impl LayerView<'_> {
         }
         (k, v)
     }
+}
+
+/// The device blocks of one layer and the block table of one sequence
+/// ([`PagedKvCache::device_layer`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLayerView<'a> {
+    /// Key blocks `[num_blocks * block_size, num_kv_heads, head_dim]`.
+    pub k: &'a Tensor,
+    /// Value blocks, laid out like `k`.
+    pub v: &'a Tensor,
+    /// The blocks of the viewed tokens: `len.div_ceil(block_size)` entries.
+    pub block_table: &'a [u32],
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Tokens viewed.
+    pub len: usize,
 }

@@ -629,3 +629,45 @@ fn random_ops_match_model() {
         run_random_ops(200 + seed, 3, 60, 400);
     }
 }
+
+/// A cache "on a device" (here the CPU device, in f32) behaves exactly like the host cache:
+/// writes across block boundaries, fork, copy-on-write of the shared partial block, truncate.
+#[test]
+fn device_store_matches_host_store() {
+    use candle_core::{DType, Device, Tensor};
+    let cfg = KvCacheConfig { num_layers: 2, num_kv_heads: 2, head_dim: 4, block_size: 4, num_blocks: 16 };
+    let mut host = PagedKvCache::new(cfg.clone()).unwrap();
+    let mut dev = PagedKvCache::new_on_device(cfg, &Device::Cpu, DType::F32).unwrap();
+    assert!(dev.is_on_device() && !host.is_on_device());
+    let rows = |n: usize, seed: f32| -> Vec<f32> { (0..n * 8).map(|i| seed + i as f32 * 0.5).collect() };
+    let write = |c: &mut PagedKvCache, s: SeqId, n: usize, seed: f32| {
+        c.reserve(s, n).unwrap();
+        for layer in 0..2 {
+            let k = Tensor::from_vec(rows(n, seed + layer as f32), (n, 2, 4), &Device::Cpu).unwrap();
+            let v = (k.clone() * -1.0).unwrap();
+            c.write_tensor(s, layer, &k, &v).unwrap();
+        }
+        c.commit(s, n).unwrap();
+    };
+    let (a, b) = (host.add_sequence(), dev.add_sequence());
+    write(&mut host, a, 6, 1.0);
+    write(&mut dev, b, 6, 1.0);
+    let (fa, fb) = (host.fork(a).unwrap(), dev.fork(b).unwrap());
+    write(&mut host, fa, 3, 100.0);
+    write(&mut dev, fb, 3, 100.0);
+    write(&mut host, a, 1, 7.0);
+    write(&mut dev, b, 1, 7.0);
+    for (x, y) in [(a, b), (fa, fb)] {
+        let n = host.len(x).unwrap();
+        assert_eq!(n, dev.len(y).unwrap());
+        for layer in 0..2 {
+            assert_eq!(host.gather_layer(x, layer, n).unwrap(), dev.gather_layer(y, layer, n).unwrap());
+        }
+    }
+    assert_eq!(host.used_blocks(), dev.used_blocks());
+    // The device cache refuses the host views and the host cache the device views.
+    assert!(dev.layer_view(b, 0, 2).is_err());
+    assert!(host.device_layer(a, 0, 2).is_err());
+    let view = dev.device_layer(b, 1, 7).unwrap();
+    assert_eq!(view.block_table.len(), 2);
+}

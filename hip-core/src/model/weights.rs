@@ -226,12 +226,16 @@ impl Model {
             let mut off = 0;
             for (c, &start) in chunks.iter().zip(starts) {
                 let n = c.tokens.len();
-                let kc = k.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
-                let vc = v.narrow(0, off, n)?.flatten_all()?.to_vec1::<f32>()?;
-                kv.write(c.seq, layer, &kc, &vc)?;
-                let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
+                kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
                 let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
-                outs.push(attn.attend(layer, c.seq, &qc, &pkv, scale)?.squeeze(0)?);
+                let out = if kv.is_on_device() {
+                    let view = kv.device_layer(c.seq, layer, start + n)?;
+                    attn.attend_device(layer, c.seq, &qc, &view, scale)?
+                } else {
+                    let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
+                    attn.attend(layer, c.seq, &qc, &pkv, scale)?
+                };
+                outs.push(out.squeeze(0)?);
                 off += n;
             }
             let a = Tensor::cat(&outs, 0)?.reshape((n_total, cfg.heads * cfg.head_dim))?;

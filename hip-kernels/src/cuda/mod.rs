@@ -806,3 +806,28 @@ fn check_mask_fits(mask: &CudaMask, dims: &AttnDims) -> Result<()> {
     }
     Ok(())
 }
+
+/// One HiP decode step over a paged cache on CUDA, with the mask re-estimated only every
+/// `cfg.refresh_interval` steps (see [`crate::hip_attn_decode`] and [`crate::MaskCache`]; the
+/// cached mask is kept on the host and uploaded for each step — a few KB per layer).
+///
+/// # Errors
+/// As [`hip_mask_paged_cuda`] and [`block_sparse_attn_paged_cuda`].
+pub fn hip_attn_decode_paged_cuda(
+    q: &Tensor,
+    kv: &CudaPagedKv<'_>,
+    cfg: &crate::HipConfig,
+    scale: f32,
+    cache: &mut crate::MaskCache,
+) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    cache.step(
+        &dims,
+        cfg,
+        || hip_mask_paged_cuda(q, kv, cfg, scale)?.to_host(),
+        |mask, extra| {
+            let m = CudaMask::new(mask, q.device())?;
+            block_sparse_attn_paged_cuda(q, kv, &m, scale, extra)
+        },
+    )
+}
