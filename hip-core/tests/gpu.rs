@@ -1,7 +1,7 @@
 //! A model on the GPU against the same model on the CPU (feature `cuda`; needs a GPU: run on the
-//! H200 from the `make cuda` binaries). The model is a small Llama with seeded random weights
-//! written as a Hugging Face folder, so the test carries no weights file; the GPU side runs with
-//! its KV cache on the device in bf16 and the CUDA attention kernels, dense and HiP.
+//! H200 from the `make cuda` binaries). The model is a small Llama with random weights (fresh on
+//! every run) written as a Hugging Face folder, so the test carries no weights file; the GPU side
+//! runs with its KV cache on the device in bf16 and the CUDA attention kernels, dense and HiP.
 #![cfg(feature = "cuda")]
 
 use std::collections::HashMap;
