@@ -1,5 +1,5 @@
-//! With the `cuda` feature: compiles `kernels/*.cu` to PTX (loaded at run time through candle's
-//! CUDA device). nvcc comes from `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `PATH`;
+//! With the `cuda` feature: compiles `kernels/*.cu` to fat binaries (SASS for sm_90 plus PTX,
+//! loaded at run time into candle's CUDA context). nvcc comes from `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `PATH`;
 //! `scripts/cuda-env.sh` installs the pinned CUDA 13.0 compiler and sets these.
 
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    println!("cargo:rerun-if-env-changed=HIP_PTX_ARCH");
+    println!("cargo:rerun-if-env-changed=HIP_CUDA_ARCH");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -22,14 +22,18 @@ fn main() {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")))
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    // PTX for compute capability 9.0 (the H200); the driver compiles it at load time.
-    let arch = std::env::var("HIP_PTX_ARCH").unwrap_or_else(|_| "compute_90".to_owned());
+    // SASS for the H200 (sm_90) plus PTX for compute_90 in one fat binary: Hopper loads the SASS
+    // without JIT compilation; other GPUs of compute capability >= 9.0 JIT the PTX.
+    let cc = std::env::var("HIP_CUDA_ARCH").unwrap_or_else(|_| "90".to_owned());
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     for k in KERNELS {
-        let ptx = out.join(format!("{k}.ptx"));
+        let bin = out.join(format!("{k}.fatbin"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
-            .arg(&ptx)
+            .args(["--fatbin", "-O3", "-std=c++17"])
+            .arg(format!("-gencode=arch=compute_{cc},code=sm_{cc}"))
+            .arg(format!("-gencode=arch=compute_{cc},code=compute_{cc}"))
+            .arg("-o")
+            .arg(&bin)
             .arg(format!("kernels/{k}.cu"))
             .status()
             .unwrap_or_else(|e| {

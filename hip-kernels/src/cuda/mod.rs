@@ -9,7 +9,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
@@ -19,8 +25,36 @@ use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/span_attn.ptx"));
-const MODULE: &str = "hip_span_attn";
+/// `span_attn.cu` compiled by `build.rs`: SASS for sm_90 plus PTX (loaded without JIT on Hopper).
+const SPAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/span_attn.fatbin"));
+const SPAN_MODULE: &str = "hip_span_attn";
+
+/// A kernel of one of our modules, loading the module into the device's context once.
+fn func(
+    dev: &CudaDevice,
+    image: &'static [u8],
+    module: &'static str,
+    name: &str,
+) -> candle_core::Result<CudaFunction> {
+    type Modules = HashMap<(usize, &'static str), Arc<CudaModule>>;
+    static MODULES: OnceLock<Mutex<Modules>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let key = (Arc::as_ptr(ctx) as usize, module);
+    let cuda = |e: DriverError| candle_core::Error::Cuda(Box::new(e));
+    let m = {
+        let mut map = MODULES.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&key) {
+            Some(m) => Arc::clone(m),
+            None => {
+                let m = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(cuda)?;
+                map.insert(key, Arc::clone(&m));
+                m
+            }
+        }
+    };
+    m.load_function(name).map_err(cuda)
+}
 
 /// Queries per decode launch at most; more go through the prefill kernel.
 const DECODE_MAX_TQ: usize = 8;
@@ -283,14 +317,15 @@ impl SpanOp<'_> {
             let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
             let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
             let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
-            let f = dev.get_or_load_custom_func(&format!("dense_decode_gqa_{tn}_d{hd}"), MODULE, PTX)?;
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("dense_decode_gqa_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
-            let mut b = f.builder();
+            let launch_stream = dev.cuda_stream();
+            let mut b = launch_stream.launch_builder(&f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
             b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
             // SAFETY: argument list matches `dense_decode_gqa_*`; buffers are sized above.
@@ -305,14 +340,15 @@ impl SpanOp<'_> {
             let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
             let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
             let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
-            let f = dev.get_or_load_custom_func(&format!("span_decode_{tn}_d{hd}"), MODULE, PTX)?;
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_q as u32, (d.batch * d.t_q) as u32),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
-            let mut b = f.builder();
+            let launch_stream = dev.cuda_stream();
+            let mut b = launch_stream.launch_builder(&f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
             b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
             // SAFETY: argument list matches `span_decode_*`; buffers are sized above.
@@ -327,7 +363,7 @@ impl SpanOp<'_> {
                 + bm * (hd + 4) * 4
                 + 2 * bm * 4
                 + 2 * 64 * 4;
-            let f = dev.get_or_load_custom_func(&format!("span_prefill_{tn}_d{hd}_w{warps}"), MODULE, PTX)?;
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_prefill_{tn}_d{hd}_w{warps}"))?;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -338,7 +374,8 @@ impl SpanOp<'_> {
                 block_dim: ((32 * warps) as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let mut b = f.builder();
+            let launch_stream = dev.cuda_stream();
+            let mut b = launch_stream.launch_builder(&f);
             b.arg(&qp)
                 .arg(&op)
                 .arg(&q_b)
@@ -370,8 +407,7 @@ impl SpanOp<'_> {
     ) -> candle_core::Result<()> {
         let d = &self.dims;
         let tn = if T::DTYPE == DType::BF16 { "bf16" } else { "f16" };
-        let f =
-            self.dev.get_or_load_custom_func(&format!("span_combine_{tn}_d{}", d.head_dim), MODULE, PTX)?;
+        let f = func(&self.dev, SPAN, SPAN_MODULE, &format!("span_combine_{tn}_d{}", d.head_dim))?;
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(4) as u32, 1, 1),
             block_dim: (128, 1, 1),
@@ -380,7 +416,8 @@ impl SpanOp<'_> {
         let (splits_i, rows_i, t_q, heads_q) = (splits as i32, rows as i32, d.t_q as i32, d.heads_q as i32);
         let q_b = (d.t_q * d.heads_q * d.head_dim) as i64;
         let q_t = (d.heads_q * d.head_dim) as i64;
-        let mut b = f.builder();
+        let launch_stream = self.dev.cuda_stream();
+        let mut b = launch_stream.launch_builder(&f);
         b.arg(part_m).arg(part_l).arg(part_acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
         b.arg(&t_q).arg(&heads_q).arg(&rows_i);
         // SAFETY: argument list matches `span_combine_*`; the partials hold rows * splits entries.
@@ -453,7 +490,8 @@ pub fn block_sparse_attn_cuda(
     span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
 }
 
-const MASK_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/hip_mask.ptx"));
+/// `hip_mask.cu` compiled by `build.rs` (as [`SPAN`]).
+const MASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hip_mask.fatbin"));
 const MASK_MODULE: &str = "hip_mask_search";
 
 /// `SearchArgs` of `hip_mask.cu`.
@@ -641,7 +679,7 @@ fn launch_mask(
     // Must match the layout of `hip_mask_search`: QR = 32 queries, two buffers of BN = 64 keys,
     // scores, per-slot max / branch / token, and score + 4 branch arrays of `cap` entries.
     let smem = (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
-    let f = dev.get_or_load_custom_func(&format!("hip_mask_{tn}_d{hd}"), MASK_MODULE, MASK_PTX)?;
+    let f = func(dev, MASK, MASK_MODULE, &format!("hip_mask_{tn}_d{hd}"))?;
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
     let cfg_l = LaunchConfig {
@@ -651,7 +689,8 @@ fn launch_mask(
     };
     let q_b = (dims.t_q * dims.heads_q * hd) as i64;
     let q_t = (dims.heads_q * hd) as i64;
-    let mut b = f.builder();
+    let launch_stream = dev.cuda_stream();
+    let mut b = launch_stream.launch_builder(&f);
     b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(out_s).arg(out_c);
     // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows.
     unsafe { b.launch(cfg_l) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
