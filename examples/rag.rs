@@ -91,7 +91,7 @@ async fn run() -> Result<()> {
     // HiP: already at 7.4k tokens it prefills and decodes faster than dense, with answers as good.
     let attention = Attention::Hip(HipConfig::paper());
     let builder = Model::builder(model_path(model_arg));
-    #[cfg(feature = "cuda")] // K and V are f32: 56 KiB a token of Qwen2.5-1.5B.
+    #[cfg(feature = "cuda")] // K and V are bf16 on the GPU: 28 KiB a token of Qwen2.5-1.5B.
     let builder = builder
         .with_device(hip_sdk::Device::Cuda(0))
         .with_context_limit(320_000)

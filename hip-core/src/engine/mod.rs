@@ -31,7 +31,7 @@ pub struct EngineConfig {
     pub attention: AttentionBackend,
     /// Tokens per KV-cache block.
     pub kv_block_size: usize,
-    /// Memory for the KV cache, in bytes (K and V of every layer, f32).
+    /// Memory for the KV cache, in bytes (K and V of every layer: f32 on the CPU, bf16 on a GPU).
     pub kv_budget_bytes: usize,
     /// Most prompt tokens processed per step (chunked prefill).
     pub prefill_chunk: usize,
@@ -135,15 +135,13 @@ impl Engine {
             return Err(Error::arg("prefill_chunk", 0, "must be at least 1"));
         }
         let mc = model.config();
-        let kv_cfg = KvCacheConfig::for_bytes(
-            mc.layers,
-            mc.kv_heads,
-            mc.head_dim,
-            cfg.kv_block_size,
-            cfg.kv_budget_bytes,
-        )?;
-        // On a GPU the cache lives there, in bf16 (the CUDA kernels' input type).
-        let kv = if model.device().is_cuda() {
+        // On a GPU the cache lives there, in bf16 (the CUDA kernels' input type): the budget then
+        // holds twice as many f32-sized blocks' worth of tokens.
+        let on_gpu = model.device().is_cuda();
+        let budget = if on_gpu { cfg.kv_budget_bytes.saturating_mul(2) } else { cfg.kv_budget_bytes };
+        let kv_cfg =
+            KvCacheConfig::for_bytes(mc.layers, mc.kv_heads, mc.head_dim, cfg.kv_block_size, budget)?;
+        let kv = if on_gpu {
             PagedKvCache::new_on_device(kv_cfg, model.device(), candle_core::DType::BF16)?
         } else {
             PagedKvCache::new(kv_cfg)?

@@ -59,6 +59,8 @@ pub struct PagedKvCache {
     layers: Vec<LayerStore>,
     /// Device storage: per layer K and V, `[num_blocks * block_size, num_kv_heads, head_dim]`.
     device: Option<Vec<(Tensor, Tensor)>>,
+    /// Bytes of one K or V element: 4 on the host (f32), the dtype's size on a device.
+    elem_bytes: usize,
     pool: BlockPool,
     seqs: BTreeMap<u64, SeqState>,
     next_id: u64,
@@ -95,6 +97,7 @@ impl PagedKvCache {
             block_floats,
             layers,
             device: None,
+            elem_bytes: 4,
             pool,
             seqs: BTreeMap::new(),
             next_id: 0,
@@ -128,6 +131,7 @@ impl PagedKvCache {
             block_floats,
             layers: Vec::new(),
             device: Some(layers),
+            elem_bytes: dtype.size_in_bytes(),
             pool,
             seqs: BTreeMap::new(),
             next_id: 0,
@@ -530,9 +534,10 @@ impl PagedKvCache {
     }
 
     /// Bytes of one block (K and V of all layers):
-    /// `2 * num_layers * block_size * num_kv_heads * head_dim * 4`.
+    /// `2 * num_layers * block_size * num_kv_heads * head_dim * e`, with `e` = 4 (f32) on the host
+    /// and the dtype's size on a device.
     pub fn block_bytes(&self) -> usize {
-        self.cfg.block_bytes()
+        self.cfg.block_bytes() / 4 * self.elem_bytes
     }
 
     /// Bytes of the blocks referenced by at least one sequence (each counted once).

@@ -665,6 +665,10 @@ fn device_store_matches_host_store() {
         }
     }
     assert_eq!(host.used_blocks(), dev.used_blocks());
+    assert_eq!(host.bytes_in_use(), dev.bytes_in_use());
+    let cfg = KvCacheConfig { num_layers: 2, num_kv_heads: 2, head_dim: 4, block_size: 4, num_blocks: 2 };
+    let half = PagedKvCache::new_on_device(cfg.clone(), &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!(half.block_bytes() * 2, cfg.block_bytes());
     // The device cache refuses the host views and the host cache the device views.
     assert!(dev.layer_view(b, 0, 2).is_err());
     assert!(host.device_layer(a, 0, 2).is_err());
