@@ -4,13 +4,15 @@
 //! runs with its KV cache on the device in bf16 and the CUDA attention kernels, dense and HiP.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::sparse_hip;
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::model::{LogitsWanted, Model, SeqChunk};
-use hip_core::HipConfig;
 
 const VOCAB: usize = 512;
 
@@ -87,12 +89,7 @@ fn gpu_logits_match_cpu() {
     let dir = tempfile::tempdir().unwrap();
     tiny_llama(dir.path());
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let hip = HipConfig::paper()
-        .with_k(64)
-        .with_query_block(32, 2)
-        .with_sink_window(16, 32)
-        .with_dense_layers(vec![0])
-        .with_refresh_interval(3);
+    let hip = sparse_hip();
     let prompt: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
     // Prefill in two chunks (the second over a cached prefix), then 10 decode steps, feeding the
     // CPU dense model's greedy tokens to every side so that they all see the same context.

@@ -5,14 +5,14 @@
 mod common;
 
 use candle_core::Device;
-use common::{asset, smollm2};
+use common::{asset, smollm2, sparse_hip};
 use hip_core::attention::AttentionBackend;
 use hip_core::engine::{Engine, EngineConfig, GenerateParams};
 use hip_core::kv::SeqId;
 use hip_core::loader::tokenizer::Tokenizer;
 use hip_core::model::Model;
 use hip_core::persist::{self, Expected, SessionFile, SessionFileProblem};
-use hip_core::{Error, HipConfig};
+use hip_core::Error;
 
 fn engine() -> Engine {
     let path = smollm2();
@@ -20,13 +20,7 @@ fn engine() -> Engine {
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let tok = Tokenizer::from_gguf(&content).unwrap();
-    // Sparse at a few hundred tokens: 64 selected tokens besides a 16 + 32 sink and window.
-    let hip = HipConfig::paper()
-        .with_k(64)
-        .with_query_block(32, 2)
-        .with_sink_window(16, 32)
-        .with_dense_layers(vec![0])
-        .with_refresh_interval(3);
+    let hip = sparse_hip();
     Engine::new(model, tok, EngineConfig::default().with_attention(AttentionBackend::Hip(hip))).unwrap()
 }
 

@@ -19,6 +19,13 @@ pub enum AttentionBackend {
     Hip(HipConfig),
 }
 
+/// See [`AttentionState::route`].
+enum Route<'a> {
+    Dense,
+    Prefill(&'a HipConfig),
+    Decode(&'a HipConfig, &'a mut MaskCache),
+}
+
 /// The backend plus its per-(sequence, layer) decode state.
 #[derive(Debug)]
 pub struct AttentionState {
@@ -60,17 +67,27 @@ impl AttentionState {
         kv: &PagedKv<'_>,
         scale: f32,
     ) -> Result<Tensor> {
-        let cfg = match &self.backend {
-            AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => cfg,
-            _ => return Ok(dense_attn_paged(q, kv, scale)?),
-        };
-        let n = q.dim(1)?;
-        if n == 1 {
-            let cache = self.caches.entry((seq, layer)).or_default();
-            Ok(hip_attn_decode_paged(q, kv, cfg, scale, cache)?)
-        } else {
-            self.caches.remove(&(seq, layer));
-            Ok(hip_attn_paged(q, kv, cfg, scale)?)
+        Ok(match self.route(layer, seq, q.dim(1)?) {
+            Route::Dense => dense_attn_paged(q, kv, scale)?,
+            Route::Prefill(cfg) => hip_attn_paged(q, kv, cfg, scale)?,
+            Route::Decode(cfg, cache) => hip_attn_decode_paged(q, kv, cfg, scale, cache)?,
+        })
+    }
+
+    /// Which attention `n` new tokens of `seq` get in `layer`: dense, a fresh HiP mask for a
+    /// chunk (forgetting the decode mask), or the cached-mask decode path for one token.
+    fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Route<'_> {
+        let AttentionState { backend, caches } = self;
+        match backend {
+            AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => {
+                if n == 1 {
+                    Route::Decode(cfg, caches.entry((seq, layer)).or_default())
+                } else {
+                    caches.remove(&(seq, layer));
+                    Route::Prefill(cfg)
+                }
+            }
+            _ => Route::Dense,
         }
     }
 
@@ -97,17 +114,10 @@ impl AttentionState {
             let view =
                 CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len: kv.len };
             let q = q.to_dtype(kv.k.dtype())?;
-            let out = match &self.backend {
-                AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => {
-                    if q.dim(1)? == 1 {
-                        let cache = self.caches.entry((seq, layer)).or_default();
-                        hip_attn_decode_paged_cuda(&q, &view, cfg, scale, cache)?
-                    } else {
-                        self.caches.remove(&(seq, layer));
-                        hip_attn_paged_cuda(&q, &view, cfg, scale)?
-                    }
-                }
-                _ => dense_attn_paged_cuda(&q, &view, scale)?,
+            let out = match self.route(layer, seq, q.dim(1)?) {
+                Route::Dense => dense_attn_paged_cuda(&q, &view, scale)?,
+                Route::Prefill(cfg) => hip_attn_paged_cuda(&q, &view, cfg, scale)?,
+                Route::Decode(cfg, cache) => hip_attn_decode_paged_cuda(&q, &view, cfg, scale, cache)?,
             };
             Ok(out.to_dtype(candle_core::DType::F32)?)
         }

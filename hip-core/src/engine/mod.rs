@@ -95,6 +95,16 @@ struct Seq {
     dangling: bool,
 }
 
+impl Seq {
+    /// Fails while a request runs on the sequence.
+    fn check_idle(&self, id: SeqId) -> Result<()> {
+        match self.request {
+            Some(r) => Err(Error::arg("sequence", id, format!("busy with request {r}"))),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Req {
     seq: SeqId,
@@ -198,9 +208,7 @@ impl Engine {
 
     fn idle_seq(&mut self, seq: SeqId) -> Result<&mut Seq> {
         let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        if let Some(r) = s.request {
-            return Err(Error::arg("sequence", seq, format!("busy with request {r}")));
-        }
+        s.check_idle(seq)?;
         Ok(s)
     }
 
@@ -306,9 +314,7 @@ impl Engine {
     /// An unknown or busy sequence.
     pub fn snapshot(&self, seq: SeqId) -> Result<SeqSnapshot> {
         let s = self.seq(seq)?;
-        if let Some(r) = s.request {
-            return Err(Error::arg("sequence", seq, format!("busy with request {r}")));
-        }
+        s.check_idle(seq)?;
         let geometry = KvGeometry::of(&self.model);
         let layers = (0..geometry.num_layers)
             .map(|l| {

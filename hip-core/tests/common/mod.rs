@@ -32,3 +32,14 @@ pub fn smollm2() -> PathBuf {
 pub fn argmax(v: &[f32]) -> u32 {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0 as u32).unwrap_or(0)
 }
+
+/// A HiP config that is sparse at a few hundred tokens: 64 selected tokens besides a 16-token
+/// sink and a 32-token window, layer 0 dense, the decode mask refreshed every 3 steps.
+pub fn sparse_hip() -> hip_core::HipConfig {
+    hip_core::HipConfig::paper()
+        .with_k(64)
+        .with_query_block(32, 2)
+        .with_sink_window(16, 32)
+        .with_dense_layers(vec![0])
+        .with_refresh_interval(3)
+}

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
@@ -41,19 +41,18 @@ fn func(
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     let key = (Arc::as_ptr(ctx) as usize, module);
-    let cuda = |e: DriverError| candle_core::Error::Cuda(Box::new(e));
     let m = {
         let mut map = MODULES.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
         match map.get(&key) {
             Some(m) => Arc::clone(m),
             None => {
-                let m = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(cuda)?;
+                let m = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(cuda_err)?;
                 map.insert(key, Arc::clone(&m));
                 m
             }
         }
     };
-    m.load_function(name).map_err(cuda)
+    m.load_function(name).map_err(cuda_err)
 }
 
 /// Queries per decode launch at most; more go through the prefill kernel.
@@ -310,13 +309,8 @@ impl SpanOp<'_> {
         if d.t_q <= DECODE_MAX_TQ && matches!(self.keys, Keys::Dense) && group <= 8 {
             // Dense decode, one CTA per (split, KV head): each K/V row is read once per group.
             let rows = d.batch * d.t_q * d.heads_q;
-            let ctas = d.batch * d.t_q * d.heads_kv;
-            let target = (528 / ctas.max(1)).max(1);
-            let per = l_max.div_ceil(target).max(256);
-            let splits = l_max.div_ceil(per).max(1);
-            let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
-            let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
-            let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
+            let (per, splits) = decode_splits(l_max, d.batch * d.t_q * d.heads_kv, 256);
+            let parts = Partials::new(dev, rows * splits, hd)?;
             let f = func(dev, SPAN, SPAN_MODULE, &format!("dense_decode_gqa_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
@@ -324,22 +318,17 @@ impl SpanOp<'_> {
                 shared_mem_bytes: 0,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
-            let launch_stream = dev.cuda_stream();
-            let mut b = launch_stream.launch_builder(&f);
+            let mut b = stream.launch_builder(&f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
-            b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
+            b.arg(&per_i).arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i);
             // SAFETY: argument list matches `dense_decode_gqa_*`; buffers are sized above.
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-            self.combine::<T>(&part_m, &part_l, &part_acc, splits, op, rows)?;
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            self.combine::<T>(&parts, splits, op, rows)?;
         } else if d.t_q <= DECODE_MAX_TQ {
             // Split-KV decode: about 4 CTAs per multiprocessor in all.
             let rows = d.batch * d.t_q * d.heads_q;
-            let target = (528 / rows.max(1)).max(1);
-            let per = l_max.div_ceil(target).max(64);
-            let splits = l_max.div_ceil(per).max(1);
-            let part_m = dev.alloc_zeros::<f32>(rows * splits)?;
-            let part_l = dev.alloc_zeros::<f32>(rows * splits)?;
-            let part_acc = dev.alloc_zeros::<f32>(rows * splits * hd)?;
+            let (per, splits) = decode_splits(l_max, rows, 64);
+            let parts = Partials::new(dev, rows * splits, hd)?;
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_q as u32, (d.batch * d.t_q) as u32),
@@ -347,13 +336,12 @@ impl SpanOp<'_> {
                 shared_mem_bytes: 0,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
-            let launch_stream = dev.cuda_stream();
-            let mut b = launch_stream.launch_builder(&f);
+            let mut b = stream.launch_builder(&f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
-            b.arg(&per_i).arg(&part_m).arg(&part_l).arg(&part_acc).arg(&splits_i);
+            b.arg(&per_i).arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i);
             // SAFETY: argument list matches `span_decode_*`; buffers are sized above.
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-            self.combine::<T>(&part_m, &part_l, &part_acc, splits, op, rows)?;
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            self.combine::<T>(&parts, splits, op, rows)?;
         } else {
             let warps = [4usize, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
             let bm = 16 * warps;
@@ -368,14 +356,13 @@ impl SpanOp<'_> {
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            .map_err(cuda_err)?;
             let cfg = LaunchConfig {
                 grid_dim: (d.t_q.div_ceil(bm) as u32, d.heads_q as u32, d.batch as u32),
                 block_dim: ((32 * warps) as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let launch_stream = dev.cuda_stream();
-            let mut b = launch_stream.launch_builder(&f);
+            let mut b = stream.launch_builder(&f);
             b.arg(&qp)
                 .arg(&op)
                 .arg(&q_b)
@@ -386,7 +373,7 @@ impl SpanOp<'_> {
                 .arg(&mask)
                 .arg(&scale_log2);
             // SAFETY: argument list matches `span_prefill_*`; shared memory as computed above.
-            unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         }
         drop(_g4);
         let shape = Shape::from((d.batch, d.t_q, d.heads_q, hd));
@@ -398,9 +385,7 @@ impl SpanOp<'_> {
     /// Merges the decode partials of `rows` (batch, query, head) rows into the output at `op`.
     fn combine<T: CudaDType + candle_core::WithDType>(
         &self,
-        part_m: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
-        part_l: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
-        part_acc: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        parts: &Partials,
         splits: usize,
         op: u64,
         rows: usize,
@@ -416,12 +401,12 @@ impl SpanOp<'_> {
         let (splits_i, rows_i, t_q, heads_q) = (splits as i32, rows as i32, d.t_q as i32, d.heads_q as i32);
         let q_b = (d.t_q * d.heads_q * d.head_dim) as i64;
         let q_t = (d.heads_q * d.head_dim) as i64;
-        let launch_stream = self.dev.cuda_stream();
-        let mut b = launch_stream.launch_builder(&f);
-        b.arg(part_m).arg(part_l).arg(part_acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
         b.arg(&t_q).arg(&heads_q).arg(&rows_i);
         // SAFETY: argument list matches `span_combine_*`; the partials hold rows * splits entries.
-        unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
 }
@@ -464,6 +449,36 @@ impl candle_core::CustomOp3 for SpanOp<'_> {
 fn poison() -> bool {
     static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
+}
+
+fn cuda_err(e: DriverError) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+/// Keys per split and splits of a split-KV decode over at most `keys` keys with `ctas` CTAs per
+/// split: about 4 CTAs per multiprocessor of the H200 in all, at least `min_per` keys a split.
+fn decode_splits(keys: usize, ctas: usize, min_per: usize) -> (usize, usize) {
+    let target = (528 / ctas.max(1)).max(1);
+    let per = keys.div_ceil(target).max(min_per);
+    (per, keys.div_ceil(per).max(1))
+}
+
+/// The decode workspace: per (row, split) the running max, the sum and the `head_dim` weighted
+/// values, merged by `span_combine_*`.
+struct Partials {
+    m: CudaSlice<f32>,
+    l: CudaSlice<f32>,
+    acc: CudaSlice<f32>,
+}
+
+impl Partials {
+    fn new(dev: &CudaDevice, slots: usize, head_dim: usize) -> candle_core::Result<Self> {
+        Ok(Partials {
+            m: dev.alloc_zeros::<f32>(slots)?,
+            l: dev.alloc_zeros::<f32>(slots)?,
+            acc: dev.alloc_zeros::<f32>(slots * head_dim)?,
+        })
+    }
 }
 
 /// `true` when the tensor lives on a CUDA device.
@@ -624,8 +639,8 @@ fn launch_mask(
     cfg: &crate::HipConfig,
     scale: f32,
     dev: &CudaDevice,
-    out_s: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
-    out_c: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    out_s: &CudaSlice<u32>,
+    out_c: &CudaSlice<u32>,
     n_qblocks: usize,
 ) -> Result<()> {
     let stream = dev.cuda_stream();
@@ -681,7 +696,7 @@ fn launch_mask(
     let smem = (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
     let f = func(dev, MASK, MASK_MODULE, &format!("hip_mask_{tn}_d{hd}"))?;
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        .map_err(cuda_err)?;
     let cfg_l = LaunchConfig {
         grid_dim: (n_qblocks as u32, dims.heads_q as u32, dims.batch as u32),
         block_dim: (128, 1, 1),
@@ -689,11 +704,10 @@ fn launch_mask(
     };
     let q_b = (dims.t_q * dims.heads_q * hd) as i64;
     let q_t = (dims.heads_q * hd) as i64;
-    let launch_stream = dev.cuda_stream();
-    let mut b = launch_stream.launch_builder(&f);
+    let mut b = stream.launch_builder(&f);
     b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(out_s).arg(out_c);
     // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows.
-    unsafe { b.launch(cfg_l) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    unsafe { b.launch(cfg_l) }.map_err(cuda_err)?;
     Ok(())
 }
 
