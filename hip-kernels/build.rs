@@ -12,6 +12,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
+    println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=HIP_CUDA_ARCH");

@@ -55,6 +55,11 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
     (num / den.max(1e-30)).sqrt()
 }
 
+fn median(v: &mut [f32]) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2]
+}
+
 fn argmax(v: &[f32]) -> u32 {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0 as u32).unwrap()
 }
@@ -117,7 +122,8 @@ fn gpu_logits_match_cpu() {
     let (dense_gpu, _) = run(&gpu, AttentionBackend::Dense, Some(&feed));
     let (hip_cpu, _) = run(&Device::Cpu, AttentionBackend::Hip(hip.clone()), Some(&feed));
     let (hip_gpu, _) = run(&gpu, AttentionBackend::Hip(hip), Some(&feed));
-    let (mut worst_dense, mut agree_dense, mut agree_hip) = (0f32, 0, 0);
+    let (mut worst_dense, mut agree_dense) = (0f32, 0);
+    let (mut hip_errs, mut gaps) = (Vec::new(), Vec::new());
     for i in 0..dense_cpu.len() {
         let e_dense = rel(&dense_gpu[i], &dense_cpu[i]);
         let e_hip = rel(&hip_gpu[i], &hip_cpu[i]);
@@ -132,14 +138,18 @@ fn gpu_logits_match_cpu() {
         );
         worst_dense = worst_dense.max(e_dense);
         agree_dense += usize::from(argmax(&dense_gpu[i]) == argmax(&dense_cpu[i]));
-        agree_hip += usize::from(argmax(&hip_gpu[i]) == argmax(&hip_cpu[i]));
+        hip_errs.push(e_hip);
+        gaps.push(gap);
     }
     // Dense: bf16 K/V and attention inputs on the GPU against f32 on the CPU (the weights are
     // random on every run, so a near-tie may flip a greedy token now and then).
     assert!(worst_dense <= 0.05, "dense: worst logits rel err {worst_dense}");
     assert!(agree_dense >= 10, "dense: greedy tokens agree in {agree_dense} of 12 steps");
     // HiP: the GPU's search scores bf16 keys, so near-tied blocks can be chosen differently
-    // from the f32 CPU search (the logits then differ by about as much as HiP differs from
-    // dense); the greedy tokens must still agree.
-    assert!(agree_hip >= 9, "hip: greedy tokens agree in {agree_hip} of 12 steps");
+    // from the f32 CPU search, and a step whose mask differs moves the logits by up to about as
+    // much as HiP differs from dense (measured over fresh weights on the H200: the median step
+    // is ~5e-2 against a HiP-vs-dense gap of ~0.7, single steps up to ~0.5). Wiring faults
+    // (a stale or foreign decode mask, a wrong block table) move every step by the full gap.
+    let (m_hip, m_gap) = (median(&mut hip_errs), median(&mut gaps));
+    assert!(m_hip <= 0.3 * m_gap, "hip: median gpu/cpu rel err {m_hip} vs median hip/dense gap {m_gap}");
 }

@@ -14,21 +14,9 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 using namespace nvcuda;
-
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-struct KvArgs {
-    const void* k;
-    const void* v;
-    long long kv_b;
-    long long kv_t;
-    const int* table;
-    int table_stride;
-    int page;
-    int t_k;
-    int heads_kv;
-};
 
 struct SearchArgs {
     int t_q;
@@ -40,14 +28,6 @@ struct SearchArgs {
     int n_qblocks;
     int cap;           // branch slots in shared memory: a power of two >= 2 * G
 };
-
-__device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {
-    if (a.table != nullptr) {
-        int blk = a.table[(long long)b * a.table_stride + j / a.page];
-        return ((long long)blk * a.page + j % a.page) * a.kv_t;
-    }
-    return (long long)b * a.kv_b + (long long)j * a.kv_t;
-}
 
 // Sorts n_pow2 (key, value) pairs in shared memory by `before(a, b)` (bitonic; all threads).
 template <typename Less>
@@ -71,14 +51,6 @@ __device__ void bitonic_sort(float* score, uint32_t* a, uint32_t* b, int n_pow2,
     }
     __syncthreads();
 }
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_0() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // Exclusive prefix sum of `x` over the block (blockDim.x a multiple of 32, at most 32 warps);
 // `total` gets the sum. Ends with a barrier.

@@ -19,29 +19,11 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 using namespace nvcuda;
 
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-
-// Where the keys and values are and which of them a row of queries sees.
-struct KvArgs {
-    const void* k;
-    const void* v;
-    long long kv_b;       // batch stride (elements), contiguous layout
-    long long kv_t;       // token (row) stride (elements)
-    const int* table;     // block table [B, table_stride] or nullptr for contiguous K/V
-    int table_stride;
-    int page;             // tokens per cache block (paged layout)
-    int t_k;
-    int heads_kv;
-};
-
+// Which keys a row of queries sees.
 struct MaskArgs {
     const uint32_t* starts;  // [B, Hq, n_qblocks, max_blocks] or nullptr (dense)
     const uint32_t* counts;  // [B, Hq, n_qblocks]
@@ -52,14 +34,6 @@ struct MaskArgs {
     int sink;
     long long window;        // per-query window (mask window + extra); huge for dense
 };
-
-__device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {
-    if (a.table != nullptr) {
-        int blk = a.table[(long long)b * a.table_stride + j / a.page];
-        return ((long long)blk * a.page + j % a.page) * a.kv_t;
-    }
-    return (long long)b * a.kv_b + (long long)j * a.kv_t;
-}
 
 // The key list of one mask row.
 struct KeyList {
@@ -112,8 +86,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Prefill: one CTA per (query tile of 16 * WARPS rows, query head, batch); tensor-core tiles
-// (WMMA 16x16x16) for S = Q K^T and O += P V, online softmax in shared memory.
+// Prefill: one CTA per (query tile of BM = 16 * WARPS rows, query head, batch), FlashAttention-2
+// style. Each warp keeps its 16 query rows (as mma A fragments), its S = Q K^T tile and its output
+// accumulator in registers (mma.sync m16n8k16, f32 accumulation); S becomes the A operand of
+// P V without leaving registers. Key tiles of BN = 64 gathered rows stream through shared memory
+// with cp.async: V of tile t loads while S of tile t is computed, K of tile t + 1 while P V runs.
+// A tile whose keys every row admits (all of them causal, in the right segment) skips the
+// per-element mask.
 
 template <typename T, int D, int WARPS>
 __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t,
@@ -121,157 +100,195 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
     constexpr int BM = 16 * WARPS;
     constexpr int BN = 64;
     constexpr int NT = 32 * WARPS;
-    constexpr int LDQ = D + 8;   // halves
-    constexpr int LDK = D + 8;
-    constexpr int LDS = BN + 4;  // floats
-    constexpr int LDP = BN + 8;  // halves
-    constexpr int LDO = D + 4;   // floats
-    constexpr int VEC = 8;       // halves per 16-byte load
+    constexpr int LD = D + 8;    // halves per shared row: ldmatrix rows land in distinct banks
+    constexpr int CH = D / 8;    // 16-byte chunks per row
+    constexpr int NS = BN / 8;   // n-tiles of S per warp
+    constexpr int NO = D / 8;    // n-tiles of O per warp
+    constexpr int KD = D / 16;   // k-steps over the head dim
 
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem);
-    T* Ks = Qs + BM * LDQ;
-    float* Ss = reinterpret_cast<float*>(Ks + BN * LDK);
-    T* Ps = reinterpret_cast<T*>(Ss + BM * LDS);
-    float* Os = reinterpret_cast<float*>(Ps + BM * LDP);
-    float* m_s = Os + BM * LDO;
-    float* l_s = m_s + BM;
-    int* kj = reinterpret_cast<int*>(l_s + BM);
-    int* kseg = kj + BN;
+    T* Ks = Qs + BM * LD;
+    T* Vs = Ks + BN * LD;
+    long long* krow = reinterpret_cast<long long*>(Vs + BN * LD);  // [2][BN] element offsets, -1 none
+    int* kj = reinterpret_cast<int*>(krow + 2 * BN);                // [2][BN] token index, -1 none
+    int* kseg = kj + 2 * BN;                                         // [2][BN]
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, tq = lane & 3;
     const int m0 = blockIdx.x * BM;
     const int h = blockIdx.y, b = blockIdx.z;
-    const int group = heads_q / kv.heads_kv;
-    const int hk = h / group;
+    const int hk = h / (heads_q / kv.heads_kv);
     const int offset = kv.t_k - t_q;
     const int rows = min(BM, t_q - m0);
     const int p_first = offset + m0, p_last = offset + m0 + rows - 1;
     const long long mrow = ((long long)b * heads_q + h) * mask.n_qblocks + m0 / mask.block_q;
     const KeyList keys = key_list(mask, mrow, p_first, p_last);
     const int L = keys.len();
-
-    // Q tile, zero rows past the end; O, m, l.
-    for (int c = tid; c < BM * (D / VEC); c += NT) {
-        int r = c / (D / VEC), x = (c % (D / VEC)) * VEC;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < rows) val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + x);
-        *reinterpret_cast<uint4*>(Qs + r * LDQ + x) = val;
-    }
-    for (int c = tid; c < BM * D; c += NT) Os[(c / D) * LDO + c % D] = 0.f;
-    for (int r = tid; r < BM; r += NT) { m_s[r] = NEG_INF; l_s[r] = 0.f; }
-
+    const int n_tiles = (L + BN - 1) / BN;
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
-    for (int t0 = 0; t0 < L; t0 += BN) {
-        __syncthreads();  // previous tile done with Ks / kj
+
+    // Key indices of the tile at list position `t0` into buffer `buf`; returns (to every thread,
+    // after a barrier) whether every query row of the CTA admits every key of the tile.
+    auto fill = [&](int buf, int t0) -> int {
+        int full = 1;
         for (int c = tid; c < BN; c += NT) {
             int seg = -1, j = -1;
             if (t0 + c < L) j = keys.at(t0 + c, &seg);
             if (j >= kv.t_k || j > p_last) j = -1;
-            kj[c] = j;
-            kseg[c] = seg;
+            kj[buf * BN + c] = j;
+            kseg[buf * BN + c] = seg;
+            krow[buf * BN + c] = j >= 0 ? kv_row(kv, b, j) + (long long)hk * D : -1;
+            bool f = j >= 0 && j <= p_first;
+            if (seg == 1) f = f && (long long)j + mask.window <= p_first;
+            if (seg == 2) f = f && (long long)j + mask.window > p_last;
+            full &= f ? 1 : 0;
         }
-        __syncthreads();
-        for (int c = tid; c < BN * (D / VEC); c += NT) {
-            int r = c / (D / VEC), x = (c % (D / VEC)) * VEC;
-            int j = kj[r];
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (j >= 0) val = *reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D + x);
-            *reinterpret_cast<uint4*>(Ks + r * LDK + x) = val;
+        return __syncthreads_and(full);
+    };
+    auto load = [&](T* dst, const T* src, int buf) {
+        for (int c = tid; c < BN * CH; c += NT) {
+            int r = c / CH, x = (c % CH) * 8;
+            long long row = krow[buf * BN + r];
+            cp_async16(dst + r * LD + x, row >= 0 ? src + row + x : src, row >= 0 ? 16 : 0);
         }
-        __syncthreads();
+    };
 
-        // S = Q K^T for this warp's 16 rows.
-        {
-            const T* qw = Qs + warp * 16 * LDQ;
-            for (int n = 0; n < BN / 16; n++) {
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.f);
-                for (int kk = 0; kk < D / 16; kk++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-                    wmma::load_matrix_sync(a, qw + kk * 16, LDQ);
-                    wmma::load_matrix_sync(bf, Ks + n * 16 * LDK + kk * 16, LDK);
-                    wmma::mma_sync(acc, a, bf, acc);
+    for (int c = tid; c < BM * CH; c += NT) {
+        int r = c / CH, x = (c % CH) * 8;
+        const T* src = q + b * q_b + (long long)(m0 + min(r, rows - 1)) * q_t + (long long)h * D + x;
+        cp_async16(Qs + r * LD + x, src, r < rows ? 16 : 0);
+    }
+    cp_async_commit();
+    float oacc[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
+    if (n_tiles > 0) {
+        int full = fill(0, 0);
+        load(Ks, K, 0);
+        cp_async_commit();
+        cp_async_wait_1();
+        __syncthreads();
+        uint32_t qf[KD][4];
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (warp * 16 + (lane % 16)) * LD + kk * 16 + (lane / 16) * 8);
+        const int p0 = offset + m0 + warp * 16 + g, p1 = p0 + 8;
+
+        for (int t = 0; t < n_tiles; t++) {
+            const int cur = t & 1;
+            load(Vs, V, cur);
+            cp_async_commit();
+            cp_async_wait_1();
+            __syncthreads();  // K of tile t has landed
+
+            float s[NS][4];
+#pragma unroll
+            for (int n = 0; n < NS; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KD; kk++) {
+#pragma unroll
+                for (int n = 0; n < NS; n += 2) {
+                    uint32_t bk[4];
+                    ldsm_x4(bk, Ks + (n * 8 + (lane / 16) * 8 + lane % 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
+                    mma16816<T>(s[n], qf[kk], bk[0], bk[1]);
+                    mma16816<T>(s[n + 1], qf[kk], bk[2], bk[3]);
                 }
-                wmma::store_matrix_sync(Ss + warp * 16 * LDS + n * 16, acc, LDS, wmma::mem_row_major);
             }
-        }
-        __syncwarp();
+            if (!full) {
+#pragma unroll
+                for (int n = 0; n < NS; n++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int c = cur * BN + n * 8 + tq * 2 + e;
+                        const int j = kj[c], seg = kseg[c];
+                        if (!admit(j, seg, p0, mask.window)) s[n][e] = NEG_INF;
+                        if (!admit(j, seg, p1, mask.window)) s[n][2 + e] = NEG_INF;
+                    }
+                }
+            }
+            // Online softmax of rows g (elements 0, 1) and g + 8 (elements 2, 3) of the warp.
+            float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+                mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
+                mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
+            }
+            float alpha[2], ms[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float m_new = fmaxf(m_r[i], mx[i]);
+                ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+                alpha[i] = exp2f(m_r[i] * scale_log2 - ms[i]);
+                m_r[i] = m_new;
+            }
+            uint32_t pf[NS / 2][4];
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+                const float a0 = exp2f(fmaf(s[n][0], scale_log2, -ms[0]));
+                const float a1 = exp2f(fmaf(s[n][1], scale_log2, -ms[0]));
+                const float c0 = exp2f(fmaf(s[n][2], scale_log2, -ms[1]));
+                const float c1 = exp2f(fmaf(s[n][3], scale_log2, -ms[1]));
+                sum[0] += a0 + a1;
+                sum[1] += c0 + c1;
+                pf[n / 2][(n % 2) * 2] = pack2<T>(a0, a1);
+                pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(c0, c1);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) l_r[i] = l_r[i] * alpha[i] + sum[i];
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                oacc[n][0] *= alpha[0];
+                oacc[n][1] *= alpha[0];
+                oacc[n][2] *= alpha[1];
+                oacc[n][3] *= alpha[1];
+            }
 
-        // Online softmax of this warp's rows; P to shared memory; O rows rescaled.
-        for (int r = 0; r < 16; r++) {
-            const int row = warp * 16 + r;
-            if (row >= rows) {
-                Ps[row * LDP + lane] = from_f<T>(0.f);
-                Ps[row * LDP + lane + 32] = from_f<T>(0.f);
-                continue;
+            // Indices of the next tile (its barrier also ends every warp's use of Ks), then its K.
+            int full_next = 0;
+            if (t + 1 < n_tiles) {
+                full_next = fill(cur ^ 1, (t + 1) * BN);
+                load(Ks, K, cur ^ 1);
+            } else {
+                __syncthreads();
             }
-            const int p = offset + m0 + row;
-            float s0 = admit(kj[lane], kseg[lane], p, mask.window) ? Ss[row * LDS + lane] * scale_log2 : NEG_INF;
-            float s1 = admit(kj[lane + 32], kseg[lane + 32], p, mask.window) ? Ss[row * LDS + lane + 32] * scale_log2
-                                                                           : NEG_INF;
-            const float m_old = m_s[row];
-            const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-            float p0 = 0.f, p1 = 0.f, alpha = 1.f;
-            if (m_new != NEG_INF) {
-                p0 = s0 == NEG_INF ? 0.f : exp2f(s0 - m_new);
-                p1 = s1 == NEG_INF ? 0.f : exp2f(s1 - m_new);
-                alpha = m_old == NEG_INF ? 0.f : exp2f(m_old - m_new);
-            }
-            const T h0 = from_f<T>(p0), h1 = from_f<T>(p1);
-            // Sum what P·V will use: the rounded probabilities.
-            const float sum = warp_sum(to_f(h0) + to_f(h1));
-            Ps[row * LDP + lane] = h0;
-            Ps[row * LDP + lane + 32] = h1;
-            __syncwarp();
-            if (lane == 0) {
-                l_s[row] = l_s[row] * alpha + sum;
-                m_s[row] = m_new;
-            }
-            if (alpha != 1.f)
-                for (int d = lane; d < D; d += 32) Os[row * LDO + d] *= alpha;
-        }
-        __syncthreads();  // every warp is done with K
+            cp_async_commit();
+            cp_async_wait_1();
+            __syncthreads();  // V of tile t has landed
 
-        for (int c = tid; c < BN * (D / VEC); c += NT) {
-            int r = c / (D / VEC), x = (c % (D / VEC)) * VEC;
-            int j = kj[r];
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (j >= 0) val = *reinterpret_cast<const uint4*>(V + kv_row(kv, b, j) + (long long)hk * D + x);
-            *reinterpret_cast<uint4*>(Ks + r * LDK + x) = val;
-        }
-        __syncthreads();
-
-        // O += P V for this warp's rows.
-        for (int n = 0; n < D / 16; n++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            float* ow = Os + warp * 16 * LDO + n * 16;
-            wmma::load_matrix_sync(acc, ow, LDO, wmma::mem_row_major);
+#pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-                wmma::load_matrix_sync(a, Ps + warp * 16 * LDP + kk * 16, LDP);
-                wmma::load_matrix_sync(bf, Ks + kk * 16 * LDK + n * 16, LDK);
-                wmma::mma_sync(acc, a, bf, acc);
+#pragma unroll
+                for (int n = 0; n < NO; n += 2) {
+                    uint32_t bv[4];
+                    ldsm_x4_t(bv, Vs + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LD + n * 8 + (lane / 16) * 8);
+                    mma16816<T>(oacc[n], pf[kk], bv[0], bv[1]);
+                    mma16816<T>(oacc[n + 1], pf[kk], bv[2], bv[3]);
+                }
             }
-            wmma::store_matrix_sync(ow, acc, LDO, wmma::mem_row_major);
+            full = full_next;
+            __syncthreads();  // every warp is done with Vs
         }
     }
-    __syncthreads();
-    for (int c = tid; c < rows * D; c += NT) {
-        int r = c / D, d = c % D;
-        float l = l_s[r];
-        float val = l > 0.f ? Os[r * LDO + d] / l : 0.f;
-        o[b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + d] = from_f<T>(val);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
     }
-}
-
-template <int D, int WARPS>
-constexpr int prefill_smem_bytes() {
-    return (16 * WARPS * (D + 8) + 64 * (D + 8)) * 2 + 16 * WARPS * (64 + 4) * 4 + 16 * WARPS * (64 + 8) * 2 +
-           16 * WARPS * (D + 4) * 4 + 2 * 16 * WARPS * 4 + 2 * 64 * 4;
+    const int r0 = warp * 16 + g;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = r0 + 8 * i;
+        if (r >= rows) continue;
+        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+        T* out = o + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + tq * 2;
+#pragma unroll
+        for (int n = 0; n < NO; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack2<T>(oacc[n][2 * i] * inv, oacc[n][2 * i + 1] * inv);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -517,9 +534,11 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     PREFILL(span_prefill_##TN##_d64_w1, T, 64, 1)      \
     PREFILL(span_prefill_##TN##_d64_w2, T, 64, 2)      \
     PREFILL(span_prefill_##TN##_d64_w4, T, 64, 4)      \
+    PREFILL(span_prefill_##TN##_d64_w8, T, 64, 8)      \
     PREFILL(span_prefill_##TN##_d128_w1, T, 128, 1)    \
     PREFILL(span_prefill_##TN##_d128_w2, T, 128, 2)    \
     PREFILL(span_prefill_##TN##_d128_w4, T, 128, 4)    \
+    PREFILL(span_prefill_##TN##_d128_w8, T, 128, 8)    \
     DECODE(span_decode_##TN##_d64, T, 64)              \
     DECODE(span_decode_##TN##_d128, T, 128)            \
     DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64)     \

@@ -267,7 +267,7 @@ impl SpanOp<'_> {
                     sink: 0,
                     window: i64::MAX / 4,
                 },
-                64,
+                128,
                 d.t_k,
             ),
             Keys::Mask(m, extra) => {
@@ -343,14 +343,11 @@ impl SpanOp<'_> {
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
         } else {
-            let warps = [4usize, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
+            let warps = [8usize, 4, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
             let bm = 16 * warps;
-            let smem = (bm * (hd + 8) + 64 * (hd + 8)) * 2
-                + bm * (64 + 4) * 4
-                + bm * (64 + 8) * 2
-                + bm * (hd + 4) * 4
-                + 2 * bm * 4
-                + 2 * 64 * 4;
+            // Q tile, one K and one V tile of 64 rows (padded to hd + 8 halves), and per key of
+            // the two index buffers its row offset (i64), token and segment (i32 each).
+            let smem = (bm + 2 * 64) * (hd + 8) * 2 + 2 * 64 * (8 + 4 + 4);
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_prefill_{tn}_d{hd}_w{warps}"))?;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
