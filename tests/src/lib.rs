@@ -1,5 +1,8 @@
 //! End-to-end helpers shared by the `hip-eval` binary and the integration tests: asset paths,
-//! tokenizing a text window, and perplexity with candle-transformers' models as the reference.
+//! tokenizing a text window, and perplexity with candle-transformers' models as the reference;
+//! [`e2e`], the model folder and runner of `hip-bench e2e`.
+
+pub mod e2e;
 
 use std::path::{Path, PathBuf};
 

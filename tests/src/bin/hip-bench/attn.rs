@@ -10,12 +10,13 @@
 //! PyTorch SDPA (FlashAttention and cuDNN) on the same shapes: `scripts/sdpa_bench.py`.
 
 use std::io::Write;
-use std::process::ExitCode;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
 use hip_kernels::cuda::{block_sparse_attn_cuda, hip_mask_cuda};
 use hip_kernels::{dense_attn, HipConfig};
+
+use crate::R;
 
 const HQ: usize = 32;
 const HKV: usize = 8;
@@ -29,7 +30,7 @@ struct Args {
     reps: usize,
 }
 
-fn parse() -> Result<Args, String> {
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut a = Args {
         ts: vec![32_768, 131_072, 524_288, 1_048_576],
         chunk: 32_768,
@@ -37,15 +38,6 @@ fn parse() -> Result<Args, String> {
         json: None,
         reps: 7,
     };
-    let mut it = std::env::args().skip(1);
-    match it.next().as_deref() {
-        Some("attn") => {}
-        other => {
-            return Err(format!(
-                "usage: hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] (got {other:?})"
-            ))
-        }
-    }
     let list = |s: String| -> Result<Vec<usize>, String> {
         s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
     };
@@ -57,13 +49,17 @@ fn parse() -> Result<Args, String> {
             "--batch" => a.batches = list(val)?,
             "--json" => a.json = Some(val),
             "--reps" => a.reps = val.parse().map_err(|e| format!("--reps: {e}"))?,
-            _ => return Err(format!("unknown flag {flag}")),
+            _ => return Err(format!("unknown flag {flag} (usage: {USAGE})")),
         }
+    }
+    if a.reps == 0 || a.chunk == 0 || a.ts.contains(&0) || a.batches.contains(&0) {
+        return Err("--reps, --chunk, --t and --batch values must be at least 1".into());
     }
     Ok(a)
 }
 
-type R<T> = Result<T, Box<dyn std::error::Error>>;
+/// Usage of the subcommand.
+pub const USAGE: &str = "hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] [--reps N]";
 
 /// Median milliseconds of `reps` runs of `f` (after one warm-up), timed with CUDA events.
 fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
@@ -124,18 +120,9 @@ fn floor_ms(c: &Ceil, bytes: f64, flops: f64) -> f64 {
     (bytes / c.bw).max(flops / c.flops) * 1e3
 }
 
-fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hip-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> R<()> {
-    let args = parse()?;
+/// Runs `hip-bench attn` with the arguments after the subcommand.
+pub fn run(args: impl Iterator<Item = String>) -> R<()> {
+    let args = parse(args)?;
     let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
     let ceil = measure_ceilings(&dev)?;
     println!("ceilings: copy {:.0} GB/s, bf16 matmul {:.0} TFLOP/s", ceil.bw / 1e9, ceil.flops / 1e12);

@@ -1,0 +1,289 @@
+//! `hip-bench e2e`: end-to-end prefill and decode speed of a Qwen2.5-1.5B-shaped model with
+//! seeded random weights (speed does not depend on the values), HiP vs dense, through
+//! `hip_core::model::Model` with the KV cache on the GPU (bf16 blocks; the weights are computed in
+//! f32, as `Model::from_hf_dir` loads them).
+//!
+//! ```text
+//! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
+//!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
+//!               [--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny]
+//! ```
+//!
+//! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
+//!    `model.safetensors` in bf16) or reuses it when it holds the same shapes and seed; the
+//!    transformers peer (`scripts/hf_e2e_bench.py`) loads the same folder.
+//! 2. Warm-up per method (a 2k-token prefill and two decode steps, untimed): the first CUDA forward
+//!    JIT-compiles candle's PTX (~15 s on a fresh machine).
+//! 3. For each context T and method: prefill of one sequence (T tokens in `--chunk` chunks), then
+//!    for each batch size B, B sequences holding the prompt's KV (device-side copies of the
+//!    prefilled sequence's blocks, or forks sharing them with `--prefix fork`) decode
+//!    `--decode-warmup` untimed and `--decode` timed greedy steps together, one forward per step.
+//!    See `hip_e2e::e2e::run` for exactly what each number covers.
+//!
+//! Prints a markdown row per (T, method, batch) as it finishes, writes JSON lines (`--json`), and
+//! ends with a summary of HiP over dense. `--tiny` swaps in a 2-layer model for a quick check of
+//! the whole pipeline.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use hip_core::attention::AttentionBackend;
+use hip_core::model::Model;
+use hip_core::HipConfig;
+use hip_e2e::e2e::{self, run, PrefixMode, QwenShape, Row, RunSpec};
+
+use crate::R;
+
+/// Usage of the subcommand.
+pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
+[--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
+[--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny]";
+
+struct Args {
+    contexts: Vec<usize>,
+    batches: Vec<usize>,
+    decode: usize,
+    decode_warmup: usize,
+    chunk: usize,
+    json: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    hip: HipConfig,
+    methods: Vec<String>,
+    prefix: PrefixMode,
+    seed: u64,
+    tiny: bool,
+}
+
+fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args {
+        contexts: vec![4096, 32_768, 131_072],
+        batches: vec![1, 16],
+        decode: 64,
+        decode_warmup: 8,
+        chunk: 4096,
+        json: None,
+        dir: None,
+        hip: HipConfig::paper(),
+        methods: vec!["dense".into(), "hip".into()],
+        prefix: PrefixMode::Copy,
+        seed: 0,
+        tiny: false,
+    };
+    let list = |flag: &str, s: &str| -> Result<Vec<usize>, String> {
+        s.split(',')
+            .map(|x| x.trim().parse::<usize>().map_err(|_| format!("{flag}: {x:?} is not a number")))
+            .collect()
+    };
+    let num =
+        |flag: &str, s: &str| s.trim().parse::<usize>().map_err(|_| format!("{flag}: {s:?} is not a number"));
+    while let Some(flag) = it.next() {
+        if flag == "--tiny" {
+            a.tiny = true;
+            continue;
+        }
+        let val = it.next().ok_or_else(|| format!("{flag} needs a value (usage: {USAGE})"))?;
+        match flag.as_str() {
+            "--contexts" => a.contexts = list(&flag, &val)?,
+            "--batch" => a.batches = list(&flag, &val)?,
+            "--decode" => a.decode = num(&flag, &val)?,
+            "--decode-warmup" => a.decode_warmup = num(&flag, &val)?,
+            "--chunk" => a.chunk = num(&flag, &val)?,
+            "--json" => a.json = Some(val.into()),
+            "--dir" => a.dir = Some(val.into()),
+            "--hip-config" => a.hip = e2e::parse_hip_config(&val)?,
+            "--seed" => {
+                a.seed = val.trim().parse().map_err(|_| format!("--seed: {val:?} is not a number"))?
+            }
+            "--methods" => {
+                a.methods = val.split(',').map(|m| m.trim().to_string()).collect();
+                if let Some(bad) = a.methods.iter().find(|m| *m != "dense" && *m != "hip") {
+                    return Err(format!("--methods: {bad:?} (known: dense, hip)"));
+                }
+            }
+            "--prefix" => {
+                a.prefix = match val.as_str() {
+                    "copy" => PrefixMode::Copy,
+                    "fork" => PrefixMode::Fork,
+                    other => return Err(format!("--prefix takes copy or fork, not {other:?}")),
+                }
+            }
+            _ => return Err(format!("unknown flag {flag} (usage: {USAGE})")),
+        }
+    }
+    if a.contexts.contains(&0) || a.batches.is_empty() || a.batches.contains(&0) {
+        return Err("--contexts and --batch need values of at least 1".into());
+    }
+    if a.decode == 0 || a.chunk == 0 {
+        return Err("--decode and --chunk must be at least 1".into());
+    }
+    if a.methods.is_empty() {
+        return Err("--methods is empty".into());
+    }
+    Ok(a)
+}
+
+/// Free and total device memory, in bytes.
+fn mem_info(dev: &Device) -> R<(usize, usize)> {
+    let Device::Cuda(cd) = dev else { return Err("not a CUDA device".into()) };
+    Ok(cd.cuda_stream().context().mem_get_info()?)
+}
+
+/// Room kept free besides the KV cache: activations of a prefill chunk, the logits, the
+/// temporaries of a prompt copy.
+const HEADROOM: usize = 6 << 30;
+
+/// Runs `hip-bench e2e` with the arguments after the subcommand.
+pub fn run(args: impl Iterator<Item = String>) -> R<()> {
+    let a = parse(args)?;
+    let shape = if a.tiny { QwenShape::tiny() } else { QwenShape::qwen25_1_5b() };
+    let dir = a.dir.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.tiny { "/tmp/hip-e2e-qwen2-tiny" } else { "/tmp/hip-e2e-qwen2.5-1.5b" })
+    });
+    let t = Instant::now();
+    let reused = e2e::write_model_dir(&dir, &shape, a.seed)?;
+    println!(
+        "model folder {} ({} parameters, bf16, seed {}): {} in {:.1} s",
+        dir.display(),
+        shape.parameters(),
+        a.seed,
+        if reused { "reused" } else { "written" },
+        t.elapsed().as_secs_f64()
+    );
+    let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
+    let t = Instant::now();
+    let model = Model::from_hf_dir(&dir, &dev).map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let (free, total) = mem_info(&dev)?;
+    println!(
+        "loaded in {:.1} s (weights in f32 on the device); device memory {:.1} GB free of {:.1} GB",
+        t.elapsed().as_secs_f64(),
+        free as f64 / 1e9,
+        total as f64 / 1e9
+    );
+    let mut json = match &a.json {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let backend =
+        |m: &str| if m == "hip" { AttentionBackend::Hip(a.hip.clone()) } else { AttentionBackend::Dense };
+    let spec = |context: usize, batches: Vec<usize>, decode: usize, decode_warmup: usize| RunSpec {
+        context,
+        batches,
+        decode,
+        decode_warmup,
+        chunk: a.chunk,
+        prefix: a.prefix,
+        block_size: 16,
+        seed: a.seed ^ context as u64,
+    };
+    for m in &a.methods {
+        let t = Instant::now();
+        run::run(&model, backend(m), &spec(2048, vec![2], 2, 0)).map_err(|e| format!("warm-up {m}: {e}"))?;
+        println!("warm-up {m}: {:.1} s", t.elapsed().as_secs_f64());
+    }
+    if let AttentionBackend::Hip(c) = backend("hip") {
+        println!("HiP config: {c:?}");
+    }
+    println!(
+        "prefill: one sequence, chunks of {}; decode: {} timed steps after {} untimed, prompt KV {} into each sequence\n",
+        a.chunk,
+        a.decode,
+        a.decode_warmup,
+        if a.prefix == PrefixMode::Copy { "copied" } else { "forked" }
+    );
+    println!("{}", Row::markdown_header());
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for &context in &a.contexts {
+        for m in &a.methods {
+            let s = spec(context, a.batches.clone(), a.decode, a.decode_warmup);
+            let need = run::cache_tokens(&s) * shape.kv_bytes_per_token(2);
+            // Freed blocks of the previous run go back to the driver at a synchronisation.
+            dev.synchronize()?;
+            let (free, _) = mem_info(&dev)?;
+            if need + HEADROOM > free {
+                eprintln!(
+                    "warning: T={context} {m}: the KV cache needs {:.1} GB (+{:.0} GB headroom), {:.1} GB free",
+                    need as f64 / 1e9,
+                    (HEADROOM >> 30) as f64,
+                    free as f64 / 1e9
+                );
+            }
+            let t = Instant::now();
+            match run::run(&model, backend(m), &s) {
+                Ok((pre, decs)) => {
+                    for d in decs {
+                        let row = Row {
+                            engine: "hip-core".into(),
+                            method: m.clone(),
+                            context,
+                            batch: d.batch,
+                            prefill_tok_s: pre.tok_s,
+                            prefill_s: pre.seconds,
+                            prefill_chunk: a.chunk.min(context),
+                            decode_tok_s: d.tok_s,
+                            decode_ms_per_step: d.seconds * 1e3 / d.steps as f64,
+                            decode_steps: d.steps,
+                            kv_bytes: d.kv_bytes,
+                            kv_bytes_in_use: d.kv_bytes_in_use,
+                            prefix: a.prefix.name().into(),
+                        };
+                        println!("{}", row.markdown());
+                        if let Some(f) = json.as_mut() {
+                            writeln!(f, "{}", row.json())?;
+                            f.flush()?;
+                        }
+                        rows.push(row);
+                    }
+                    eprintln!(
+                        "(T={context} {m}: {:.1} s in all, KV cache of {:.1} GB)",
+                        t.elapsed().as_secs_f64(),
+                        need as f64 / 1e9
+                    );
+                }
+                Err(e) => {
+                    let msg = format!("T={context} {m}: {e}");
+                    eprintln!("{msg}");
+                    failures.push(msg);
+                }
+            }
+        }
+    }
+    summary(&rows);
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} run(s) failed:\n  {}", failures.len(), failures.join("\n  ")).into())
+    }
+}
+
+/// HiP over dense for each context and batch measured with both.
+fn summary(rows: &[Row]) {
+    let find =
+        |m: &str, t: usize, b: usize| rows.iter().find(|r| r.method == m && r.context == t && r.batch == b);
+    let mut lines = Vec::new();
+    for r in rows.iter().filter(|r| r.method == "hip") {
+        if let Some(d) = find("dense", r.context, r.batch) {
+            lines.push(format!(
+                "| {} | {} | {:.2}x | {:.2}x |",
+                r.context,
+                r.batch,
+                r.prefill_tok_s / d.prefill_tok_s,
+                r.decode_tok_s / d.decode_tok_s
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        println!("\nHiP / dense (tokens/s):\n| T | batch | prefill | decode |\n|---|---|---|---|");
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    if let (Some(h), Some(d)) = (find("hip", 131_072, 16), find("dense", 131_072, 16)) {
+        println!(
+            "\ntarget: decode at 128k with 16 sequences >= 5x dense: {:.2}x",
+            h.decode_tok_s / d.decode_tok_s
+        );
+    }
+}
