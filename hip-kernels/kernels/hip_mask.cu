@@ -52,6 +52,46 @@ __device__ void bitonic_sort(float* score, uint32_t* a, uint32_t* b, int n_pow2,
     __syncthreads();
 }
 
+// The same sort with one element per thread in registers (blockDim.x >= n_pow2): exchanges at
+// strides below 32 are warp shuffles, only the wider ones go through shared memory (10 of the 45
+// stages for 512 elements). With `top_half`, it stops after the first merge stage of the last
+// size: the two halves are then sorted in opposite directions and that stage leaves the better
+// of each pair (i, i + n_pow2 / 2) in the first half, which holds the best n_pow2 / 2 elements,
+// unordered.
+template <typename Less>
+__device__ void bitonic_sort_regs(float* score, uint32_t* a, uint32_t* b, int n_pow2, Less before,
+                                  bool top_half = false) {
+    const int i = threadIdx.x;
+    const bool mine = i < n_pow2;
+    __syncthreads();
+    float s = mine ? score[i] : 0.f;
+    uint32_t x = mine ? a[i] : 0u, y = mine ? b[i] : 0u;
+    for (int size = 2; size <= n_pow2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            float ps = s;
+            uint32_t px = x, py = y;
+            if (stride >= 32) {
+                __syncthreads();
+                if (mine) { score[i] = s; a[i] = x; b[i] = y; }
+                __syncthreads();
+                if (mine) { ps = score[i ^ stride]; px = a[i ^ stride]; py = b[i ^ stride]; }
+            } else {
+                ps = __shfl_xor_sync(0xffffffffu, s, stride);
+                px = __shfl_xor_sync(0xffffffffu, x, stride);
+                py = __shfl_xor_sync(0xffffffffu, y, stride);
+            }
+            // The lower index of a pair keeps the element that comes first in an ascending run.
+            const bool first = ((i & stride) == 0) == ((i & size) == 0);
+            const bool take = first ? before(ps, px, s, x) : before(s, x, ps, px);
+            if (take) { s = ps; x = px; y = py; }
+            if (top_half && size == n_pow2) break;
+        }
+    }
+    __syncthreads();
+    if (mine) { score[i] = s; a[i] = x; b[i] = y; }
+    __syncthreads();
+}
+
 // Exclusive prefix sum of `x` over the block (blockDim.x a multiple of 32, at most 32 warps);
 // `total` gets the sum. Ends with a barrier.
 __device__ __forceinline__ int block_exclusive_scan(int x, int* total, int* tmp) {
@@ -261,6 +301,213 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     if (tid == 0) out_counts[row] = n;
 }
 
+// The same search for a block of at most QMAX strided queries (decode: one query per sequence),
+// tuned for latency, since a decode step launches only one CTA per (query head, sequence): 512
+// threads; a group of D / 8 lanes scores one key row straight from global memory (16 bytes a
+// lane, UNROLL rows in flight per group) against the queries held in registers, and the branch
+// maxima meet in shared memory through an order-preserving integer atomicMax. Same branches,
+// scores (f32 dot products of the bf16 / f16 inputs), ties and output as `hip_mask_search`.
+
+__device__ __forceinline__ unsigned ordered(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float unordered(unsigned e) {
+    return __uint_as_float((e & 0x80000000u) ? (e & 0x7fffffffu) : ~e);
+}
+
+__device__ __forceinline__ void widen8(const __nv_bfloat16* x, float* f) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 v = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(x)[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+__device__ __forceinline__ void widen8(const __half* x, float* f) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 v = __half22float2(reinterpret_cast<const __half2*>(x)[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// Phase timers for the decode search (only with -DHIP_MASK_PROFILE: scripts/mask_profile.cu).
+#ifdef HIP_MASK_PROFILE
+__device__ unsigned long long g_prof[8];
+#define PROF_START long long t_prof = clock64();
+#define PROF(i)                                                                                   \
+    if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {             \
+        long long t_now = clock64();                                                              \
+        g_prof[i] += t_now - t_prof;                                                              \
+        t_prof = t_now;                                                                           \
+    }
+#else
+#define PROF_START
+#define PROF(i)
+#endif
+
+template <typename T, int D, int QMAX>
+__device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
+                                    float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
+    constexpr int NT = 512, WARPS = NT / 32;
+    constexpr int LPK = D / 8;        // lanes per key row
+    constexpr int KPW = 32 / LPK;     // key rows per warp per step
+    constexpr int UNROLL = 8;         // steps in flight
+    extern __shared__ __align__(128) unsigned char smem[];
+    float* score = reinterpret_cast<float*>(smem);             // [cap]
+    uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);  // groups / branches [cap]
+    uint32_t* ge = gs + sa.cap;
+    uint32_t* ns = ge + sa.cap;                                  // the next iteration's branches [cap]
+    uint32_t* ne = ns + sa.cap;
+    __shared__ int s_n;
+    __shared__ int scan_tmp[WARPS];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int lk = lane % LPK, sub = lane / LPK;
+    const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (sa.heads_q / kv.heads_kv);
+    const int i0 = m * sa.block_q, i1 = min(i0 + sa.block_q, sa.t_q);
+    const int p_last = kv.t_k - sa.t_q + i1 - 1;
+    int search_end = p_last + 1 - sa.window;
+    if (search_end < sa.sink) search_end = sa.sink;
+    const int n_cand = (search_end - sa.sink + sa.block_k - 1) / sa.block_k;
+    const int G = sa.groups;
+    const long long row = ((long long)b * sa.heads_q + h) * sa.n_qblocks + m;
+    uint32_t* out = out_starts + row * G;
+
+    if (n_cand <= G) {
+        for (int c = tid; c < G; c += NT) out[c] = c < n_cand ? (uint32_t)(sa.sink + c * sa.block_k) : 0xffffffffu;
+        if (tid == 0) out_counts[row] = n_cand;
+        return;
+    }
+
+    PROF_START
+    const int nq = min(QMAX, (i1 - i0 + sa.stride_q - 1) / sa.stride_q);
+    float qv[QMAX][8];
+#pragma unroll
+    for (int r = 0; r < QMAX; r++) {
+        if (r < nq) {
+            uint4 raw = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i0 + r * sa.stride_q) * q_t +
+                                                        (long long)h * D + lk * 8);
+            widen8(reinterpret_cast<const T*>(&raw), qv[r]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) qv[r][e] = 0.f;
+        }
+    }
+    int step = 1;
+    while ((n_cand + step - 1) / step > G) step <<= 1;
+    const int n0 = (n_cand + step - 1) / step;
+    for (int g = tid; g < n0; g += NT) {
+        gs[g] = g * step;
+        ge[g] = min((g + 1) * step, n_cand);
+    }
+    if (tid == 0) s_n = n0;
+    __syncthreads();
+
+    const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch
+    const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
+    const T* K = static_cast<const T*>(kv.k);
+    unsigned* su = reinterpret_cast<unsigned*>(score);
+    for (;;) {
+        // Split every group of more than one block in two (as in hip_mask_search).
+        const int n = s_n;
+        const int per = (n + NT - 1) / NT, g0 = min(n, tid * per), g1 = min(n, g0 + per);
+        int cnt = 0, more = 0;
+        for (int g = g0; g < g1; g++) cnt += ge[g] - gs[g] > 1 ? 2 : 1;
+        int total;
+        int w = block_exclusive_scan(cnt, &total, scan_tmp);
+        for (int g = g0; g < g1; g++) {
+            uint32_t s0 = gs[g], e0 = ge[g];
+            if (e0 - s0 > 1) {
+                uint32_t mid = s0 + (e0 - s0) / 2;
+                ns[w] = s0; ne[w] = mid;
+                ns[w + 1] = mid; ne[w + 1] = e0;
+                w += 2;
+                more |= (mid - s0 > 1) || (e0 - mid > 1);
+            } else {
+                ns[w] = s0; ne[w] = e0;
+                w += 1;
+            }
+        }
+        more = __syncthreads_or(more);
+        PROF(0)
+        { uint32_t* t = gs; gs = ns; ns = t; t = ge; ge = ne; ne = t; }
+        const int nb = total;
+        for (int x = tid; x < nb; x += NT) su[x] = ordered(NEG_INF);
+        __syncthreads();
+        // Score every branch: the max over its center block's strided keys and the queries.
+        const int slots = nb * kpb;
+        for (int base = warp * KPW * UNROLL; base < slots; base += WARPS * KPW * UNROLL) {
+            uint4 kr[UNROLL];
+            int br[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int c = base + u * KPW + sub;
+                int j = -1;
+                br[u] = -1;
+                if (c < slots) {
+                    const int bi = kpb_shift >= 0 ? c >> kpb_shift : c / kpb;
+                    const int r = c - bi * kpb;
+                    const int center = gs[bi] + (ge[bi] - gs[bi]) / 2;
+                    j = sa.sink + center * sa.block_k + r * sa.stride_k;
+                    if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
+                    if (j >= 0) br[u] = bi;
+                }
+                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D + lk * 8)
+                               : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                float kf[8];
+                widen8(reinterpret_cast<const T*>(&kr[u]), kf);
+                float best = NEG_INF;
+#pragma unroll
+                for (int r = 0; r < QMAX; r++) {
+                    if (r < nq) {
+                        float d = 0.f;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) d = fmaf(qv[r][e], kf[e], d);
+#pragma unroll
+                        for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                        best = fmaxf(best, d);
+                    }
+                }
+                if (lk == 0 && br[u] >= 0) atomicMax(&su[br[u]], ordered(best * scale));
+            }
+        }
+        __syncthreads();
+        PROF(1)
+        for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
+        // Keep the best G branches.
+        int np2 = 1;
+        while (np2 < nb) np2 <<= 1;
+        for (int x = nb + tid; x < np2; x += NT) { score[x] = NEG_INF; gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
+        if (nb <= G) {
+            // Every branch survives: nothing to rank.
+        } else if (np2 <= NT) {
+            bitonic_sort_regs(score, gs, ge, np2, BestFirst(), 2 * G == np2);
+        } else {
+            bitonic_sort(score, gs, ge, np2, BestFirst());
+        }
+        if (tid == 0) s_n = min(nb, G);
+        __syncthreads();
+        PROF(2)
+        if (!more) break;
+    }
+    const int n = s_n;
+    int np2 = 1;
+    while (np2 < n) np2 <<= 1;
+    for (int x = n + tid; x < np2; x += NT) { gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
+    if (np2 <= NT) bitonic_sort_regs(score, gs, ge, np2, Ascending());
+    else bitonic_sort(score, gs, ge, np2, Ascending());
+    for (int c = tid; c < G; c += NT) out[c] = c < n ? (uint32_t)(sa.sink + gs[c] * sa.block_k) : 0xffffffffu;
+    if (tid == 0) out_counts[row] = n;
+    PROF(3)
+}
+
 #define MASK(NAME, T, D)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
                                                            SearchArgs sa, float scale, uint32_t* starts,       \
@@ -268,7 +515,18 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         hip_mask_search<T, D>(q, q_b, q_t, kv, sa, scale, starts, counts);                                    \
     }
 
+#define MASK_FEW(NAME, T, D)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(512) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
+                                                           SearchArgs sa, float scale, uint32_t* starts,       \
+                                                           uint32_t* counts) {                                 \
+        hip_mask_search_few<T, D, 2>(q, q_b, q_t, kv, sa, scale, starts, counts);                             \
+    }
+
 MASK(hip_mask_bf16_d64, __nv_bfloat16, 64)
 MASK(hip_mask_bf16_d128, __nv_bfloat16, 128)
 MASK(hip_mask_f16_d64, __half, 64)
 MASK(hip_mask_f16_d128, __half, 128)
+MASK_FEW(hip_mask_few_bf16_d64, __nv_bfloat16, 64)
+MASK_FEW(hip_mask_few_bf16_d128, __nv_bfloat16, 128)
+MASK_FEW(hip_mask_few_f16_d64, __half, 64)
+MASK_FEW(hip_mask_few_f16_d128, __half, 128)

@@ -325,20 +325,39 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
 
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
-    for (int pos = start + warp; pos < end; pos += WARPS) {
-        int seg;
-        int j = keys.at(pos, &seg);
-        if (j >= kv.t_k || !admit(j, seg, p, mask.window)) continue;
-        const long long off = kv_row(kv, b, j) + (long long)hk * D + lane * E;
-        float dot = 0.f;
-        for (int e = 0; e < E; e++) dot += qv[e] * to_f(K[off + e]);
-        const float s = warp_sum(dot);
-        const float m_new = fmaxf(m, s);
-        const float alpha = m == NEG_INF ? 0.f : exp2f(m - m_new);
-        const float pe = exp2f(s - m_new);
-        l = l * alpha + pe;
-        for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + pe * to_f(V[off + e]);
-        m = m_new;
+    // Each warp takes runs of U consecutive keys and loads all of their K and V rows before
+    // using any, so that U row fetches are in flight at once.
+    constexpr int U = 4;
+    for (int pos0 = start + warp * U; pos0 < end; pos0 += WARPS * U) {
+        float kf[U][E], vf[U][E];
+        bool ok[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int seg = -1, j = -1;
+            if (pos0 + u < end) j = keys.at(pos0 + u, &seg);
+            ok[u] = j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window);
+            const long long off = ok[u] ? kv_row(kv, b, j) + (long long)hk * D + lane * E : 0;
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                kf[u][e] = ok[u] ? to_f(K[off + e]) : 0.f;
+                vf[u][e] = ok[u] ? to_f(V[off + e]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (!ok[u]) continue;  // the same for every lane of the warp
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; e++) dot += qv[e] * kf[u][e];
+            const float s = warp_sum(dot);
+            const float m_new = fmaxf(m, s);
+            const float alpha = m == NEG_INF ? 0.f : exp2f(m - m_new);
+            const float pe = exp2f(s - m_new);
+            l = l * alpha + pe;
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + pe * vf[u][e];
+            m = m_new;
+        }
     }
     if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
     for (int e = 0; e < E; e++) sm_acc[warp][lane * E + e] = acc[e];

@@ -137,7 +137,9 @@ fn mask_search_matches_cpu() {
                 let cfg =
                     HipConfig::paper().with_k(64 * bk / 2).with_query_block(bq, sq).with_key_block(bk, sk);
                 let cfg = cfg.with_sink_window(16, 64);
-                for (t_q, t_k) in [(97, 97), (1, 1000), (1000, 1000), (64, 4099), (4099, 4099)] {
+                for (t_q, t_k) in
+                    [(97, 97), (1, 1000), (1, 4099), (7, 4099), (1000, 1000), (64, 4099), (4099, 4099)]
+                {
                     seed += 1;
                     let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
                     let (k, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);

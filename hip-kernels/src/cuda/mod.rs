@@ -327,7 +327,7 @@ impl SpanOp<'_> {
         } else if d.t_q <= DECODE_MAX_TQ {
             // Split-KV decode: about 4 CTAs per multiprocessor in all.
             let rows = d.batch * d.t_q * d.heads_q;
-            let (per, splits) = decode_splits(l_max, rows, 64);
+            let (per, splits) = decode_splits(l_max, rows, 32);
             let parts = Partials::new(dev, rows * splits, hd)?;
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
@@ -470,11 +470,15 @@ struct Partials {
 
 impl Partials {
     fn new(dev: &CudaDevice, slots: usize, head_dim: usize) -> candle_core::Result<Self> {
-        Ok(Partials {
-            m: dev.alloc_zeros::<f32>(slots)?,
-            l: dev.alloc_zeros::<f32>(slots)?,
-            acc: dev.alloc_zeros::<f32>(slots * head_dim)?,
-        })
+        // SAFETY: uninitialised device memory of plain f32s; every decode CTA (split) writes its
+        // slots before `span_combine_*` reads them (no memset launches on the decode path).
+        unsafe {
+            Ok(Partials {
+                m: dev.alloc::<f32>(slots)?,
+                l: dev.alloc::<f32>(slots)?,
+                acc: dev.alloc::<f32>(slots * head_dim)?,
+            })
+        }
     }
 }
 
@@ -604,8 +608,8 @@ fn mask_search(
     };
     let rows = dims.batch * dims.heads_q * meta.n_qblocks;
     let (starts, counts) = {
-        let out_s = dev.alloc_zeros::<u32>(rows * groups)?;
-        let out_c = dev.alloc_zeros::<u32>(rows)?;
+        // SAFETY: plain u32s; every mask CTA writes all `groups` starts of its row and its count.
+        let (out_s, out_c) = unsafe { (dev.alloc::<u32>(rows * groups)?, dev.alloc::<u32>(rows)?) };
         launch_mask(&q, &k, &dims, paged, cfg, scale, &dev, &out_s, &out_c, meta.n_qblocks)?;
         let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
         let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
@@ -688,15 +692,24 @@ fn launch_mask(
         n_qblocks: n_qblocks as i32,
         cap: cap as i32,
     };
-    // Must match the layout of `hip_mask_search`: QR = 32 queries, two buffers of BN = 64 keys,
-    // scores, per-slot max / branch / token, and score + 4 branch arrays of `cap` entries.
-    let smem = (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
-    let f = func(dev, MASK, MASK_MODULE, &format!("hip_mask_{tn}_d{hd}"))?;
+    // Blocks of at most 2 strided queries (decode) take the latency-tuned search: 512 threads
+    // scoring keys from global memory, shared memory only for the branches.
+    let few = dims.t_q.min(cfg.block_size_q).div_ceil(cfg.block_stride_q) <= 2;
+    let (name, threads, smem) = if few {
+        (format!("hip_mask_few_{tn}_d{hd}"), 512, cap * 20)
+    } else {
+        // Must match the layout of `hip_mask_search`: QR = 32 queries, two buffers of BN = 64
+        // keys, scores, per-slot max / branch / token, and score + 4 branch arrays of `cap` entries.
+        let smem =
+            (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
+        (format!("hip_mask_{tn}_d{hd}"), 128, smem)
+    };
+    let f = func(dev, MASK, MASK_MODULE, &name)?;
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(cuda_err)?;
     let cfg_l = LaunchConfig {
         grid_dim: (n_qblocks as u32, dims.heads_q as u32, dims.batch as u32),
-        block_dim: (128, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let q_b = (dims.t_q * dims.heads_q * hd) as i64;
