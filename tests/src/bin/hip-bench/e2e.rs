@@ -6,7 +6,7 @@
 //! ```text
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
-//!               [--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny]
+//!               [--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
 //! ```
 //!
 //! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
@@ -39,7 +39,7 @@ use crate::R;
 /// Usage of the subcommand.
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
-[--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny]";
+[--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]";
 
 struct Args {
     contexts: Vec<usize>,
@@ -54,6 +54,8 @@ struct Args {
     prefix: PrefixMode,
     seed: u64,
     tiny: bool,
+    /// Only write (or check) the model folder.
+    write_only: bool,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -70,6 +72,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         prefix: PrefixMode::Copy,
         seed: 0,
         tiny: false,
+        write_only: false,
     };
     let list = |flag: &str, s: &str| -> Result<Vec<usize>, String> {
         s.split(',')
@@ -79,8 +82,9 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let num =
         |flag: &str, s: &str| s.trim().parse::<usize>().map_err(|_| format!("{flag}: {s:?} is not a number"));
     while let Some(flag) = it.next() {
-        if flag == "--tiny" {
-            a.tiny = true;
+        if flag == "--tiny" || flag == "--write-only" {
+            a.tiny |= flag == "--tiny";
+            a.write_only |= flag == "--write-only";
             continue;
         }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value (usage: {USAGE})"))?;
@@ -151,6 +155,9 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         if reused { "reused" } else { "written" },
         t.elapsed().as_secs_f64()
     );
+    if a.write_only {
+        return Ok(());
+    }
     let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
     let t = Instant::now();
     let model = Model::from_hf_dir(&dir, &dev).map_err(|e| format!("loading {}: {e}", dir.display()))?;
