@@ -4,6 +4,8 @@
 
 pub mod e2e;
 
+pub mod eval;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};

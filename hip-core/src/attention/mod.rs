@@ -1,13 +1,20 @@
-//! The attention backend: dense everywhere, or HiP with the configured layers kept dense.
-//! Holds the decode-time mask caches of every (sequence, layer).
+//! The attention backend: dense everywhere, HiP with the configured layers kept dense, or the
+//! sink-and-window baseline ([`StreamingConfig`]). Holds the decode-time mask caches of every
+//! (sequence, layer).
+
+mod streaming;
 
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use hip_kernels::{dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, HipConfig, MaskCache, PagedKv};
+use hip_kernels::{
+    block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, HipConfig, MaskCache,
+    PagedKv,
+};
 
 use crate::error::Result;
 use crate::kv::{DeviceLayerView, SeqId};
+pub use streaming::StreamingConfig;
 
 /// Which attention the model runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +24,9 @@ pub enum AttentionBackend {
     Dense,
     /// HiP attention, except in `cfg.dense_layers`.
     Hip(HipConfig),
+    /// Sink and sliding window only (the StreamingLLM-style baseline), except in
+    /// `cfg.dense_layers`.
+    Streaming(StreamingConfig),
 }
 
 /// See [`AttentionState::route`].
@@ -24,6 +34,7 @@ enum Route<'a> {
     Dense,
     Prefill(&'a HipConfig),
     Decode(&'a HipConfig, &'a mut MaskCache),
+    Streaming(&'a StreamingConfig),
 }
 
 /// The backend plus its per-(sequence, layer) decode state.
@@ -39,8 +50,10 @@ impl AttentionState {
     /// # Errors
     /// An invalid [`HipConfig`].
     pub fn new(backend: AttentionBackend) -> Result<Self> {
-        if let AttentionBackend::Hip(cfg) = &backend {
-            cfg.validate()?;
+        match &backend {
+            AttentionBackend::Hip(cfg) => cfg.validate()?,
+            AttentionBackend::Streaming(cfg) => cfg.validate()?,
+            AttentionBackend::Dense => {}
         }
         Ok(AttentionState { backend, caches: HashMap::new() })
     }
@@ -71,6 +84,10 @@ impl AttentionState {
             Route::Dense => dense_attn_paged(q, kv, scale)?,
             Route::Prefill(cfg) => hip_attn_paged(q, kv, cfg, scale)?,
             Route::Decode(cfg, cache) => hip_attn_decode_paged(q, kv, cfg, scale, cache)?,
+            Route::Streaming(cfg) => {
+                let mask = cfg.empty_mask(q.dim(2)?, q.dim(1)?, kv.len);
+                block_sparse_attn_paged(q, kv, &mask, scale, 0)?
+            }
         })
     }
 
@@ -87,6 +104,7 @@ impl AttentionState {
                     Route::Prefill(cfg)
                 }
             }
+            AttentionBackend::Streaming(cfg) if !cfg.is_dense_layer(layer) => Route::Streaming(cfg),
             _ => Route::Dense,
         }
     }
@@ -118,6 +136,11 @@ impl AttentionState {
                 Route::Dense => dense_attn_paged_cuda(&q, &view, scale)?,
                 Route::Prefill(cfg) => hip_attn_paged_cuda(&q, &view, cfg, scale)?,
                 Route::Decode(cfg, cache) => hip_attn_decode_paged_cuda(&q, &view, cfg, scale, cache)?,
+                Route::Streaming(cfg) => {
+                    let mask = cfg.empty_mask(q.dim(2)?, q.dim(1)?, kv.len);
+                    let mask = hip_kernels::cuda::CudaMask::new(&mask, q.device())?;
+                    hip_kernels::cuda::block_sparse_attn_paged_cuda(&q, &view, &mask, scale, 0)?
+                }
             };
             Ok(out.to_dtype(candle_core::DType::F32)?)
         }

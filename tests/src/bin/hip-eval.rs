@@ -1,23 +1,34 @@
-//! `hip-eval`: quality measurements.
+//! `hip-eval`: long-context quality of dense attention, HiP and the sink-and-window baseline.
 //!
 //! ```text
-//! hip-eval ppl [--model PATH] [--text PATH] [--tokens N] [--chunk N] [--attention dense|hip]
-//!              [--k N] [--window N] [--sink N] [--reference]
+//! hip-eval ppl     [options]   perplexity of the last tokens of windows of several lengths
+//! hip-eval passkey [options]   the synthetic passkey prompt at lengths × depths
+//! hip-eval needle  [options]   a fact in natural text at lengths × depths, then a question
 //! ```
-//! Perplexity over the first N tokens of a text (default: SmolLM2-135M over 2,048 tokens of
-//! Moby-Dick), prefilled in chunks; `--reference` also runs candle-transformers' model token by
-//! token and prints both.
+//! Every option is checked, and the prompts are built, before the model is loaded. Results go to
+//! `--out` (default `eval-out/`) as `<command>.json` and `<command>.md` (and `needle.png`, the
+//! depth × length heat map); the markdown table is also printed. See `hip-eval --help` and
+//! docs/quality.md.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
-use hip_core::attention::AttentionBackend;
+use hip_core::attention::StreamingConfig;
 use hip_core::model::Model;
-use hip_core::HipConfig;
+use hip_e2e::eval::cli::{self, Args, Task, Work};
+use hip_e2e::eval::report::{self, Report, RunInfo};
+use hip_e2e::eval::run::{self, Judge, RunSettings};
+use hip_e2e::eval::{heatmap, EvalError, Result};
 
 fn main() -> ExitCode {
-    match run() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", cli::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    match run(&argv) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hip-eval: {e}");
@@ -26,75 +37,119 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        return Err("usage: hip-eval ppl [--model PATH] [--text PATH] [--tokens N] [--chunk N] [--attention dense|hip] [--k N] [--window N] [--sink N] [--reference]".into());
+fn run(argv: &[String]) -> Result<()> {
+    let args = cli::parse(argv)?;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => hip_e2e::asset("smollm2-135m-instruct-q4_1.gguf").map_err(EvalError::Asset)?,
     };
-    if cmd != "ppl" {
-        return Err(format!("unknown command {cmd:?} (known: ppl)"));
+    let text_path = match &args.text {
+        Some(p) => p.clone(),
+        None => hip_e2e::asset("moby-dick.txt").map_err(EvalError::Asset)?,
+    };
+    if !model_path.is_file() {
+        return Err(EvalError::arg("--model", format!("{} is not a file", model_path.display())));
     }
-    let mut model = None;
-    let mut text = None;
-    let (mut n, mut chunk) = (2048usize, 512usize);
-    let mut hip = false;
-    let mut reference = false;
-    let mut cfg = HipConfig::paper();
-    let mut it = args[1..].iter();
-    let num = |v: Option<&String>, name: &str| -> Result<usize, String> {
-        v.ok_or(format!("{name} needs a value"))?.parse().map_err(|_| format!("{name} needs a number"))
+    let tok = hip_e2e::gguf_tokenizer(&model_path).map_err(EvalError::Asset)?;
+    let work = cli::prepare(&args, &tok, &text_path)?;
+
+    // Only now the model work.
+    let device = match args.device.as_str() {
+        "cuda" => hip_core::device::cuda(0)?,
+        _ => Device::Cpu,
     };
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--model" => model = it.next().cloned(),
-            "--text" => text = it.next().cloned(),
-            "--tokens" => n = num(it.next(), "--tokens")?,
-            "--chunk" => chunk = num(it.next(), "--chunk")?,
-            "--k" => cfg = cfg.with_k(num(it.next(), "--k")?),
-            "--window" => cfg = cfg.clone().with_sink_window(cfg.sink_tokens, num(it.next(), "--window")?),
-            "--sink" => cfg = cfg.clone().with_sink_window(num(it.next(), "--sink")?, cfg.window_tokens),
-            "--attention" => match it.next().map(String::as_str) {
-                Some("dense") => hip = false,
-                Some("hip") => hip = true,
-                other => return Err(format!("--attention takes dense or hip, not {other:?}")),
-            },
-            "--reference" => reference = true,
-            other => return Err(format!("unknown option {other:?}")),
+    let model = Model::from_gguf(&model_path, &device)?;
+    let trained = model.config().context_length;
+    if let Some(&l) = args.lengths.iter().find(|&&l| l > trained) {
+        eprintln!("hip-eval: note: length {l} exceeds the model's trained context of {trained} tokens");
+    }
+    let info = RunInfo {
+        command: args.task.name().into(),
+        argv: argv.to_vec(),
+        model: model_path.display().to_string(),
+        text: (args.task != Task::Passkey).then(|| text_path.display().to_string()),
+        hip: args.hip.clone(),
+        streaming: StreamingConfig::same_budget(&args.hip),
+        chunk: args.chunk,
+        device: args.device.clone(),
+        unix_time: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let settings = RunSettings { hip: args.hip.clone(), chunk: args.chunk, methods: args.methods.clone() };
+    let out = |ext: &str| -> PathBuf { args.out.join(format!("{}.{ext}", args.task.name())) };
+    match work {
+        Work::Ppl(cases) => {
+            let results = run::run_ppl(&model, &settings, &cases, args.score_last, |r| {
+                eprintln!(
+                    "{:>9} length {:>6} window {} ppl {:.4} ({} scored) {:.1} s",
+                    r.method.name(),
+                    r.length,
+                    r.window,
+                    r.ppl,
+                    r.scored,
+                    r.seconds
+                );
+            })?;
+            let md = report::ppl_markdown(&results);
+            finish(&args, &info, &results, &md, out)?;
+        }
+        Work::Retrieval(cases) => {
+            let (judge, max_new) = match args.task {
+                Task::Passkey => (Judge::Passkey, 8),
+                _ => (Judge::Needle, 8),
+            };
+            let results = run::run_retrieval(&model, &tok, &settings, &cases, max_new, judge, |r| {
+                eprintln!(
+                    "{:>9} length {:>6} depth {:.2} trial {} expected {:>8} {} answer {:?} {:.1} s",
+                    r.method.name(),
+                    r.length,
+                    r.depth,
+                    r.trial,
+                    r.expected,
+                    if r.correct { "ok  " } else { "MISS" },
+                    r.answer,
+                    r.seconds
+                );
+            })?;
+            let md = report::retrieval_markdown(&results);
+            finish(&args, &info, &results, &md, out)?;
+            if args.task == Task::Needle {
+                let png = out("png");
+                heatmap::draw(&png, &results, "needle accuracy")?;
+                println!("heat map: {}", png.display());
+            }
         }
     }
-    let model_path = match model {
-        Some(p) => p.into(),
-        None => hip_e2e::asset("smollm2-135m-instruct-q4_1.gguf")?,
-    };
-    let text_path = match text {
-        Some(p) => p.into(),
-        None => hip_e2e::asset("moby-dick.txt")?,
-    };
-    let tok = hip_e2e::gguf_tokenizer(&model_path)?;
-    let tokens = hip_e2e::text_window(&tok, &text_path, n)?;
-    let m = Model::from_gguf(&model_path, &Device::Cpu).map_err(|e| e.to_string())?;
-    let backend = if hip { AttentionBackend::Hip(cfg.clone()) } else { AttentionBackend::Dense };
-    let t = Instant::now();
-    let (ppl, scored) = hip_core::eval::perplexity(&m, backend, &tokens, chunk).map_err(|e| e.to_string())?;
-    let secs = t.elapsed().as_secs_f64();
-    let attn = if hip {
-        format!("hip(k={}, window={}, sink={})", cfg.k, cfg.window_tokens, cfg.sink_tokens)
-    } else {
-        "dense".into()
-    };
-    println!(
-        "model={} text={} tokens={n} chunk={chunk} attention={attn} ppl={ppl:.4} scored={scored} seconds={secs:.1}",
-        model_path.display(),
-        text_path.display()
+    Ok(())
+}
+
+fn finish<T: serde::Serialize>(
+    args: &Args,
+    info: &RunInfo,
+    results: &[T],
+    md: &str,
+    out: impl Fn(&str) -> PathBuf,
+) -> Result<()> {
+    let h = &args.hip;
+    let head = format!(
+        "{} — model {}, HiP k={} window={} sink={} block_q={}/{} block_k={}/{} dense_layers={:?} refresh={}; \
+         streaming sink={} window={}\n\n",
+        args.task.name(),
+        info.model,
+        h.k,
+        h.window_tokens,
+        h.sink_tokens,
+        h.block_size_q,
+        h.block_stride_q,
+        h.block_size_k,
+        h.block_stride_k,
+        h.dense_layers,
+        h.refresh_interval,
+        info.streaming.sink_tokens,
+        info.streaming.window_tokens
     );
-    if reference {
-        let t = Instant::now();
-        let r = hip_e2e::candle_perplexity(&model_path, &tokens)?;
-        println!(
-            "reference=candle-transformers (token by token) ppl={r:.4} seconds={:.1} relative_difference={:.4}%",
-            t.elapsed().as_secs_f64(),
-            (ppl - r).abs() / r * 100.0
-        );
-    }
+    println!("{head}{md}");
+    report::write_json(&out("json"), &Report { info, results, markdown: md })?;
+    report::write_file(&out("md"), format!("{head}{md}").as_bytes())?;
+    println!("wrote {} and {}", out("json").display(), out("md").display());
     Ok(())
 }
