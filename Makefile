@@ -78,3 +78,14 @@ ci-cuda:
 	if [[ $$rc -eq 2 && "$$out" == "hip-cuda-check: no CUDA device: "* && "$$out" != *$$'\n'* ]]; then \
 	    echo "ci-cuda: ok: hip-cuda-check exits 2 with one 'no CUDA device' line when there is no GPU"; \
 	else echo "ci-cuda: FAILED: expected exit 2 and one 'hip-cuda-check: no CUDA device: ...' line, got exit $$rc"; exit 1; fi
+
+# ---- Long-context quality (docs/quality.md) -------------------------------------------------------
+# SmolLM2 passkey, needle and perplexity, dense vs HiP (paper config) vs sink + window; results in
+# eval-out/ (JSON, markdown, needle heat map PNG). Slow on a CPU: about a minute per 2k-token prompt.
+.PHONY: eval
+EVAL_LENGTHS ?= 1024,2048
+eval: assets
+	$(CARGO) build --release -p hip-e2e --bin hip-eval
+	target/release/hip-eval passkey --lengths $(EVAL_LENGTHS) --out eval-out
+	target/release/hip-eval needle --lengths $(EVAL_LENGTHS) --out eval-out
+	target/release/hip-eval ppl --lengths $(EVAL_LENGTHS) --score-last 256 --out eval-out
