@@ -128,7 +128,10 @@ impl AttentionState {
             use hip_kernels::cuda::{
                 dense_attn_paged_cuda, hip_attn_decode_paged_cuda, hip_attn_paged_cuda, CudaPagedKv,
             };
-            let table = Tensor::from_slice(kv.block_table, kv.block_table.len(), kv.k.device())?;
+            let table = match kv.device_table {
+                Some(t) => t.clone(),
+                None => Tensor::from_slice(kv.block_table, kv.block_table.len(), kv.k.device())?,
+            };
             let view =
                 CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len: kv.len };
             let q = q.to_dtype(kv.k.dtype())?;

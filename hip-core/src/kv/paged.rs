@@ -37,6 +37,10 @@ struct SeqState {
     /// End of the writable range `[len, reserved)` set up by `reserve`; `len <= reserved <=
     /// table.len() * block_size`.
     reserved: usize,
+    /// Device caches: `table` as a u32 tensor on the device, uploaded by the first
+    /// [`write_tensor`](PagedKvCache::write_tensor) after the table changed and shared by every
+    /// layer's [`device_layer`](PagedKvCache::device_layer) view until it changes again.
+    dev_table: Option<Tensor>,
 }
 
 /// A paged KV cache: a pool of fixed-size blocks shared by any number of sequences through
@@ -150,7 +154,7 @@ impl PagedKvCache {
 
     /// Starts an empty sequence (no blocks yet).
     pub fn add_sequence(&mut self) -> SeqId {
-        self.insert(SeqState { table: Vec::new(), len: 0, reserved: 0 })
+        self.insert(SeqState { table: Vec::new(), len: 0, reserved: 0, dev_table: None })
     }
 
     fn insert(&mut self, state: SeqState) -> SeqId {
@@ -271,6 +275,9 @@ impl PagedKvCache {
 
         let PagedKvCache { seqs, pool, layers, device, block_floats, .. } = self;
         let st = seqs.get_mut(&seq.0).expect("looked up above");
+        if new_blocks + cow.len() > 0 {
+            st.dev_table = None;
+        }
         for i in cow {
             let old = st.table[i];
             let new = pool.allocate().expect("free blocks counted above");
@@ -363,8 +370,8 @@ impl PagedKvCache {
             let vc = v.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             return self.write(seq, layer, &kc, &vc);
         };
-        let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         self.check_layer(layer)?;
+        let st = self.seqs.get_mut(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
         let want = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let (n, h, d) = k.dims3()?;
         if (h, d) != want || v.dims() != k.dims() {
@@ -382,6 +389,9 @@ impl PagedKvCache {
             ));
         }
         let (ks, vs) = &dev[layer];
+        if st.dev_table.is_none() {
+            st.dev_table = Some(Tensor::from_slice(&st.table, st.table.len(), ks.device())?);
+        }
         let (k, v) = (
             k.to_device(ks.device())?.to_dtype(ks.dtype())?,
             v.to_device(ks.device())?.to_dtype(ks.dtype())?,
@@ -416,7 +426,14 @@ impl PagedKvCache {
         }
         let (k, v) = &dev[layer];
         let needed = len.div_ceil(self.cfg.block_size);
-        Ok(DeviceLayerView { k, v, block_table: &st.table[..needed], block_size: self.cfg.block_size, len })
+        Ok(DeviceLayerView {
+            k,
+            v,
+            block_table: &st.table[..needed],
+            device_table: st.dev_table.as_ref(),
+            block_size: self.cfg.block_size,
+            len,
+        })
     }
 
     /// The first `len` tokens of `layer` as token-major f32 rows `(k, v)`, each
@@ -502,7 +519,11 @@ impl PagedKvCache {
         if new_len > st.len {
             return Err(Error::arg("new_len", new_len, format!("the sequence has only {} tokens", st.len)));
         }
-        for block in st.table.drain(new_len.div_ceil(self.cfg.block_size)..) {
+        let keep = new_len.div_ceil(self.cfg.block_size);
+        if keep < st.table.len() {
+            st.dev_table = None;
+        }
+        for block in st.table.drain(keep..) {
             self.pool.release(block);
         }
         st.len = new_len;
@@ -530,7 +551,7 @@ impl PagedKvCache {
         for &block in &table {
             self.pool.retain(block);
         }
-        Ok(self.insert(SeqState { table, len, reserved: len }))
+        Ok(self.insert(SeqState { table, len, reserved: len, dev_table: None }))
     }
 
     /// Bytes of one block (K and V of all layers):
@@ -729,6 +750,11 @@ pub struct DeviceLayerView<'a> {
     pub v: &'a Tensor,
     /// The blocks of the viewed tokens: `len.div_ceil(block_size)` entries.
     pub block_table: &'a [u32],
+    /// The sequence's whole block table (at least `block_table`'s entries) as a u32 tensor on
+    /// the device, when the cache has uploaded it since the table last changed (the first
+    /// `write_tensor` of a step does); attention reuses it instead of uploading the table once
+    /// per layer.
+    pub device_table: Option<&'a Tensor>,
     /// Tokens per block.
     pub block_size: usize,
     /// Tokens viewed.

@@ -674,4 +674,17 @@ fn device_store_matches_host_store() {
     assert!(host.device_layer(a, 0, 2).is_err());
     let view = dev.device_layer(b, 1, 7).unwrap();
     assert_eq!(view.block_table.len(), 2);
+    // The uploaded block table follows the host table through copy-on-write and truncate.
+    let uploaded = |c: &PagedKvCache, s: SeqId| -> Vec<u32> {
+        let n = c.len(s).unwrap();
+        c.device_layer(s, 0, n).unwrap().device_table.expect("uploaded by write_tensor").to_vec1().unwrap()
+    };
+    for s in [b, fb] {
+        assert_eq!(uploaded(&dev, s), dev.block_table(s).unwrap());
+    }
+    dev.truncate(fb, 2).unwrap();
+    assert!(dev.device_layer(fb, 0, 2).unwrap().device_table.is_none(), "stale after truncate");
+    write(&mut dev, fb, 5, 9.0); // through the shared first block: copy-on-write
+    assert_eq!(uploaded(&dev, fb), dev.block_table(fb).unwrap());
+    assert_ne!(dev.block_table(fb).unwrap()[0], dev.block_table(b).unwrap()[0]);
 }
