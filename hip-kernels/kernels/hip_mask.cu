@@ -163,12 +163,13 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         return;
     }
 
-    // Strided queries, pre-scaled by nothing (scale applied to the max later; it is positive).
+    // Strided queries counted back from the block's last one (the newest query always scores),
+    // unscaled (the scale is applied to the max later; it is positive).
     const int nq = (i1 - i0 + sa.stride_q - 1) / sa.stride_q;
     for (int c = tid; c < QR * (D / 8); c += NT) {
         int r = c / (D / 8), x = (c % (D / 8)) * 8;
         uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < nq) val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i0 + r * sa.stride_q) * q_t + (long long)h * D + x);
+        if (r < nq) val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - r * sa.stride_q) * q_t + (long long)h * D + x);
         *reinterpret_cast<uint4*>(Qs + r * LDQ + x) = val;
     }
     // Initial groups: ranges of `step` blocks at multiples of `step`.
@@ -389,7 +390,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
 #pragma unroll
     for (int r = 0; r < QMAX; r++) {
         if (r < nq) {
-            uint4 raw = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i0 + r * sa.stride_q) * q_t +
+            uint4 raw = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - r * sa.stride_q) * q_t +
                                                         (long long)h * D + lk * 8);
             widen8(reinterpret_cast<const T*>(&raw), qv[r]);
         } else {

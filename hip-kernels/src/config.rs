@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 ///   of the HiP paper (arXiv 2406.09827 §3).
 ///
 /// Scores of a branch in the tree search are the max of `q·k` over every `block_stride_q`-th query
-/// of the block and every `block_stride_k`-th key of the branch's center block.
+/// of the block (counted back from its last, newest query) and every `block_stride_k`-th key of the branch's center block.
 ///
 /// ```
 /// use hip_kernels::HipConfig;

@@ -159,3 +159,35 @@ fn decode_reuses_the_mask_between_refreshes() {
     hip_attn_decode(&q2, &k_all, &v_all, &cfg, 0.125, &mut cache).unwrap();
     assert_eq!(cache.refreshes(), 4);
 }
+
+/// The strided queries that score a block are counted back from its last query, so the newest
+/// query of a block (in a prefill, the one whose logits are sampled) always takes part: here only
+/// the last query of the last block looks for the keys of tokens 20..40, and its row of the mask
+/// must find them. (Counting from the first query, with stride 2, it would never be scored and
+/// the row would get the earliest blocks on ties.)
+#[test]
+fn the_last_query_of_a_block_always_scores() {
+    use candle_core::{Device, Tensor};
+    let (t, d) = (64usize, 16usize);
+    let cfg = small_cfg(); // query blocks 8 / stride 2, k 16 in blocks of 2, sink 4, window 8
+    let u: Vec<f32> = (0..d).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let noise = common::randn(7, (1, t, 1, d), DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut kd = vec![0f32; t * d];
+    for j in 0..t {
+        for i in 0..d {
+            let signal = if (20..40).contains(&j) { 3.0 * u[i] } else { 0.0 };
+            kd[j * d + i] = signal + 0.1 * noise[j * d + i];
+        }
+    }
+    let mut qd = vec![0f32; t * d];
+    for i in 0..d {
+        qd[(t - 1) * d + i] = 2.0 * u[i];
+    }
+    let q = Tensor::from_vec(qd, (1, t, 1, d), &Device::Cpu).unwrap();
+    let k = Tensor::from_vec(kd, (1, t, 1, d), &Device::Cpu).unwrap();
+    for mask in [hip_mask(&q, &k, &cfg, 0.25).unwrap(), reference::hip_mask(&q, &k, &cfg, 0.25).unwrap()] {
+        let last = mask.blocks(0, 0, mask.n_qblocks - 1);
+        let found = last.iter().filter(|&&s| (20..40).contains(&s)).count();
+        assert!(found >= 4, "the last query's row selects {found} blocks of 20..40: {last:?}");
+    }
+}

@@ -30,7 +30,7 @@ pub fn hip_mask(q: &Tensor, k: &Tensor, cfg: &HipConfig, scale: f32) -> Result<H
                     let start = block_start(c);
                     let end = (start + cfg.block_size_k).min(qb.search_end);
                     let mut best = f64::NEG_INFINITY;
-                    for i in (qb.i0..qb.i1).step_by(cfg.block_stride_q) {
+                    for i in (qb.i0..qb.i1).rev().step_by(cfg.block_stride_q) {
                         let qrow = &qd[dims.q_off(b, i, h)..dims.q_off(b, i, h) + d];
                         for j in (start..end).step_by(cfg.block_stride_k) {
                             let krow = &kd[dims.kv_off(b, j, g)..dims.kv_off(b, j, g) + d];

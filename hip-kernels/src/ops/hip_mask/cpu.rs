@@ -80,7 +80,7 @@ fn search_row<E: Elem>(
     // Strided queries of the block, scaled.
     sc.q.clear();
     let mut nq = 0;
-    for i in (qb.i0..qb.i1).step_by(cfg.block_stride_q) {
+    for i in (qb.i0..qb.i1).rev().step_by(cfg.block_stride_q) {
         let off = dims.q_off(b, i, h);
         let start = sc.q.len();
         sc.q.resize(start + d, 0.0);

@@ -141,7 +141,7 @@ pub(crate) fn initial_groups(n: usize, groups: usize) -> Vec<(u32, u32)> {
 /// * The search: split the candidates into at most `G = k / block_size_k` contiguous groups of a
 ///   power-of-two number of blocks; then
 ///   repeatedly split every group in two halves, score each half by its center block (max of
-///   `q·k` over every `block_stride_q`-th query of the block and every `block_stride_k`-th key of
+///   `q·k` over every `block_stride_q`-th query of the block, counted back from its last query, and every `block_stride_k`-th key of
 ///   the center block) and keep the best `G` halves, until every group is a single block. Ties go
 ///   to the earlier block.
 ///
