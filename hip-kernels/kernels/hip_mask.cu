@@ -125,6 +125,112 @@ struct Ascending {
     __device__ __forceinline__ bool operator()(float, uint32_t a1, float, uint32_t a2) const { return a1 < a2; }
 };
 
+// ------------------------------------------------------------------------------------------------
+// Steps both search kernels share (all threads of the CTA call each).
+
+// The mask row of this CTA (query block blockIdx.x, head blockIdx.y, batch blockIdx.z): its
+// queries [i0, i1), the end of its candidate range, the number of candidate key blocks.
+struct SearchRow {
+    int i0, i1, search_end, n_cand;
+    long long row;
+    uint32_t* out;  // G block starts
+};
+
+__device__ __forceinline__ SearchRow search_row(const KvArgs& kv, const SearchArgs& sa, uint32_t* out_starts) {
+    SearchRow r;
+    r.i0 = blockIdx.x * sa.block_q;
+    r.i1 = min(r.i0 + sa.block_q, sa.t_q);
+    const int p_last = kv.t_k - sa.t_q + r.i1 - 1;
+    r.search_end = max(p_last + 1 - sa.window, sa.sink);
+    r.n_cand = (r.search_end - sa.sink + sa.block_k - 1) / sa.block_k;
+    r.row = ((long long)blockIdx.z * sa.heads_q + blockIdx.y) * sa.n_qblocks + blockIdx.x;
+    r.out = out_starts + r.row * sa.groups;
+    return r;
+}
+
+// With no more candidates than groups every one is selected: writes the row and returns true.
+__device__ __forceinline__ bool select_all_if_few(const SearchRow& r, const SearchArgs& sa, uint32_t* out_counts) {
+    if (r.n_cand > sa.groups) return false;
+    for (int c = threadIdx.x; c < sa.groups; c += blockDim.x)
+        r.out[c] = c < r.n_cand ? (uint32_t)(sa.sink + c * sa.block_k) : 0xffffffffu;
+    if (threadIdx.x == 0) out_counts[r.row] = r.n_cand;
+    return true;
+}
+
+// Initial groups: ranges of `step` candidate blocks at multiples of `step`, the smallest power of
+// two that leaves at most G groups. Ends with a barrier.
+__device__ __forceinline__ void init_groups(uint32_t* gs, uint32_t* ge, int n_cand, int G, int* s_n) {
+    int step = 1;
+    while ((n_cand + step - 1) / step > G) step <<= 1;
+    const int n0 = (n_cand + step - 1) / step;
+    for (int g = threadIdx.x; g < n0; g += blockDim.x) {
+        gs[g] = g * step;
+        ge[g] = min((g + 1) * step, n_cand);
+    }
+    if (threadIdx.x == 0) *s_n = n0;
+    __syncthreads();
+}
+
+// Splits every group of more than one block in two, in parallel (each thread a contiguous run of
+// groups, a block-wide scan places its branches), and swaps the branches into (gs, ge). Returns
+// the number of branches; `more` tells whether any branch still spans more than one block.
+__device__ __forceinline__ int split_groups(uint32_t*& gs, uint32_t*& ge, uint32_t*& ns, uint32_t*& ne, int n,
+                                            int* scan_tmp, int* more) {
+    const int per = (n + blockDim.x - 1) / blockDim.x;
+    const int g0 = min(n, (int)threadIdx.x * per), g1 = min(n, g0 + per);
+    int cnt = 0, wider = 0;
+    for (int g = g0; g < g1; g++) cnt += ge[g] - gs[g] > 1 ? 2 : 1;
+    int total;
+    int w = block_exclusive_scan(cnt, &total, scan_tmp);
+    for (int g = g0; g < g1; g++) {
+        uint32_t s0 = gs[g], e0 = ge[g];
+        if (e0 - s0 > 1) {
+            uint32_t mid = s0 + (e0 - s0) / 2;
+            ns[w] = s0; ne[w] = mid;
+            ns[w + 1] = mid; ne[w + 1] = e0;
+            w += 2;
+            wider |= (mid - s0 > 1) || (e0 - mid > 1);
+        } else {
+            ns[w] = s0; ne[w] = e0;
+            w += 1;
+        }
+    }
+    *more = __syncthreads_or(wider);
+    uint32_t* t = gs; gs = ns; ns = t;
+    t = ge; ge = ne; ne = t;
+    return total;
+}
+
+// Sorts the first n entries by `before` after padding to a power of two; in registers when the
+// CTA has a thread per entry. With `top_half`, only moves the best half to the front (see
+// bitonic_sort_regs).
+template <typename Less>
+__device__ __forceinline__ void sort_padded(float* score, uint32_t* gs, uint32_t* ge, int n, Less before,
+                                            bool top_half_if_exact = false, int half = 0) {
+    int np2 = 1;
+    while (np2 < n) np2 <<= 1;
+    for (int x = n + threadIdx.x; x < np2; x += blockDim.x) { score[x] = NEG_INF; gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
+    if (np2 <= (int)blockDim.x) bitonic_sort_regs(score, gs, ge, np2, before, top_half_if_exact && 2 * half == np2);
+    else bitonic_sort(score, gs, ge, np2, before);
+}
+
+// Keeps the best G of the nb scored branches in the front of (score, gs, ge); s_n = min(nb, G).
+// Ends with a barrier.
+__device__ __forceinline__ void keep_best(float* score, uint32_t* gs, uint32_t* ge, int nb, int G, int* s_n) {
+    if (nb > G) sort_padded(score, gs, ge, nb, BestFirst(), true, G);  // else every branch survives
+    if (threadIdx.x == 0) *s_n = min(nb, G);
+    __syncthreads();
+}
+
+// Every group is one block: writes the row's block starts, ascending, and its count.
+__device__ __forceinline__ void write_row(float* score, uint32_t* gs, uint32_t* ge, int n, const SearchRow& r,
+                                          const SearchArgs& sa, uint32_t* out_counts) {
+    sort_padded(score, gs, ge, n, Ascending());
+    for (int c = threadIdx.x; c < sa.groups; c += blockDim.x)
+        r.out[c] = c < n ? (uint32_t)(sa.sink + gs[c] * sa.block_k) : 0xffffffffu;
+    if (threadIdx.x == 0) out_counts[r.row] = n;
+}
+
 template <typename T, int D>
 __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                 float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
@@ -146,22 +252,11 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     __shared__ int scan_tmp[WARPS];
 
     const int tid = threadIdx.x, warp = tid / 32;
-    const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (sa.heads_q / kv.heads_kv);
-    const int i0 = m * sa.block_q, i1 = min(i0 + sa.block_q, sa.t_q);
-    const int p_last = kv.t_k - sa.t_q + i1 - 1;
-    int search_end = p_last + 1 - sa.window;
-    if (search_end < sa.sink) search_end = sa.sink;
-    const int n_cand = (search_end - sa.sink + sa.block_k - 1) / sa.block_k;
-    const int G = sa.groups;
-    const long long row = ((long long)b * sa.heads_q + h) * sa.n_qblocks + m;
-    uint32_t* out = out_starts + row * G;
-
-    if (n_cand <= G) {
-        for (int c = tid; c < G; c += NT) out[c] = c < n_cand ? (uint32_t)(sa.sink + c * sa.block_k) : 0xffffffffu;
-        if (tid == 0) out_counts[row] = n_cand;
-        return;
-    }
+    const SearchRow sr = search_row(kv, sa, out_starts);
+    const int i0 = sr.i0, i1 = sr.i1, search_end = sr.search_end, G = sa.groups;
+    if (select_all_if_few(sr, sa, out_counts)) return;
 
     // Strided queries counted back from the block's last one (the newest query always scores),
     // unscaled (the scale is applied to the max later; it is positive).
@@ -172,26 +267,17 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         if (r < nq) val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - r * sa.stride_q) * q_t + (long long)h * D + x);
         *reinterpret_cast<uint4*>(Qs + r * LDQ + x) = val;
     }
-    // Initial groups: ranges of `step` blocks at multiples of `step`.
-    int step = 1;
-    while ((n_cand + step - 1) / step > G) step <<= 1;
-    const int n0 = (n_cand + step - 1) / step;
-    for (int g = tid; g < n0; g += NT) {
-        gs[g] = g * step;
-        ge[g] = min((g + 1) * step, n_cand);
-    }
-    if (tid == 0) s_n = n0;
-    __syncthreads();
+    init_groups(gs, ge, sr.n_cand, G, &s_n);
 
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch (<= BN)
     const int bpt = BN / kpb;                                       // branches per key tile
     const T* K = static_cast<const T*>(kv.k);
-    // Token and branch of key slot c of a tile starting at branch t0 (-1: none).
-    auto prep = [&](int t0, int buf) {
+    // Token and branch of key slot c of a tile starting at branch t0 of nb (-1: none).
+    auto prep = [&](int t0, int buf, int nb) {
         for (int c = tid; c < BN; c += NT) {
             int br = t0 + c / kpb, r = c % kpb;
             int j = -1;
-            if (c / kpb < bpt && br < s_n) {
+            if (c / kpb < bpt && br < nb) {
                 int center = gs[br] + (ge[br] - gs[br]) / 2;
                 j = sa.sink + center * sa.block_k + r * sa.stride_k;
                 if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
@@ -212,40 +298,16 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         cp_async_commit();
     };
     for (;;) {
-        // Split every group of more than one block in two, in parallel: each thread takes a
-        // contiguous run of groups, a block-wide scan places its branches.
-        const int n = s_n;
-        const int per = (n + NT - 1) / NT, g0 = min(n, tid * per), g1 = min(n, g0 + per);
-        int cnt = 0, more = 0;
-        for (int g = g0; g < g1; g++) cnt += ge[g] - gs[g] > 1 ? 2 : 1;
-        int total;
-        int w = block_exclusive_scan(cnt, &total, scan_tmp);
-        for (int g = g0; g < g1; g++) {
-            uint32_t s0 = gs[g], e0 = ge[g];
-            if (e0 - s0 > 1) {
-                uint32_t mid = s0 + (e0 - s0) / 2;
-                ns[w] = s0; ne[w] = mid;
-                ns[w + 1] = mid; ne[w + 1] = e0;
-                w += 2;
-                more |= (mid - s0 > 1) || (e0 - mid > 1);
-            } else {
-                ns[w] = s0; ne[w] = e0;
-                w += 1;
-            }
-        }
-        more = __syncthreads_or(more);
-        { uint32_t* t = gs; gs = ns; ns = t; t = ge; ge = ne; ne = t; }
-        if (tid == 0) s_n = total;
-        __syncthreads();
-        const int nb = total;
+        int more;
+        const int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
         // Score every branch by its center block, gathering tile t + 1 while tile t computes.
         const int ntiles = (nb + bpt - 1) / bpt;
-        prep(0, 0);
+        prep(0, 0, nb);
         __syncthreads();
         issue(0);
         for (int t = 0; t < ntiles; t++) {
             const int cur = t & 1;
-            if (t + 1 < ntiles) prep((t + 1) * bpt, cur ^ 1);
+            if (t + 1 < ntiles) prep((t + 1) * bpt, cur ^ 1, nb);
             __syncthreads();
             if (t + 1 < ntiles) issue(cur ^ 1); else cp_async_commit();
             cp_async_wait_1();
@@ -283,23 +345,10 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         }
         cp_async_wait_0();
         __syncthreads();
-        // Keep the best G branches.
-        int np2 = 1;
-        while (np2 < nb) np2 <<= 1;
-        for (int x = nb + tid; x < np2; x += NT) { score[x] = NEG_INF; gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
-        bitonic_sort(score, gs, ge, np2, BestFirst());
-        if (tid == 0) s_n = min(nb, G);
-        __syncthreads();
+        keep_best(score, gs, ge, nb, G, &s_n);
         if (!more) break;
     }
-    // Every group is one block: output the starts, ascending.
-    const int n = s_n;
-    int np2 = 1;
-    while (np2 < n) np2 <<= 1;
-    for (int x = n + tid; x < np2; x += NT) { gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
-    bitonic_sort(score, gs, ge, np2, Ascending());
-    for (int c = tid; c < G; c += NT) out[c] = c < n ? (uint32_t)(sa.sink + gs[c] * sa.block_k) : 0xffffffffu;
-    if (tid == 0) out_counts[row] = n;
+    write_row(score, gs, ge, s_n, sr, sa, out_counts);
 }
 
 // The same search for a block of at most QMAX strided queries (decode: one query per sequence),
@@ -367,22 +416,11 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int lk = lane % LPK, sub = lane / LPK;
-    const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (sa.heads_q / kv.heads_kv);
-    const int i0 = m * sa.block_q, i1 = min(i0 + sa.block_q, sa.t_q);
-    const int p_last = kv.t_k - sa.t_q + i1 - 1;
-    int search_end = p_last + 1 - sa.window;
-    if (search_end < sa.sink) search_end = sa.sink;
-    const int n_cand = (search_end - sa.sink + sa.block_k - 1) / sa.block_k;
-    const int G = sa.groups;
-    const long long row = ((long long)b * sa.heads_q + h) * sa.n_qblocks + m;
-    uint32_t* out = out_starts + row * G;
-
-    if (n_cand <= G) {
-        for (int c = tid; c < G; c += NT) out[c] = c < n_cand ? (uint32_t)(sa.sink + c * sa.block_k) : 0xffffffffu;
-        if (tid == 0) out_counts[row] = n_cand;
-        return;
-    }
+    const SearchRow sr = search_row(kv, sa, out_starts);
+    const int i0 = sr.i0, i1 = sr.i1, search_end = sr.search_end, G = sa.groups;
+    if (select_all_if_few(sr, sa, out_counts)) return;
 
     PROF_START
     const int nq = min(QMAX, (i1 - i0 + sa.stride_q - 1) / sa.stride_q);
@@ -398,45 +436,16 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
             for (int e = 0; e < 8; e++) qv[r][e] = 0.f;
         }
     }
-    int step = 1;
-    while ((n_cand + step - 1) / step > G) step <<= 1;
-    const int n0 = (n_cand + step - 1) / step;
-    for (int g = tid; g < n0; g += NT) {
-        gs[g] = g * step;
-        ge[g] = min((g + 1) * step, n_cand);
-    }
-    if (tid == 0) s_n = n0;
-    __syncthreads();
+    init_groups(gs, ge, sr.n_cand, G, &s_n);
 
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch
     const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
     const T* K = static_cast<const T*>(kv.k);
     unsigned* su = reinterpret_cast<unsigned*>(score);
     for (;;) {
-        // Split every group of more than one block in two (as in hip_mask_search).
-        const int n = s_n;
-        const int per = (n + NT - 1) / NT, g0 = min(n, tid * per), g1 = min(n, g0 + per);
-        int cnt = 0, more = 0;
-        for (int g = g0; g < g1; g++) cnt += ge[g] - gs[g] > 1 ? 2 : 1;
-        int total;
-        int w = block_exclusive_scan(cnt, &total, scan_tmp);
-        for (int g = g0; g < g1; g++) {
-            uint32_t s0 = gs[g], e0 = ge[g];
-            if (e0 - s0 > 1) {
-                uint32_t mid = s0 + (e0 - s0) / 2;
-                ns[w] = s0; ne[w] = mid;
-                ns[w + 1] = mid; ne[w + 1] = e0;
-                w += 2;
-                more |= (mid - s0 > 1) || (e0 - mid > 1);
-            } else {
-                ns[w] = s0; ne[w] = e0;
-                w += 1;
-            }
-        }
-        more = __syncthreads_or(more);
+        int more;
+        const int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
         PROF(0)
-        { uint32_t* t = gs; gs = ns; ns = t; t = ge; ge = ne; ne = t; }
-        const int nb = total;
         for (int x = tid; x < nb; x += NT) su[x] = ordered(NEG_INF);
         __syncthreads();
         // Score every branch: the max over its center block's strided keys and the queries.
@@ -482,30 +491,11 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         __syncthreads();
         PROF(1)
         for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
-        // Keep the best G branches.
-        int np2 = 1;
-        while (np2 < nb) np2 <<= 1;
-        for (int x = nb + tid; x < np2; x += NT) { score[x] = NEG_INF; gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
-        if (nb <= G) {
-            // Every branch survives: nothing to rank.
-        } else if (np2 <= NT) {
-            bitonic_sort_regs(score, gs, ge, np2, BestFirst(), 2 * G == np2);
-        } else {
-            bitonic_sort(score, gs, ge, np2, BestFirst());
-        }
-        if (tid == 0) s_n = min(nb, G);
-        __syncthreads();
+        keep_best(score, gs, ge, nb, G, &s_n);
         PROF(2)
         if (!more) break;
     }
-    const int n = s_n;
-    int np2 = 1;
-    while (np2 < n) np2 <<= 1;
-    for (int x = n + tid; x < np2; x += NT) { gs[x] = 0xffffffffu; ge[x] = 0xffffffffu; }
-    if (np2 <= NT) bitonic_sort_regs(score, gs, ge, np2, Ascending());
-    else bitonic_sort(score, gs, ge, np2, Ascending());
-    for (int c = tid; c < G; c += NT) out[c] = c < n ? (uint32_t)(sa.sink + gs[c] * sa.block_k) : 0xffffffffu;
-    if (tid == 0) out_counts[row] = n;
+    write_row(score, gs, ge, s_n, sr, sa, out_counts);
     PROF(3)
 }
 
