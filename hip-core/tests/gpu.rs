@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::sparse_hip;
+use common::{argmax, sparse_hip};
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::model::{LogitsWanted, Model, SeqChunk};
@@ -58,10 +58,6 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 fn median(v: &mut [f32]) -> f32 {
     v.sort_by(f32::total_cmp);
     v[v.len() / 2]
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0 as u32).unwrap()
 }
 
 struct Side {

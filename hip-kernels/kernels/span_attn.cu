@@ -16,12 +16,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
 
 #include "common.cuh"
-
-using namespace nvcuda;
 
 // Which keys a row of queries sees.
 struct MaskArgs {
