@@ -89,7 +89,7 @@ async fn run() -> Result<()> {
     }
     let text = read_text_files(&docs)?;
     // HiP: already at 7.4k tokens it prefills and decodes faster than dense, with answers as good.
-    let attention = Attention::Hip(HipConfig::paper());
+    let attention = Attention::Hip(HipConfig::default());
     let builder = Model::builder(model_path(model_arg));
     #[cfg(feature = "cuda")] // K and V are bf16 on the GPU: 28 KiB a token of Qwen2.5-1.5B.
     let builder = builder

@@ -12,6 +12,11 @@ use crate::error::{Error, Result};
 /// * `k` further tokens: `k / block_size_k` key blocks chosen by the hierarchical top-k tree search
 ///   of the HiP paper (arXiv 2406.09827 §3).
 ///
+/// The last `tail_queries` queries of a prefill chunk form query blocks of their own
+/// (`tail_block_size_q` queries, every one scoring), so the question at the end of a prompt does
+/// not share the document's mask ([`HipConfig::default`] has a tail of 64, [`HipConfig::paper`]
+/// none).
+///
 /// Scores of a branch in the tree search are the max of `q·k` over every `block_stride_q`-th query
 /// of the block (counted back from its last, newest query) and every `block_stride_k`-th key of the branch's center block.
 ///
@@ -44,11 +49,38 @@ pub struct HipConfig {
     pub dense_layers: Vec<usize>,
     /// During decode, the mask is re-estimated every `refresh_interval` steps and reused in between.
     pub refresh_interval: usize,
+    /// The last `tail_queries` queries of a prefill chunk get masks of their own: they are
+    /// searched in query blocks of `tail_block_size_q` queries, every query scoring, instead of
+    /// sharing the mask of a `block_size_q` block with the queries before them. At the end of a
+    /// prompt these are the question's tokens; in a shared 64-query block their needs are
+    /// outvoted by the document tokens before them (docs/quality.md). 0 turns it off (the
+    /// published code's behaviour, [`HipConfig::paper`]); [`HipConfig::default`] uses 64.
+    #[serde(default)]
+    pub tail_queries: usize,
+    /// Query block size of the tail (see `tail_queries`); 1 gives every tail query its own mask,
+    /// as in decoding.
+    #[serde(default = "one")]
+    pub tail_block_size_q: usize,
 }
 
+fn one() -> usize {
+    1
+}
+
+/// [`HipConfig::paper`] plus a prefill tail of 64 queries with masks of their own
+/// (`tail_queries = 64`, `tail_block_size_q = 1`): the published defaults lose passkeys that dense
+/// attention finds when the question shares a query block with the document before it
+/// (docs/quality.md); the tail costs 64 single-query searches per prefill chunk.
+///
+/// ```
+/// use hip_kernels::HipConfig;
+/// let cfg = HipConfig::default();
+/// assert_eq!((cfg.k, cfg.block_size_q, cfg.tail_queries, cfg.tail_block_size_q), (512, 64, 64, 1));
+/// assert_eq!(HipConfig::paper().tail_queries, 0);
+/// ```
 impl Default for HipConfig {
     fn default() -> Self {
-        Self::paper()
+        Self::paper().with_prefill_tail(64, 1)
     }
 }
 
@@ -67,6 +99,8 @@ impl HipConfig {
             window_tokens: 256,
             dense_layers: vec![0, 1, 2],
             refresh_interval: 8,
+            tail_queries: 0,
+            tail_block_size_q: 1,
         }
     }
 
@@ -104,6 +138,25 @@ impl HipConfig {
         self
     }
 
+    /// Sets the prefill tail: the last `queries` queries of a chunk are searched in query blocks
+    /// of `block_size_q` (stride 1). `queries = 0` turns it off.
+    pub fn with_prefill_tail(mut self, queries: usize, block_size_q: usize) -> Self {
+        self.tail_queries = queries;
+        self.tail_block_size_q = block_size_q;
+        self
+    }
+
+    /// How a prefill chunk of `t_q` queries splits: `None` when it is one part; else the number of
+    /// head queries (searched with `self`, possibly 0) and the config of the tail.
+    pub(crate) fn tail_split(&self, t_q: usize) -> Option<(usize, HipConfig)> {
+        if self.tail_queries == 0 || t_q <= 1 {
+            return None;
+        }
+        let tail = self.tail_queries.min(t_q);
+        let cfg = self.clone().with_query_block(self.tail_block_size_q, 1);
+        Some((t_q - tail, cfg))
+    }
+
     /// Number of key blocks the tree search keeps per query block (`k / block_size_k`).
     pub fn selected_blocks(&self) -> usize {
         self.k / self.block_size_k.max(1)
@@ -129,6 +182,7 @@ impl HipConfig {
             ("block_size_k", self.block_size_k),
             ("block_stride_k", self.block_stride_k),
             ("refresh_interval", self.refresh_interval),
+            ("tail_block_size_q", self.tail_block_size_q),
         ];
         for (name, v) in nonzero {
             if v == 0 {
@@ -138,7 +192,11 @@ impl HipConfig {
                 return Err(Error::config(name, v, format!("must be at most {MAX}")));
             }
         }
-        for (name, v) in [("sink_tokens", self.sink_tokens), ("window_tokens", self.window_tokens)] {
+        for (name, v) in [
+            ("sink_tokens", self.sink_tokens),
+            ("window_tokens", self.window_tokens),
+            ("tail_queries", self.tail_queries),
+        ] {
             if v > MAX {
                 return Err(Error::config(name, v, format!("must be at most {MAX}")));
             }
@@ -199,6 +257,8 @@ mod tests {
             (p().with_refresh_interval(0), "refresh_interval"),
             (p().with_dense_layers(vec![1, 1]), "dense_layers"),
             (p().with_sink_window(usize::MAX, 0), "sink_tokens"),
+            (p().with_prefill_tail(64, 0), "tail_block_size_q"),
+            (p().with_prefill_tail(usize::MAX, 1), "tail_queries"),
         ];
         for (cfg, field) in cases {
             match cfg.validate() {

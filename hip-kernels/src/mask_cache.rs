@@ -30,14 +30,40 @@ use crate::ops::hip_mask::{hip_mask, HipMask};
 /// # Errors
 /// As [`hip_mask`] and [`block_sparse_attn`].
 pub fn hip_attn(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &HipConfig, scale: f32) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::cuda::is_cuda(q) {
-        // The mask stays on the device.
-        let mask = crate::cuda::hip_mask_cuda(q, k, cfg, scale)?;
-        return crate::cuda::block_sparse_attn_cuda(q, k, v, &mask, scale, 0);
+    let dims = AttnDims::from_qkv(q, k, Some(v))?;
+    with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
+        let (k, v) = (k.narrow(1, 0, dims.t_k - cut)?, v.narrow(1, 0, dims.t_k - cut)?);
+        #[cfg(feature = "cuda")]
+        if crate::cuda::is_cuda(q) {
+            // The mask stays on the device.
+            let mask = crate::cuda::hip_mask_cuda(q, &k, cfg, scale)?;
+            return crate::cuda::block_sparse_attn_cuda(q, &k, &v, &mask, scale, 0);
+        }
+        let mask = hip_mask(q, &k, cfg, scale)?;
+        block_sparse_attn(q, &k, &v, &mask, scale, 0)
+    })
+}
+
+/// Runs a HiP prefill of the `t_q` queries `q: [batch, t_q, ..]` as `run(queries, cut, cfg)`, split
+/// by [`HipConfig::tail_split`]: the head queries run with `cfg` over the context without its last
+/// `cut` tokens (the tail's; the head queries are the newest tokens of that shorter context), the
+/// tail queries with the tail's config over the whole context; the outputs are concatenated.
+pub(crate) fn with_prefill_tail(
+    q: &Tensor,
+    t_q: usize,
+    cfg: &HipConfig,
+    mut run: impl FnMut(&Tensor, usize, &HipConfig) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match cfg.tail_split(t_q) {
+        None => run(q, 0, cfg),
+        Some((0, tail_cfg)) => run(q, 0, &tail_cfg),
+        Some((head, tail_cfg)) => {
+            let tail = t_q - head;
+            let a = run(&q.narrow(1, 0, head)?, tail, cfg)?;
+            let b = run(&q.narrow(1, head, tail)?, 0, &tail_cfg)?;
+            Ok(Tensor::cat(&[a, b], 1)?)
+        }
     }
-    let mask = hip_mask(q, k, cfg, scale)?;
-    block_sparse_attn(q, k, v, &mask, scale, 0)
 }
 
 /// The decode-time mask of one layer of one sequence batch, reused for `refresh_interval` steps.

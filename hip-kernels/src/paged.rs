@@ -149,8 +149,12 @@ pub fn block_sparse_attn_paged(
 /// # Errors
 /// As [`hip_mask_paged`] and [`block_sparse_attn_paged`].
 pub fn hip_attn_paged(q: &Tensor, kv: &PagedKv<'_>, cfg: &HipConfig, scale: f32) -> Result<Tensor> {
-    let mask = hip_mask_paged(q, kv, cfg, scale)?;
-    block_sparse_attn_paged(q, kv, &mask, scale, 0)
+    let dims = kv.dims(q)?;
+    crate::mask_cache::with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
+        let kv = PagedKv { len: kv.len - cut, ..*kv };
+        let mask = hip_mask_paged(q, &kv, cfg, scale)?;
+        block_sparse_attn_paged(q, &kv, &mask, scale, 0)
+    })
 }
 
 /// [`crate::hip_attn_decode`] over a paged sequence.

@@ -217,9 +217,16 @@ fn paged_matches_contiguous() {
         let m1 = hip_mask_cuda(&q, &k, &cfg, scale).unwrap().to_host().unwrap();
         let m2 = hip_mask_paged_cuda(&q, &kv, &cfg, scale).unwrap().to_host().unwrap();
         assert_eq!(m1, m2, "{what}: mask");
-        let want = hip_attn(&q, &k, &v, &cfg, scale).unwrap().to_dtype(DType::F32).unwrap();
-        let got = hip_attn_paged_cuda(&q, &kv, &cfg, scale).unwrap();
-        assert!(rel_err(&got, &want.to_device(&Device::Cpu).unwrap()) <= 1e-6, "{what}: hip");
+        // With and without a prefill tail (the tail's queries searched one by one).
+        for cfg in [cfg.clone(), cfg.clone().with_prefill_tail(7, 1)] {
+            let want = hip_attn(&q, &k, &v, &cfg, scale).unwrap().to_dtype(DType::F32).unwrap();
+            let got = hip_attn_paged_cuda(&q, &kv, &cfg, scale).unwrap();
+            let tail = cfg.tail_queries;
+            assert!(
+                rel_err(&got, &want.to_device(&Device::Cpu).unwrap()) <= 1e-6,
+                "{what}: hip, tail {tail}"
+            );
+        }
     }
     // A table too short for the length is refused.
     let (q, _) = rand(1, 8, 128, DType::BF16, 1, &dev);

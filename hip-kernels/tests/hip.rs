@@ -191,3 +191,90 @@ fn the_last_query_of_a_block_always_scores() {
         assert!(found >= 4, "the last query's row selects {found} blocks of 20..40: {last:?}");
     }
 }
+
+/// A prefill with a tail is the head queries' HiP attention over the context without the tail's
+/// tokens, then the tail queries' over the whole context with the tail's query blocks (stride 1),
+/// each part checked against the f64 references, at awkward sizes.
+#[test]
+fn prefill_tail_is_head_then_tail_with_its_own_blocks() {
+    for &(t_q, t_k, tail, tail_bq) in
+        &[(1usize, 1usize, 4usize, 1usize), (7, 7, 4, 1), (7, 97, 7, 2), (97, 97, 5, 1), (97, 1000, 16, 4)]
+    {
+        let cfg = small_cfg().with_prefill_tail(tail, tail_bq);
+        let (q, k, v) = qkv((t_q * 31 + t_k) as u64, 1, t_q, t_k, 4, 2, 64, DType::F32);
+        let scale = 0.125;
+        let got = hip_attn(&q, &k, &v, &cfg, scale).unwrap();
+        assert_eq!(got.dims(), q.dims());
+        let tail = tail.min(t_q);
+        let head = t_q - tail;
+        let tail_cfg = cfg.clone().with_query_block(tail_bq, 1);
+        let part = |q: &candle_core::Tensor, t: usize, cfg: &HipConfig| {
+            let (k, v) = (k.narrow(1, 0, t).unwrap(), v.narrow(1, 0, t).unwrap());
+            let mask = reference::hip_mask(q, &k, cfg, scale).unwrap();
+            reference::block_sparse_attn(q, &k, &v, &mask, scale, 0).unwrap()
+        };
+        let mut want = Vec::new();
+        if head > 0 {
+            want.push(part(&q.narrow(1, 0, head).unwrap(), t_k - tail, &cfg));
+        }
+        want.push(part(&q.narrow(1, head, tail).unwrap(), t_k, &tail_cfg));
+        let want = candle_core::Tensor::cat(&want, 1).unwrap();
+        let err = max_abs_diff(&got, &want);
+        assert!(err <= 1e-4, "t_q {t_q} t_k {t_k} tail {tail}/{tail_bq}: max abs err {err}");
+    }
+}
+
+/// Why the tail exists: in a 64-query block the first 63 queries look for one region of keys
+/// (more blocks than the budget) and the last query for another, key `x`. The block's shared
+/// mask is filled by the majority and the last query does not get `x` (its output stays far
+/// from `x`'s value); with a tail the last query's own search finds `x` and its output is
+/// `x`'s value.
+#[test]
+fn tail_queries_get_masks_of_their_own() {
+    use candle_core::{Device, Tensor};
+    let (t_q, t_k, d) = (64usize, 128usize, 16usize);
+    let cfg = small_cfg().with_query_block(64, 1); // one query block; k 16 = 8 key blocks of 2
+    let axis = |i: usize| (0..d).map(move |j| if j == i { 1.0f32 } else { 0.0 });
+    let noise =
+        common::randn(11, (1, t_k, 1, d), DType::F32).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut kd = vec![0f32; t_k * d];
+    let mut vd = vec![0f32; t_k * d];
+    for j in 0..t_k {
+        let signal: Vec<f32> = if (4..36).contains(&j) {
+            axis(0).map(|x| 4.0 * x).collect() // 16 blocks the majority wants
+        } else if (40..42).contains(&j) {
+            axis(1).map(|x| 4.0 * x).collect() // key x, wanted by the last query only
+        } else {
+            vec![0.0; d]
+        };
+        for i in 0..d {
+            kd[j * d + i] = signal[i] + 0.05 * noise[j * d + i];
+            vd[j * d + i] = if (40..42).contains(&j) && i == 2 { 1.0 } else { 0.0 };
+        }
+    }
+    let mut qd = vec![0f32; t_q * d];
+    for i in 0..t_q {
+        let dir = if i + 1 == t_q { 1 } else { 0 };
+        qd[i * d + dir] = if i + 1 == t_q { 2.0 } else { 3.0 };
+    }
+    let q = Tensor::from_vec(qd, (1, t_q, 1, d), &Device::Cpu).unwrap();
+    let k = Tensor::from_vec(kd, (1, t_k, 1, d), &Device::Cpu).unwrap();
+    let v = Tensor::from_vec(vd, (1, t_k, 1, d), &Device::Cpu).unwrap();
+    let last_x = |cfg: &HipConfig| {
+        let out = hip_attn(&q, &k, &v, cfg, 1.0).unwrap();
+        out.narrow(1, t_q - 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[2]
+    };
+    let shared = last_x(&cfg);
+    let own = last_x(&cfg.clone().with_prefill_tail(4, 1));
+    let dense = dense_attn(&q, &k, &v, 1.0)
+        .unwrap()
+        .narrow(1, t_q - 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[2];
+    assert!(dense > 0.9, "dense attends x: {dense}");
+    assert!(own > 0.9, "with a tail the last query attends x: {own}");
+    assert!(shared < 0.1, "without a tail the block's mask leaves x out: {shared}");
+}

@@ -61,11 +61,13 @@ fn paged_ops_equal_contiguous_ops() {
         assert!(err == 0.0, "dense T={t_k} bs={bs}: {err}");
         let mask = hip_mask(&q, &k, &cfg, scale).unwrap();
         assert_eq!(hip_mask_paged(&q, &kv, &cfg, scale).unwrap(), mask);
-        let err = max_abs_diff(
-            &hip_attn_paged(&q, &kv, &cfg, scale).unwrap(),
-            &hip_attn(&q, &k, &v, &cfg, scale).unwrap(),
-        );
-        assert!(err == 0.0, "hip T={t_k} bs={bs}: {err}");
+        for cfg in [cfg.clone(), cfg.clone().with_prefill_tail(5, 1), cfg.clone().with_prefill_tail(200, 4)] {
+            let err = max_abs_diff(
+                &hip_attn_paged(&q, &kv, &cfg, scale).unwrap(),
+                &hip_attn(&q, &k, &v, &cfg, scale).unwrap(),
+            );
+            assert!(err == 0.0, "hip T={t_k} bs={bs} tail {}: {err}", cfg.tail_queries);
+        }
         let err = max_abs_diff(
             &block_sparse_attn_paged(&q, &kv, &mask, scale, 3).unwrap(),
             &hip_kernels::block_sparse_attn(&q, &k, &v, &mask, scale, 3).unwrap(),

@@ -52,7 +52,7 @@ pub enum Device {
 /// use hip_sdk::{Attention, HipConfig, Model};
 ///
 /// let model = Model::builder("smollm2-135m-instruct-q4_1.gguf")
-///     .with_attention(Attention::Hip(HipConfig::paper()))
+///     .with_attention(Attention::Hip(HipConfig::default()))
 ///     .with_context_limit(32_768)
 ///     .with_kv_budget_bytes(2 << 30)
 ///     .with_threads(4)

@@ -7,7 +7,9 @@
 //! depths 0.1 and 0.5. Each prompt runs five ways, greedy, 8 answer tokens: dense; HiP; HiP only
 //! while prefilling the prompt (dense for its last token and the answer); HiP only for the last
 //! prompt token and the answer (dense prefill); and HiP prefill of the document with the last 64
-//! prompt tokens (the question) fed one at a time, each with its own decode-path mask. Results:
+//! prompt tokens (the question) fed one at a time, each with its own decode-path mask; then HiP
+//! with a prefill tail (`HipConfig::default()`: the last 64 queries of each chunk searched one by
+//! one). `HIP_SPLIT_PLANS=hip,"hip, prefill tail"` runs only the named plans. Results:
 //! docs/quality.md.
 
 use candle_core::Device;
@@ -47,6 +49,7 @@ fn main() -> Result<(), String> {
     let model = Model::from_gguf(&path, &Device::Cpu).map_err(|e| e.to_string())?;
     let builder = PasskeyBuilder::new(&tok).map_err(|e| e.to_string())?;
     let hip = || AttentionBackend::Hip(HipConfig::paper());
+    let tail = || AttentionBackend::Hip(HipConfig::default());
     for (len, depth) in [(2048usize, 0.1f64), (2048, 0.5), (4096, 0.1), (4096, 0.5)] {
         let p = builder.build(&tok, len, depth, cell_seed(0, len, depth, 0)).map_err(|e| e.to_string())?;
         let plans = [
@@ -60,8 +63,13 @@ fn main() -> Result<(), String> {
             Plan { name: "hip prefill only", prefill: hip(), by_token: 1, answer: AttentionBackend::Dense },
             Plan { name: "hip answer only", prefill: AttentionBackend::Dense, by_token: 1, answer: hip() },
             Plan { name: "hip, question by token", prefill: hip(), by_token: 64, answer: hip() },
+            Plan { name: "hip, prefill tail", prefill: tail(), by_token: 1, answer: tail() },
         ];
+        let only = std::env::var("HIP_SPLIT_PLANS").ok();
         for plan in plans {
+            if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == plan.name)) {
+                continue;
+            }
             let c = model.config();
             let blocks = (len + 32).div_ceil(16) + 1;
             let cfg = KvCacheConfig {

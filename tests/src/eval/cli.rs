@@ -24,10 +24,11 @@ usage: hip-eval <ppl|passkey|needle> [options]
   --windows N           ppl: windows per length (default: 1)
   --chunk N             prefill chunk in tokens (default: 512)
   --k N --window N --sink N --block-q N --stride-q N --block-k N --stride-k N
-  --dense-layers LIST --refresh N
-                        the HiP config (default: HipConfig::paper(): k 512, window 256, sink 16,
-                        query blocks 64/2, key blocks 2/1, dense layers 0,1,2, refresh 8); streaming gets the same
-                        sink and dense layers and a window of window + k
+  --dense-layers LIST --refresh N --tail N --tail-block-q N
+                        the HiP config (default: HipConfig::default(): k 512, window 256, sink 16,
+                        query blocks 64/2, key blocks 2/1, dense layers 0,1,2, refresh 8, a prefill
+                        tail of 64 queries in blocks of 1; --tail 0 gives HipConfig::paper()); streaming
+                        gets the same sink and dense layers and a window of window + k
   --device cpu|cuda     (default: cpu)
   --out DIR             where the JSON, markdown and PNG go (default: eval-out)";
 
@@ -153,6 +154,8 @@ pub fn parse(argv: &[String]) -> Result<Args> {
             "--stride-k" => h.block_stride_k = num(name, val()?)?,
             "--dense-layers" => h.dense_layers = list(name, val()?)?,
             "--refresh" => h.refresh_interval = num(name, val()?)?,
+            "--tail" => h.tail_queries = num(name, val()?)?,
+            "--tail-block-q" => h.tail_block_size_q = num(name, val()?)?,
             "--device" => match val()? {
                 d @ ("cpu" | "cuda") => a.device = d.into(),
                 other => return Err(EvalError::arg(name, format!("{other:?} (known: cpu, cuda)"))),

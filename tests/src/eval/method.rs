@@ -76,15 +76,18 @@ impl fmt::Display for Method {
     }
 }
 
-/// The HiP configuration of the quality runs: the published defaults ([`HipConfig::paper`]):
-/// `k = 512` selected tokens in key blocks of 2 (scored with stride 1), query blocks of 64 (stride 2),
-/// 16 sink tokens, a 256-token window, layers 0–2 dense, decode masks refreshed every 8 steps.
-/// A query of a HiP layer reads at most 784 keys: 38% of a 2k context, 19% at 4k, 10% at 8k.
+/// The HiP configuration of the quality runs: [`HipConfig::default`], the published defaults
+/// ([`HipConfig::paper`]: `k = 512` selected tokens in key blocks of 2 (scored with stride 1),
+/// query blocks of 64 (stride 2), 16 sink tokens, a 256-token window, layers 0–2 dense, decode
+/// masks refreshed every 8 steps) plus a prefill tail: the last 64 queries of each prefill chunk
+/// get masks of their own (query blocks of 1). A query of a HiP layer reads at most 784 keys: 38%
+/// of a 2k context, 19% at 4k, 10% at 8k.
 ///
 /// Smaller budgets were tried on SmolLM2-135M and lose the passkey at 2k (docs/quality.md):
-/// k = 128 or 256 with key blocks of 2, 4 or 8.
+/// k = 128 or 256 with key blocks of 2, 4 or 8. Without the tail (`--tail 0`) the paper config
+/// loses passkeys dense finds.
 pub fn eval_hip_config() -> HipConfig {
-    HipConfig::paper()
+    HipConfig::default()
 }
 
 /// Checks the HiP config and the streaming config derived from it.
