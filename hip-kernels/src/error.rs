@@ -59,6 +59,37 @@ pub enum Error {
         /// The device, rendered.
         device: String,
     },
+    /// The GPU caches of KV-cache offloading (see [`crate::offload`]) do not fit in the free GPU
+    /// memory. Every size is in bytes.
+    #[error(
+        "offload GPU caches need {need} bytes (mask-estimation cache {mask_cache}, sparse-attention \
+         cache {sa_cache}, page tables {page_tables}) but only {free} are free"
+    )]
+    GpuCachesTooLarge {
+        /// Bytes the caches need in all.
+        need: u64,
+        /// Bytes of GPU memory free.
+        free: u64,
+        /// Of `need`: the mask-estimation key caches of every layer.
+        mask_cache: u64,
+        /// Of `need`: the sparse-attention K/V caches of every layer.
+        sa_cache: u64,
+        /// Of `need`: the page tables of every layer.
+        page_tables: u64,
+    },
+    /// The host KV store of KV-cache offloading (see [`crate::offload`]) would exceed
+    /// [`crate::offload::Offload::host_budget_bytes`].
+    #[error(
+        "host budget exceeded: the KV store of {tokens} tokens needs {need} bytes, the budget is {budget}"
+    )]
+    HostBudgetExceeded {
+        /// Tokens the store would hold.
+        tokens: usize,
+        /// Bytes it would take.
+        need: u64,
+        /// The budget in bytes.
+        budget: u64,
+    },
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -17,6 +17,7 @@
 //! | [`hip_attn`] | mask + block-sparse attention in one call (prefill) |
 //! | [`hip_attn_decode`] + [`MaskCache`] | decode, re-estimating the mask every `refresh_interval` steps |
 //! | `*_paged` + [`PagedKv`] | the same ops over one sequence in a paged KV cache (block table) |
+//! | [`offload`] | KV-cache offloading policy: GPU cache sizes ([`offload::Offload`]), page tables and LRU ([`offload::TokenCache`]) |
 //!
 //! Tensors are token-major (see [`layout`]): `q: [batch, t_q, heads_q, head_dim]`,
 //! `k, v: [batch, t_k, heads_kv, head_dim]`, f32 / f16 / bf16 with f32 accumulation.
@@ -48,6 +49,7 @@ mod error;
 mod gather;
 pub mod layout;
 mod mask_cache;
+pub mod offload;
 mod ops;
 mod paged;
 pub mod reference;

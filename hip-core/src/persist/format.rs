@@ -20,7 +20,7 @@ pub const CHUNK_TOKENS: usize = 1024;
 /// Largest header accepted (a guard against allocating for a corrupt length).
 const MAX_HEADER: u32 = 16 << 20;
 /// Bytes before the header: magic, version, header length.
-const PREFIX: u64 = 16;
+pub(super) const PREFIX: u64 = 16;
 
 /// The JSON header of a session file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,16 +46,21 @@ pub struct Header {
 
 /// Offsets of the sections, all derived from the header.
 #[derive(Debug, Clone, Copy)]
-struct Layout {
-    tokens: u64,
-    kv: u64,
+pub(super) struct Layout {
+    /// Offset of the tokens.
+    pub(super) tokens: u64,
+    /// Offset of the KV data (a multiple of 64).
+    pub(super) kv: u64,
     /// Bytes of one layer's K (or V).
-    array: u64,
+    pub(super) array: u64,
     /// Checksums per K (or V) array.
-    chunks: u64,
-    table: u64,
-    end: u64,
-    total: u64,
+    pub(super) chunks: u64,
+    /// Offset of the checksum table.
+    pub(super) table: u64,
+    /// Offset of the end magic (the table's CRC is the 4 bytes before it).
+    pub(super) end: u64,
+    /// Length of the file.
+    pub(super) total: u64,
 }
 
 fn layout(header_len: u64, h: &Header) -> Option<Layout> {
@@ -72,7 +77,7 @@ fn layout(header_len: u64, h: &Header) -> Option<Layout> {
     Some(Layout { tokens, kv, array, chunks, table, end, total: end.checked_add(8)? })
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+pub(super) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
 }
 
@@ -153,6 +158,106 @@ pub fn save(path: impl AsRef<Path>, file: &SessionFile) -> Result<u64> {
     Ok(lay.total)
 }
 
+/// Checks 1–3 (magic, version, header length) on `start`, the first `min(len, PREFIX)` bytes
+/// of a file of `len` bytes, and returns the header length.
+pub(super) fn check_prefix(start: &[u8], len: u64, path: &Path) -> Result<u64> {
+    let got = start.len();
+    let seen = &start[..got.min(8)];
+    if seen != &MAGIC[..seen.len()] || got == 0 {
+        return Err(P::NotASessionFile.at(path));
+    }
+    if got < PREFIX as usize {
+        return Err(P::Truncated { expected: PREFIX, found: len }.at(path));
+    }
+    let version = u32::from_le_bytes(start[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(if version > VERSION {
+            P::UnsupportedVersion { found: version, supported: VERSION }.at(path)
+        } else {
+            P::Corrupt(format!("version {version}")).at(path)
+        });
+    }
+    let header_len = u32::from_le_bytes(start[12..16].try_into().expect("4 bytes"));
+    if header_len > MAX_HEADER {
+        return Err(P::Corrupt(format!("header length {header_len}")).at(path));
+    }
+    let need = PREFIX + header_len as u64 + 4;
+    if len < need {
+        return Err(P::Truncated { expected: need, found: len }.at(path));
+    }
+    Ok(header_len as u64)
+}
+
+/// Check 3, continued: the header's checksum and JSON.
+pub(super) fn parse_header(json: &[u8], crc: u32, path: &Path) -> Result<Header> {
+    if crc32fast::hash(json) != crc {
+        return Err(P::Corrupt("header checksum mismatch".into()).at(path));
+    }
+    serde_json::from_slice(json).map_err(|e| P::Corrupt(format!("header: {e}")).at(path))
+}
+
+/// Checks 4–6 (model, geometry, fields, exact length of a file of `len` bytes) and returns the
+/// layout.
+pub(super) fn check_header(
+    h: &Header,
+    header_len: u64,
+    len: u64,
+    expected: &Expected,
+    path: &Path,
+) -> Result<Layout> {
+    if h.model_fingerprint != expected.fingerprint {
+        return Err(P::OtherModel {
+            expected: expected.fingerprint.clone(),
+            found: h.model_fingerprint.clone(),
+        }
+        .at(path));
+    }
+    if h.geometry != expected.geometry {
+        return Err(P::Incompatible(format!(
+            "KV rows of {:?}, the model has {:?}",
+            h.geometry, expected.geometry
+        ))
+        .at(path));
+    }
+    if h.dtype != "f32" || h.chunk_tokens == 0 || h.cached > h.tokens {
+        return Err(P::Corrupt(format!(
+            "dtype {:?}, chunk_tokens {}, cached {} of {} tokens",
+            h.dtype, h.chunk_tokens, h.cached, h.tokens
+        ))
+        .at(path));
+    }
+    let lay = layout(header_len, h).ok_or_else(|| P::Corrupt("sizes overflow".into()).at(path))?;
+    if len < lay.total {
+        return Err(P::Truncated { expected: lay.total, found: len }.at(path));
+    }
+    if len > lay.total {
+        return Err(P::Corrupt(format!("{} bytes after the end", len - lay.total)).at(path));
+    }
+    Ok(lay)
+}
+
+/// Check 7 on one section: `bytes` against their stored CRC (`what`: "token checksum",
+/// "checksum table").
+pub(super) fn check_crc(bytes: &[u8], crc: u32, what: &str, path: &Path) -> Result<()> {
+    if crc32fast::hash(bytes) != crc {
+        return Err(P::Corrupt(format!("{what} mismatch")).at(path));
+    }
+    Ok(())
+}
+
+/// Check 7: the end magic.
+pub(super) fn check_end(end: &[u8], path: &Path) -> Result<()> {
+    if end != END_MAGIC {
+        return Err(P::Corrupt("end marker missing".into()).at(path));
+    }
+    Ok(())
+}
+
+/// The error for a KV chunk whose CRC does not match: `array` is "K" or "V".
+pub(super) fn chunk_mismatch(layer: usize, array: &str, first_row: usize, path: &Path) -> Error {
+    P::Corrupt(format!("layer {layer} {array} rows from {first_row} checksum mismatch")).at(path)
+}
+
 /// Reads and checks the prefix and header of a session file: magic, version, header checksum.
 fn open_header(path: &Path) -> Result<(BufReader<File>, Header, u64, u64)> {
     let err = io(path);
@@ -161,38 +266,12 @@ fn open_header(path: &Path) -> Result<(BufReader<File>, Header, u64, u64)> {
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut prefix = [0u8; PREFIX as usize];
     let got = read_up_to(&mut r, &mut prefix).map_err(&err)?;
-    let seen = &prefix[..got.min(8)];
-    if seen != &MAGIC[..seen.len()] || got == 0 {
-        return Err(P::NotASessionFile.at(path));
-    }
-    if got < PREFIX as usize {
-        return Err(P::Truncated { expected: PREFIX, found: len }.at(path));
-    }
-    let version = u32::from_le_bytes(prefix[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(if version > VERSION {
-            P::UnsupportedVersion { found: version, supported: VERSION }.at(path)
-        } else {
-            P::Corrupt(format!("version {version}")).at(path)
-        });
-    }
-    let header_len = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes"));
-    if header_len > MAX_HEADER {
-        return Err(P::Corrupt(format!("header length {header_len}")).at(path));
-    }
-    let need = PREFIX + header_len as u64 + 4;
-    if len < need {
-        return Err(P::Truncated { expected: need, found: len }.at(path));
-    }
+    let header_len = check_prefix(&prefix[..got], len, path)?;
     let mut json = vec![0u8; header_len as usize];
     r.read_exact(&mut json).map_err(&err)?;
     let crc = read_u32(&mut r).map_err(&err)?;
-    if crc32fast::hash(&json) != crc {
-        return Err(P::Corrupt("header checksum mismatch".into()).at(path));
-    }
-    let header: Header =
-        serde_json::from_slice(&json).map_err(|e| P::Corrupt(format!("header: {e}")).at(path))?;
-    Ok((r, header, header_len as u64, len))
+    let header = parse_header(&json, crc, path)?;
+    Ok((r, header, header_len, len))
 }
 
 /// The header of the session file at `path`, checked (magic, version, checksum) but without
@@ -214,39 +293,12 @@ pub fn load(path: impl AsRef<Path>, expected: &Expected) -> Result<SessionFile> 
     let path = path.as_ref();
     let err = io(path);
     let (mut r, h, header_len, len) = open_header(path)?;
-    if h.model_fingerprint != expected.fingerprint {
-        return Err(
-            P::OtherModel { expected: expected.fingerprint.clone(), found: h.model_fingerprint }.at(path)
-        );
-    }
-    if h.geometry != expected.geometry {
-        return Err(P::Incompatible(format!(
-            "KV rows of {:?}, the model has {:?}",
-            h.geometry, expected.geometry
-        ))
-        .at(path));
-    }
-    if h.dtype != "f32" || h.chunk_tokens == 0 || h.cached > h.tokens {
-        return Err(P::Corrupt(format!(
-            "dtype {:?}, chunk_tokens {}, cached {} of {} tokens",
-            h.dtype, h.chunk_tokens, h.cached, h.tokens
-        ))
-        .at(path));
-    }
-    let lay = layout(header_len, &h).ok_or_else(|| P::Corrupt("sizes overflow".into()).at(path))?;
-    if len < lay.total {
-        return Err(P::Truncated { expected: lay.total, found: len }.at(path));
-    }
-    if len > lay.total {
-        return Err(P::Corrupt(format!("{} bytes after the end", len - lay.total)).at(path));
-    }
+    let lay = check_header(&h, header_len, len, expected, path)?;
 
     let mut tokens = vec![0u32; h.tokens];
     read_u32s(&mut r, &mut tokens).map_err(&err)?;
     let crc = read_u32(&mut r).map_err(&err)?;
-    if crc32fast::hash(bytemuck::cast_slice(&tokens)) != crc {
-        return Err(P::Corrupt("token checksum mismatch".into()).at(path));
-    }
+    check_crc(bytemuck::cast_slice(&tokens), crc, "token checksum", path)?;
     if cfg!(target_endian = "big") {
         tokens.iter_mut().for_each(|t| *t = u32::from_le(*t));
     }
@@ -257,17 +309,13 @@ pub fn load(path: impl AsRef<Path>, expected: &Expected) -> Result<SessionFile> 
     r.seek(SeekFrom::Start(lay.table)).map_err(&err)?;
     read_u32s(&mut r, &mut table).map_err(&err)?;
     let crc = read_u32(&mut r).map_err(&err)?;
-    if crc32fast::hash(bytemuck::cast_slice(&table)) != crc {
-        return Err(P::Corrupt("checksum table mismatch".into()).at(path));
-    }
+    check_crc(bytemuck::cast_slice(&table), crc, "checksum table", path)?;
     let mut end = [0u8; 8];
     r.read_exact(&mut end).map_err(&err)?;
-    if end != END_MAGIC {
-        return Err(P::Corrupt("end marker missing".into()).at(path));
-    }
+    check_end(&end, path)?;
     r.seek(SeekFrom::Start(lay.kv)).map_err(&err)?;
     let floats = (lay.array / 4) as usize;
-    let chunk = h.chunk_tokens * h.geometry.row_len();
+    let chunk = h.chunk_tokens.saturating_mul(h.geometry.row_len());
     let mut sums = table.iter().map(|&c| u32::from_le(c));
     let mut out = Vec::with_capacity(layers);
     for layer in 0..layers {
@@ -277,11 +325,7 @@ pub fn load(path: impl AsRef<Path>, expected: &Expected) -> Result<SessionFile> 
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(part);
                 r.read_exact(bytes).map_err(&err)?;
                 if Some(crc32fast::hash(bytes)) != sums.next() {
-                    return Err(P::Corrupt(format!(
-                        "layer {layer} {name} rows from {} checksum mismatch",
-                        i * h.chunk_tokens
-                    ))
-                    .at(path));
+                    return Err(chunk_mismatch(layer, name, i * h.chunk_tokens, path));
                 }
                 if cfg!(target_endian = "big") {
                     part.iter_mut().for_each(|x| *x = f32::from_bits(u32::from_le(x.to_bits())));

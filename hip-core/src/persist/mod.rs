@@ -16,7 +16,9 @@
 //! crash leaves either the old file or the new one, never half of one. [`load`] checks the magic,
 //! the version, the model fingerprint and the geometry before it allocates anything, the file's
 //! exact length, and every checksum; any failure is an [`Error::SessionFile`](crate::Error::SessionFile) naming the
-//! [`SessionFileProblem`].
+//! [`SessionFileProblem`]. [`MappedSession`] opens a file through a memory map instead: the same
+//! checks except the KV chunks, whose checksums it verifies on request, and the KV arrays borrowed
+//! from the map without copying.
 //!
 //! ```no_run
 //! use hip_core::persist::{self, Expected, SessionFile};
@@ -31,10 +33,12 @@
 //! ```
 
 mod format;
+mod mapped;
 
 use std::path::PathBuf;
 
 pub use format::{load, read_header, save, Header, CHUNK_TOKENS, END_MAGIC, MAGIC, VERSION};
+pub use mapped::{KvArray, MappedSession};
 
 use crate::model::Model;
 
@@ -212,3 +216,5 @@ impl Expected {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod mapped_tests;
