@@ -70,9 +70,14 @@ pub(crate) fn with_prefill_tail(
 ///
 /// Between refreshes, the window of the cached mask is widened by the number of tokens appended
 /// since the estimate, so tokens that leave the window are still attended until the next refresh.
+///
+/// On a CUDA device ([`crate::cuda::hip_attn_decode_paged_cuda`]) the mask stays on the device
+/// between steps ([`MaskCache::mask`] is then `None`): no copy to or from the host per step.
 #[derive(Debug, Clone, Default)]
 pub struct MaskCache {
     mask: Option<HipMask>,
+    #[cfg(feature = "cuda")]
+    device: Option<crate::cuda::CudaMask>,
     steps: usize,
     refreshes: usize,
 }
@@ -82,7 +87,7 @@ impl MaskCache {
     pub fn new() -> Self {
         Self::default()
     }
-    /// The mask in use, if any.
+    /// The mask in use, if any and if it is kept on the host.
     pub fn mask(&self) -> Option<&HipMask> {
         self.mask.as_ref()
     }
@@ -93,7 +98,28 @@ impl MaskCache {
     /// Forgets the cached mask (e.g. after the context was truncated).
     pub fn clear(&mut self) {
         self.mask = None;
+        #[cfg(feature = "cuda")]
+        {
+            self.device = None;
+        }
         self.steps = 0;
+    }
+
+    /// Whether a decode step over `dims` must estimate a fresh mask, given the geometry of the
+    /// cached one (`None`: nothing cached): none cached, `refresh_interval` steps done, or shapes
+    /// it does not fit (batch, heads, query blocks, a shorter context, another config).
+    fn stale(&self, meta: Option<&HipMask>, dims: &AttnDims, cfg: &HipConfig) -> bool {
+        match meta {
+            None => true,
+            Some(m) => {
+                self.steps >= cfg.refresh_interval
+                    || (m.batch, m.heads, m.n_qblocks)
+                        != (dims.batch, dims.heads_q, dims.t_q.div_ceil(m.block_size_q.max(1)))
+                    || m.t_k > dims.t_k
+                    || m.block_size_q != cfg.block_size_q
+                    || m.max_blocks != cfg.selected_blocks()
+            }
+        }
     }
 }
 
@@ -134,15 +160,8 @@ impl MaskCache {
         attend: impl FnOnce(&HipMask, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         cfg.validate()?;
-        let stale = match &self.mask {
-            None => true,
-            Some(m) => {
-                self.steps >= cfg.refresh_interval
-                    || m.check_fits(dims).is_err()
-                    || m.block_size_q != cfg.block_size_q
-                    || m.max_blocks != cfg.selected_blocks()
-            }
-        };
+        let stale = self.stale(self.mask.as_ref(), dims, cfg)
+            || self.mask.as_ref().is_some_and(|m| m.check_fits(dims).is_err());
         if stale {
             self.mask = Some(estimate()?);
             self.steps = 0;
@@ -150,6 +169,30 @@ impl MaskCache {
         }
         let mask = self.mask.as_ref().expect("mask set above");
         let out = attend(mask, dims.t_k - mask.t_k)?;
+        self.steps += 1;
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl MaskCache {
+    /// [`step`](Self::step) with the mask kept on the device.
+    pub(crate) fn step_device(
+        &mut self,
+        dims: &AttnDims,
+        cfg: &HipConfig,
+        estimate: impl FnOnce() -> Result<crate::cuda::CudaMask>,
+        attend: impl FnOnce(&crate::cuda::CudaMask, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        cfg.validate()?;
+        if self.stale(self.device.as_ref().map(|m| &m.meta), dims, cfg) {
+            self.device = Some(estimate()?);
+            self.mask = None;
+            self.steps = 0;
+            self.refreshes += 1;
+        }
+        let mask = self.device.as_ref().expect("mask set above");
+        let out = attend(mask, dims.t_k - mask.meta.t_k)?;
         self.steps += 1;
         Ok(out)
     }

@@ -5,10 +5,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use hip_kernels::cuda::{
-    block_sparse_attn_cuda, dense_attn_paged_cuda, hip_attn_paged_cuda, hip_mask_cuda, hip_mask_paged_cuda,
-    CudaMask, CudaPagedKv,
+    block_sparse_attn_cuda, block_sparse_attn_paged_cuda, dense_attn_paged_cuda, hip_attn_decode_paged_cuda,
+    hip_attn_paged_cuda, hip_mask_cuda, hip_mask_paged_cuda, CudaMask, CudaPagedKv,
 };
-use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask};
+use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask, MaskCache};
 
 fn gpu() -> Device {
     std::env::set_var("HIP_CUDA_POISON", "1");
@@ -68,8 +68,9 @@ fn block_sparse_matches_cpu() {
     let mut seed = 1000;
     for dtype in [DType::BF16, DType::F16] {
         for (d, hq, hkv) in [(64, 4, 2), (128, 7, 1), (128, 8, 2)] {
-            for bq in [32, 64] {
-                let cfg = HipConfig::paper().with_k(64).with_query_block(bq, 2).with_sink_window(16, 32);
+            // 1 and 8: query blocks that are not a multiple of 16 take the per-query kernel.
+            for (bq, sq) in [(32, 2), (64, 2), (1, 1), (8, 1)] {
+                let cfg = HipConfig::paper().with_k(64).with_query_block(bq, sq).with_sink_window(16, 32);
                 for (t_q, t_k, extra) in
                     [(97, 97, 0), (1, 1000, 5), (3, 1000, 0), (1000, 1000, 0), (300, 4099, 7)]
                 {
@@ -246,4 +247,39 @@ fn unsupported_inputs_are_typed_errors() {
     let cpu = Tensor::zeros((1, 4, 2, 64), DType::BF16, &Device::Cpu).unwrap();
     let q = Tensor::zeros((1, 4, 2, 64), DType::BF16, &dev).unwrap();
     assert!(dense_attn(&q, &cpu, &cpu, 0.1).is_err());
+}
+
+/// Decode steps with the mask cached on the device: a fresh mask every `refresh_interval` steps
+/// (and the first), in between the cached one with the window widened by the tokens appended
+/// since; nothing is kept on the host. Each step is checked against the explicit mask + block-
+/// sparse calls it must equal.
+#[test]
+fn decode_keeps_the_mask_on_the_device() {
+    let dev = gpu();
+    let cfg = HipConfig::paper().with_k(64).with_sink_window(16, 32).with_refresh_interval(3);
+    let (t0, steps, bs) = (4099usize, 8usize, 16usize);
+    let t_max = t0 + steps;
+    let (k, _) = rand(t_max, 2, 128, DType::BF16, 71, &dev);
+    let (v, _) = rand(t_max, 2, 128, DType::BF16, 72, &dev);
+    let n = t_max.div_ceil(bs);
+    let order: Vec<u32> = (0..n as u32).rev().collect();
+    let (ks, vs) = (paginate(&k, bs, n, &order, &dev), paginate(&v, bs, n, &order, &dev));
+    let table = Tensor::from_slice(&order, n, &dev).unwrap();
+    let mut cache = MaskCache::new();
+    let mut fresh: Option<(CudaMask, usize)> = None;
+    for s in 0..steps {
+        let len = t0 + s + 1;
+        let kv = CudaPagedKv { k: &ks, v: &vs, block_table: &table, block_size: bs, len };
+        let (q, _) = rand(1, 8, 128, DType::BF16, 100 + s as u64, &dev);
+        let got = hip_attn_decode_paged_cuda(&q, &kv, &cfg, 0.088, &mut cache).unwrap();
+        if s % 3 == 0 {
+            fresh = Some((hip_mask_paged_cuda(&q, &kv, &cfg, 0.088).unwrap(), len));
+        }
+        let (mask, at) = fresh.as_ref().unwrap();
+        let want = block_sparse_attn_paged_cuda(&q, &kv, mask, 0.088, len - at).unwrap();
+        let want = want.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(rel_err(&got, &want) <= 1e-6, "step {s}");
+        assert!(cache.mask().is_none(), "step {s}: the mask stays on the device");
+    }
+    assert_eq!(cache.refreshes(), 3);
 }

@@ -4,8 +4,9 @@
 //! [`crate::block_sparse_attn`] and their paged forms) dispatch here for CUDA tensors.
 //!
 //! Supported on CUDA: bf16 and f16 (f32 accumulation), head dims 64 and 128, GQA, query offsets,
-//! contiguous or paged K/V; mask query blocks a multiple of 16. Anything else is a typed error
-//! before any launch.
+//! contiguous or paged K/V. Masks whose query blocks are a multiple of 16 run on the tensor-core
+//! prefill kernel; other query blocks (e.g. the one-query blocks of a prefill tail) and up to 8
+//! queries run on the per-query split-KV kernel. Anything else is a typed error before any launch.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
@@ -160,8 +161,8 @@ pub(crate) fn check(dims: &AttnDims, dtype: DType, keys: &Keys<'_>) -> Result<()
         return Err(Error::arg("head_dim", dims.head_dim, "CUDA kernels support head dims 64 and 128"));
     }
     if let Keys::Mask(m, _) = keys {
-        if m.meta.block_size_q % 16 != 0 {
-            return Err(Error::arg("block_size_q", m.meta.block_size_q, "must be a multiple of 16 on CUDA"));
+        if m.meta.block_size_q == 0 {
+            return Err(Error::arg("block_size_q", 0, "must be at least 1"));
         }
     }
     Ok(())
@@ -324,8 +325,9 @@ impl SpanOp<'_> {
             // SAFETY: argument list matches `dense_decode_gqa_*`; buffers are sized above.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
-        } else if d.t_q <= DECODE_MAX_TQ {
-            // Split-KV decode: about 4 CTAs per multiprocessor in all.
+        } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
+            // Split-KV decode, one query per CTA row (so any query block size works): about 4
+            // CTAs per multiprocessor in all.
             let rows = d.batch * d.t_q * d.heads_q;
             let (per, splits) = decode_splits(l_max, rows, 32);
             let parts = Partials::new(dev, rows * splits, hd)?;
@@ -875,8 +877,9 @@ fn check_mask_fits(mask: &CudaMask, dims: &AttnDims) -> Result<()> {
 }
 
 /// One HiP decode step over a paged cache on CUDA, with the mask re-estimated only every
-/// `cfg.refresh_interval` steps (see [`crate::hip_attn_decode`] and [`crate::MaskCache`]; the
-/// cached mask is kept on the host and uploaded for each step — a few KB per layer).
+/// `cfg.refresh_interval` steps (see [`crate::hip_attn_decode`] and [`crate::MaskCache`]). The
+/// cached mask stays on the device: a step copies nothing between host and device (a copy from
+/// pageable host memory would also wait for the stream to drain).
 ///
 /// # Errors
 /// As [`hip_mask_paged_cuda`] and [`block_sparse_attn_paged_cuda`].
@@ -888,13 +891,10 @@ pub fn hip_attn_decode_paged_cuda(
     cache: &mut crate::MaskCache,
 ) -> Result<Tensor> {
     let dims = kv.dims(q)?;
-    cache.step(
+    cache.step_device(
         &dims,
         cfg,
-        || hip_mask_paged_cuda(q, kv, cfg, scale)?.to_host(),
-        |mask, extra| {
-            let m = CudaMask::new(mask, q.device())?;
-            block_sparse_attn_paged_cuda(q, kv, &m, scale, extra)
-        },
+        || hip_mask_paged_cuda(q, kv, cfg, scale),
+        |mask, extra| block_sparse_attn_paged_cuda(q, kv, mask, scale, extra),
     )
 }
