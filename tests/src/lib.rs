@@ -1,10 +1,13 @@
 //! End-to-end helpers shared by the `hip-eval` binary and the integration tests: asset paths,
 //! tokenizing a text window, and perplexity with candle-transformers' models as the reference;
-//! [`e2e`], the model folder and runner of `hip-bench e2e`.
+//! [`e2e`], the model folder and runner of `hip-bench e2e`; [`offload_sim`], the offload cache
+//! hit ratios on recorded HiP decode masks (`hip-offload-sim`).
 
 pub mod e2e;
 
 pub mod eval;
+
+pub mod offload_sim;
 
 use std::path::{Path, PathBuf};
 

@@ -7,6 +7,7 @@ mod streaming;
 use std::collections::HashMap;
 
 use candle_core::Tensor;
+pub use hip_kernels::HipMask;
 use hip_kernels::{
     block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, HipConfig, MaskCache,
     PagedKv,
@@ -61,6 +62,19 @@ impl AttentionState {
     /// The backend.
     pub fn backend(&self) -> &AttentionBackend {
         &self.backend
+    }
+
+    /// The decode mask HiP layer `layer` of `seq` uses now (read-only): the one the last decode
+    /// step of that layer estimated or reused, as the host-side [`MaskCache::mask`] holds it.
+    ///
+    /// `None` when there is none: a dense layer or a non-HiP backend, no decode step since the
+    /// last prefill chunk or [`forget`](Self::forget), or a mask kept on a CUDA device
+    /// ([`attend_device`](Self::attend_device)). The mask was estimated over its `t_k` keys; a
+    /// step over `len` keys attends its blocks plus a window widened by `len - t_k` tokens (see
+    /// [`hip_kernels::block_sparse_attn`]). Useful to record what decode reads, e.g. to size
+    /// offload caches ([`hip_kernels::offload`]).
+    pub fn decode_mask(&self, seq: SeqId, layer: usize) -> Option<&HipMask> {
+        self.caches.get(&(seq, layer)).and_then(MaskCache::mask)
     }
 
     /// Attention of `q: [1, n, heads_q, head_dim]` (the sequence's newest `n` tokens, already in
@@ -168,5 +182,55 @@ impl AttentionState {
             .map(|((_, l), c)| ((child, *l), c.clone()))
             .collect();
         self.caches.extend(copies);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The decode mask appears after a decode step of a HiP layer, is reused (same `t_k`) until
+    /// the refresh, and is gone after a prefill chunk or `forget`; dense layers have none.
+    #[test]
+    fn decode_mask_follows_the_cache() {
+        let dev = Device::Cpu;
+        let (t, hq, hkv, d) = (300usize, 4usize, 2usize, 8usize);
+        let k = Tensor::randn(0f32, 1., (t, hkv, d), &dev).unwrap().flatten_all().unwrap();
+        let v = Tensor::randn(0f32, 1., (t, hkv, d), &dev).unwrap().flatten_all().unwrap();
+        let (kd, vd) = (k.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
+        let table = [0u32];
+        let view = |len| PagedKv {
+            k: &kd,
+            v: &vd,
+            block_table: &table,
+            block_size: t,
+            heads_kv: hkv,
+            head_dim: d,
+            len,
+        };
+        let cfg = HipConfig::paper().with_k(32).with_sink_window(4, 16).with_dense_layers(vec![0]);
+        let mut state = AttentionState::new(AttentionBackend::Hip(cfg.clone())).unwrap();
+        let (seq, q1) = (SeqId(0), Tensor::randn(0f32, 1., (1, 1, hq, d), &dev).unwrap());
+        assert!(state.decode_mask(seq, 1).is_none());
+        for len in 200..200 + cfg.refresh_interval + 1 {
+            state.attend(0, seq, &q1, &view(len), 0.3).unwrap();
+            state.attend(1, seq, &q1, &view(len), 0.3).unwrap();
+            let m = state.decode_mask(seq, 1).expect("a HiP layer after a decode step");
+            // Estimated at the first step, reused, re-estimated after refresh_interval steps.
+            let fresh = if len - 200 < cfg.refresh_interval { 200 } else { len };
+            assert_eq!((m.t_k, m.heads, m.n_qblocks), (fresh, hq, 1));
+            assert!((0..hq).all(|h| !m.blocks(0, h, 0).is_empty()));
+            assert!(state.decode_mask(seq, 0).is_none(), "layer 0 is dense");
+        }
+        assert!(state.decode_mask(SeqId(1), 1).is_none());
+        let q2 = Tensor::randn(0f32, 1., (1, 2, hq, d), &dev).unwrap();
+        state.attend(1, seq, &q2, &view(t), 0.3).unwrap();
+        assert!(state.decode_mask(seq, 1).is_none(), "a prefill chunk drops the decode mask");
+        state.attend(1, seq, &q1, &view(t), 0.3).unwrap();
+        assert_eq!(state.decode_mask(seq, 1).map(|m| m.t_k), Some(t));
+        state.forget(seq);
+        assert!(state.decode_mask(seq, 1).is_none());
     }
 }
