@@ -131,8 +131,8 @@ fn finish<T: serde::Serialize>(
 ) -> Result<()> {
     let h = &args.hip;
     let head = format!(
-        "{} — model {}, HiP k={} window={} sink={} block_q={}/{} block_k={}/{} dense_layers={:?} refresh={}; \
-         streaming sink={} window={}\n\n",
+        "{} — model {}, HiP k={} window={} sink={} block_q={}/{} block_k={}/{} dense_layers={:?} refresh={} \
+         tail={}/{}; streaming sink={} window={}\n\n",
         args.task.name(),
         info.model,
         h.k,
@@ -144,6 +144,8 @@ fn finish<T: serde::Serialize>(
         h.block_stride_k,
         h.dense_layers,
         h.refresh_interval,
+        h.tail_queries,
+        h.tail_block_size_q,
         info.streaming.sink_tokens,
         info.streaming.window_tokens
     );

@@ -167,6 +167,13 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
             Ok(())
         })?;
         let hip = mask + attn;
+        // HipConfig::default(): the same plus a prefill tail (the last 64 queries searched one by one).
+        let with_tail = HipConfig::default();
+        let tail = time(&dev, args.reps, || {
+            hip_kernels::hip_attn(&q, &k1, &v1, &with_tail, scale)?;
+            Ok(())
+        })?;
+        println!("  prefill {chunk} at {t}: HiP with the prefill tail (HipConfig::default()) {tail:.2} ms");
         // Dense causal work: queries at the end of T see T - chunk + i + 1 keys.
         let pairs = chunk as f64 * (t - chunk) as f64 + (chunk as f64) * (chunk as f64 + 1.0) / 2.0;
         let flops = 4.0 * pairs * (HQ * D) as f64;
@@ -178,7 +185,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
                 dense / hip
             ),
             format!(
-                "\"op\":\"prefill\",\"chunk\":{chunk},\"t\":{t},\"batch\":1,\"dense_ms\":{dense},\"hip_ms\":{hip},\"hip_mask_ms\":{mask},\"hip_attn_ms\":{attn},\"dense_floor_ms\":{fl}"
+                "\"op\":\"prefill\",\"chunk\":{chunk},\"t\":{t},\"batch\":1,\"dense_ms\":{dense},\"hip_ms\":{hip},\"hip_mask_ms\":{mask},\"hip_attn_ms\":{attn},\"hip_tail_ms\":{tail},\"dense_floor_ms\":{fl}"
             ),
         )?;
         drop((q, m));
