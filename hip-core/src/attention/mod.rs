@@ -137,6 +137,19 @@ impl AttentionState {
         kv: &DeviceLayerView<'_>,
         scale: f32,
     ) -> Result<Tensor> {
+        Ok(self.attend_device_native(layer, seq, q, kv, scale)?.to_dtype(candle_core::DType::F32)?)
+    }
+
+    /// [`attend_device`](Self::attend_device), returning the cache's dtype (the model converts
+    /// the outputs of all sequences at once).
+    pub(crate) fn attend_device_native(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        q: &Tensor,
+        kv: &DeviceLayerView<'_>,
+        scale: f32,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             use hip_kernels::cuda::{
@@ -159,7 +172,7 @@ impl AttentionState {
                     hip_kernels::cuda::block_sparse_attn_paged_cuda(&q, &view, &mask, scale, 0)?
                 }
             };
-            Ok(out.to_dtype(candle_core::DType::F32)?)
+            Ok(out)
         }
         #[cfg(not(feature = "cuda"))]
         {

@@ -147,6 +147,11 @@ impl PagedKvCache {
         self.device.is_some()
     }
 
+    /// The element type of a device cache's blocks (`None` for a host cache).
+    pub fn device_dtype(&self) -> Option<DType> {
+        self.device.as_ref().and_then(|d| d.first()).map(|(k, _)| k.dtype())
+    }
+
     /// The configuration the cache was built with.
     pub fn config(&self) -> &KvCacheConfig {
         &self.cfg

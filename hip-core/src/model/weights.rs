@@ -222,6 +222,12 @@ impl Model {
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
             let q = self.rope.apply(&q, &cos, &sin)?;
             let k = self.rope.apply(&k, &cos, &sin)?;
+            // On a device cache, convert once for all sequences (the writes and the kernels then
+            // take the rows as they are).
+            let (q, k, v) = match kv.device_dtype() {
+                Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
+                None => (q, k, v),
+            };
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
             for (c, &start) in chunks.iter().zip(starts) {
@@ -230,7 +236,7 @@ impl Model {
                 let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
                 let out = if kv.is_on_device() {
                     let view = kv.device_layer(c.seq, layer, start + n)?;
-                    attn.attend_device(layer, c.seq, &qc, &view, scale)?
+                    attn.attend_device_native(layer, c.seq, &qc, &view, scale)?
                 } else {
                     let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
                     attn.attend(layer, c.seq, &qc, &pkv, scale)?
@@ -238,7 +244,8 @@ impl Model {
                 outs.push(out.squeeze(0)?);
                 off += n;
             }
-            let a = Tensor::cat(&outs, 0)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
+            let a =
+                Tensor::cat(&outs, 0)?.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
             x = (x + blk.o.forward(&a)?)?;
             let h = blk.ffn_norm.forward(&x)?;
             x = (&x + blk.mlp.forward(&h)?)?;
