@@ -215,6 +215,6 @@ impl Expected {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod mapped_tests;
+#[cfg(test)]
+mod tests;
