@@ -414,6 +414,81 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// The pool rows of the next tokens of several sequences, for [`write_rows`](Self::write_rows):
+    /// `pending` lists `(seq, n)`, the `n` reserved positions after each sequence's length, in the
+    /// order the rows of `k` and `v` will come. Returns a u32 tensor `[N, num_kv_heads, head_dim]`
+    /// on the cache's device holding each token's pool row repeated over its heads and dims (the
+    /// index layout `Tensor::scatter_set` takes): the same for every layer of a step, so a batch
+    /// of sequences is written with one scatter per layer for K and one for V instead of copies
+    /// per sequence. Also uploads the block tables attention reads (as
+    /// [`write_tensor`](Self::write_tensor) does).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSequence`]; [`Error::InvalidArgument`] on a host cache, for a sequence
+    /// listed twice, or `n` past the reservation.
+    pub fn pending_rows(&mut self, pending: &[(SeqId, usize)]) -> Result<Tensor> {
+        let Some(device) = self.device.as_ref().and_then(|d| d.first()).map(|(k, _)| k.device().clone())
+        else {
+            return Err(Error::arg("cache", "host", "pending_rows needs a cache made by new_on_device"));
+        };
+        let bs = self.cfg.block_size;
+        let mut rows: Vec<u32> = Vec::new();
+        for (i, &(seq, n)) in pending.iter().enumerate() {
+            if pending[..i].iter().any(|(s, _)| *s == seq) {
+                return Err(Error::arg("pending", seq.0, "a sequence is listed twice"));
+            }
+            let st = self.seqs.get(&seq.0).ok_or(Error::UnknownSequence(seq.0))?;
+            if n > st.reserved - st.len {
+                return Err(Error::arg(
+                    "n",
+                    format!("{n} tokens of sequence {}", seq.0),
+                    format!("exceed the reservation ending at {} (position {})", st.reserved, st.len),
+                ));
+            }
+        }
+        for &(seq, n) in pending {
+            let st = self.seqs.get_mut(&seq.0).expect("checked above");
+            for pos in st.len..st.len + n {
+                let row = st.table[pos / bs] as usize * bs + pos % bs;
+                rows.push(u32::try_from(row).map_err(|_| Error::arg("row", row, "past u32"))?);
+            }
+            if st.dev_table.is_none() {
+                st.dev_table = Some(Tensor::from_slice(&st.table, st.table.len(), &device)?);
+            }
+        }
+        let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let per = h * d;
+        let idx: Vec<u32> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, per)).collect();
+        Ok(Tensor::from_vec(idx, (rows.len(), h, d), &device)?)
+    }
+
+    /// Writes `layer`'s K and V rows of the tokens [`pending_rows`](Self::pending_rows) named:
+    /// `k`, `v: [N, num_kv_heads, head_dim]` (any float dtype, converted to the cache's), one
+    /// scatter each. Device caches only.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] on a host cache, for a layer out of range or shapes that differ
+    /// from `rows`; candle errors.
+    pub fn write_rows(&mut self, layer: usize, rows: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.check_layer(layer)?;
+        let Some(dev) = self.device.as_ref() else {
+            return Err(Error::arg("cache", "host", "write_rows needs a cache made by new_on_device"));
+        };
+        if k.dims() != rows.dims() || v.dims() != rows.dims() {
+            return Err(Error::arg(
+                "k/v",
+                format!("{:?} / {:?}", k.dims(), v.dims()),
+                format!("must both match the rows {:?}", rows.dims()),
+            ));
+        }
+        let (ks, vs) = &dev[layer];
+        let k = k.to_device(ks.device())?.to_dtype(ks.dtype())?.contiguous()?;
+        let v = v.to_device(vs.device())?.to_dtype(vs.dtype())?.contiguous()?;
+        ks.scatter_set(rows, &k, 0)?;
+        vs.scatter_set(rows, &v, 0)?;
+        Ok(())
+    }
+
     /// The device blocks of `layer` and the first `len` tokens' block table, for attention on a
     /// device cache.
     ///

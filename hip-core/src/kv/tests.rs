@@ -688,3 +688,87 @@ fn device_store_matches_host_store() {
     assert_eq!(uploaded(&dev, fb), dev.block_table(fb).unwrap());
     assert_ne!(dev.block_table(fb).unwrap()[0], dev.block_table(b).unwrap()[0]);
 }
+
+/// A batch of sequences written with one scatter per layer (`pending_rows` + `write_rows`) holds
+/// exactly what per-sequence `write_tensor` calls write, at awkward lengths (a block boundary
+/// crossed, a forked partial block copied on write); bad batches are refused.
+#[test]
+fn batched_row_writes_match_per_sequence_writes() {
+    use candle_core::{DType, Device, Tensor};
+    let cfg = KvCacheConfig { num_layers: 2, num_kv_heads: 2, head_dim: 4, block_size: 4, num_blocks: 32 };
+    let mut one = PagedKvCache::new_on_device(cfg.clone(), &Device::Cpu, DType::F32).unwrap();
+    let mut many = PagedKvCache::new_on_device(cfg.clone(), &Device::Cpu, DType::F32).unwrap();
+    let rows = |n: usize, seed: f32| -> Tensor {
+        Tensor::from_vec(
+            (0..n * 8).map(|i| seed + i as f32 * 0.25).collect::<Vec<f32>>(),
+            (n, 2, 4),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    // Three sequences: prefixes of 3, 7 and 1 tokens, the third a fork of the first.
+    let mut seqs = Vec::new();
+    for c in [&mut one, &mut many] {
+        let (a, b) = (c.add_sequence(), c.add_sequence());
+        for (s, n, seed) in [(a, 3, 1.0), (b, 7, 50.0)] {
+            c.reserve(s, n).unwrap();
+            for layer in 0..2 {
+                let k = rows(n, seed + layer as f32);
+                c.write_tensor(s, layer, &k, &(&k * -1.0).unwrap()).unwrap();
+            }
+            c.commit(s, n).unwrap();
+        }
+        let f = c.fork(a).unwrap();
+        seqs.push([a, b, f]);
+    }
+    // Steps of (1, 1, 1) then (2, 1, 3) new tokens.
+    for (step, counts) in [[1usize, 1, 1], [2, 1, 3]].iter().enumerate() {
+        let total: usize = counts.iter().sum();
+        for (c, s) in [(&mut one, seqs[0]), (&mut many, seqs[1])] {
+            for (&x, &n) in s.iter().zip(counts) {
+                c.reserve(x, n).unwrap();
+            }
+        }
+        let pending: Vec<(SeqId, usize)> = seqs[1].iter().copied().zip(counts.iter().copied()).collect();
+        let idx = many.pending_rows(&pending).unwrap();
+        assert_eq!(idx.dims(), &[total, 2, 4]);
+        for layer in 0..2 {
+            let k = rows(total, 1000.0 * (step + 1) as f32 + layer as f32);
+            let v = (&k * 3.0).unwrap();
+            many.write_rows(layer, &idx, &k, &v).unwrap();
+            let mut off = 0;
+            for (&x, &n) in seqs[0].iter().zip(counts) {
+                one.write_tensor(x, layer, &k.narrow(0, off, n).unwrap(), &v.narrow(0, off, n).unwrap())
+                    .unwrap();
+                off += n;
+            }
+        }
+        for (c, s) in [(&mut one, seqs[0]), (&mut many, seqs[1])] {
+            for (&x, &n) in s.iter().zip(counts) {
+                c.commit(x, n).unwrap();
+            }
+        }
+    }
+    for (&x, &y) in seqs[0].iter().zip(&seqs[1]) {
+        let n = one.len(x).unwrap();
+        assert_eq!(n, many.len(y).unwrap());
+        for layer in 0..2 {
+            assert_eq!(one.gather_layer(x, layer, n).unwrap(), many.gather_layer(y, layer, n).unwrap());
+        }
+        let view = many.device_layer(y, 0, n).unwrap();
+        let table: Vec<u32> = view.device_table.expect("uploaded by pending_rows").to_vec1().unwrap();
+        assert_eq!(table, many.block_table(y).unwrap());
+    }
+    // Refusals: a sequence twice, past the reservation, a host cache, shapes that do not match.
+    let [a, b, _] = seqs[1];
+    many.reserve(a, 1).unwrap();
+    assert!(matches!(many.pending_rows(&[(a, 1), (a, 1)]), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(many.pending_rows(&[(a, 1), (b, 1)]), Err(Error::InvalidArgument { .. })));
+    let idx = many.pending_rows(&[(a, 1)]).unwrap();
+    assert!(many.write_rows(0, &idx, &rows(2, 0.0), &rows(2, 0.0)).is_err());
+    assert!(many.write_rows(2, &idx, &rows(1, 0.0), &rows(1, 0.0)).is_err());
+    let mut host = PagedKvCache::new(cfg).unwrap();
+    let h = host.add_sequence();
+    host.reserve(h, 1).unwrap();
+    assert!(matches!(host.pending_rows(&[(h, 1)]), Err(Error::InvalidArgument { .. })));
+}

@@ -215,6 +215,15 @@ impl Model {
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        // Several short chunks (a decode batch) on a device cache: one K and one V scatter per
+        // layer for all of them, through rows computed once per step.
+        let distinct = chunks.iter().enumerate().all(|(i, c)| chunks[..i].iter().all(|o| o.seq != c.seq));
+        let rows = if kv.is_on_device() && chunks.len() > 1 && n_total <= 1024 && distinct {
+            let pending: Vec<(SeqId, usize)> = chunks.iter().map(|c| (c.seq, c.tokens.len())).collect();
+            Some(kv.pending_rows(&pending)?)
+        } else {
+            None
+        };
         for (layer, blk) in self.blocks.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
@@ -228,11 +237,16 @@ impl Model {
                 Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
                 None => (q, k, v),
             };
+            if let Some(rows) = &rows {
+                kv.write_rows(layer, rows, &k, &v)?;
+            }
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
             for (c, &start) in chunks.iter().zip(starts) {
                 let n = c.tokens.len();
-                kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
+                if rows.is_none() {
+                    kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
+                }
                 let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
                 let out = if kv.is_on_device() {
                     let view = kv.device_layer(c.seq, layer, start + n)?;
