@@ -71,7 +71,7 @@ pub(crate) fn with_prefill_tail(
 /// Between refreshes, the window of the cached mask is widened by the number of tokens appended
 /// since the estimate, so tokens that leave the window are still attended until the next refresh.
 ///
-/// On a CUDA device ([`crate::cuda::hip_attn_decode_paged_cuda`]) the mask stays on the device
+/// On a CUDA device (`cuda::hip_attn_decode_paged_cuda`) the mask stays on the device
 /// between steps ([`MaskCache::mask`] is then `None`): no copy to or from the host per step.
 #[derive(Debug, Clone, Default)]
 pub struct MaskCache {

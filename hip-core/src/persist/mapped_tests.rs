@@ -5,23 +5,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::Error;
 
-const GEOM: KvGeometry = KvGeometry { num_layers: 3, num_kv_heads: 2, head_dim: 5 };
-
-fn snapshot(tokens: usize, cached: usize, seed: u64) -> SeqSnapshot {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let floats = cached * GEOM.row_len();
-    let layers = (0..GEOM.num_layers)
-        .map(|_| LayerKv {
-            k: (0..floats).map(|_| rng.random_range(-3.0..3.0)).collect(),
-            v: (0..floats).map(|_| rng.random_range(-3.0..3.0)).collect(),
-        })
-        .collect();
-    SeqSnapshot { geometry: GEOM, tokens: (0..tokens as u32).map(|t| t * 7 % 1000).collect(), cached, layers }
-}
-
-fn expected() -> Expected {
-    Expected { fingerprint: "abc123".into(), geometry: GEOM }
-}
+use super::tests::{expected, snapshot, GEOM};
 
 fn file(tokens: usize, cached: usize) -> SessionFile {
     SessionFile::new("abc123", snapshot(tokens, cached, tokens as u64 + 1))

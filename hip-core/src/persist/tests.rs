@@ -6,9 +6,9 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::Error;
 
-const GEOM: KvGeometry = KvGeometry { num_layers: 3, num_kv_heads: 2, head_dim: 5 };
+pub(super) const GEOM: KvGeometry = KvGeometry { num_layers: 3, num_kv_heads: 2, head_dim: 5 };
 
-fn snapshot(tokens: usize, cached: usize, seed: u64) -> SeqSnapshot {
+pub(super) fn snapshot(tokens: usize, cached: usize, seed: u64) -> SeqSnapshot {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let floats = cached * GEOM.row_len();
     let layers = (0..GEOM.num_layers)
@@ -20,7 +20,7 @@ fn snapshot(tokens: usize, cached: usize, seed: u64) -> SeqSnapshot {
     SeqSnapshot { geometry: GEOM, tokens: (0..tokens as u32).map(|t| t * 7 % 1000).collect(), cached, layers }
 }
 
-fn expected() -> Expected {
+pub(super) fn expected() -> Expected {
     Expected { fingerprint: "abc123".into(), geometry: GEOM }
 }
 
