@@ -104,21 +104,22 @@ impl MaskCache {
         }
         self.steps = 0;
     }
+}
 
-    /// Whether a decode step over `dims` must estimate a fresh mask, given the geometry of the
-    /// cached one (`None`: nothing cached): none cached, `refresh_interval` steps done, or shapes
-    /// it does not fit (batch, heads, query blocks, a shorter context, another config).
-    fn stale(&self, meta: Option<&HipMask>, dims: &AttnDims, cfg: &HipConfig) -> bool {
-        match meta {
-            None => true,
-            Some(m) => {
-                self.steps >= cfg.refresh_interval
-                    || (m.batch, m.heads, m.n_qblocks)
-                        != (dims.batch, dims.heads_q, dims.t_q.div_ceil(m.block_size_q.max(1)))
-                    || m.t_k > dims.t_k
-                    || m.block_size_q != cfg.block_size_q
-                    || m.max_blocks != cfg.selected_blocks()
-            }
+/// Whether a decode step over `dims` must estimate a fresh mask, given the geometry of the cached
+/// one (`None`: nothing cached) and the steps since it was estimated: none cached,
+/// `refresh_interval` steps done, or shapes it does not fit (batch, heads, query blocks, a shorter
+/// context, another config).
+fn stale(meta: Option<&HipMask>, steps: usize, dims: &AttnDims, cfg: &HipConfig) -> bool {
+    match meta {
+        None => true,
+        Some(m) => {
+            steps >= cfg.refresh_interval
+                || (m.batch, m.heads, m.n_qblocks)
+                    != (dims.batch, dims.heads_q, dims.t_q.div_ceil(m.block_size_q.max(1)))
+                || m.t_k > dims.t_k
+                || m.block_size_q != cfg.block_size_q
+                || m.max_blocks != cfg.selected_blocks()
         }
     }
 }
@@ -159,24 +160,14 @@ impl MaskCache {
         estimate: impl FnOnce() -> Result<HipMask>,
         attend: impl FnOnce(&HipMask, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        cfg.validate()?;
-        let stale = self.stale(self.mask.as_ref(), dims, cfg)
-            || self.mask.as_ref().is_some_and(|m| m.check_fits(dims).is_err());
-        if stale {
-            self.mask = Some(estimate()?);
-            self.steps = 0;
-            self.refreshes += 1;
+        fn meta(m: &HipMask) -> &HipMask {
+            m
         }
-        let mask = self.mask.as_ref().expect("mask set above");
-        let out = attend(mask, dims.t_k - mask.t_k)?;
-        self.steps += 1;
-        Ok(out)
+        step_cached(&mut self.mask, meta, &mut self.steps, &mut self.refreshes, dims, cfg, estimate, attend)
     }
-}
 
-#[cfg(feature = "cuda")]
-impl MaskCache {
     /// [`step`](Self::step) with the mask kept on the device.
+    #[cfg(feature = "cuda")]
     pub(crate) fn step_device(
         &mut self,
         dims: &AttnDims,
@@ -184,16 +175,33 @@ impl MaskCache {
         estimate: impl FnOnce() -> Result<crate::cuda::CudaMask>,
         attend: impl FnOnce(&crate::cuda::CudaMask, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        cfg.validate()?;
-        if self.stale(self.device.as_ref().map(|m| &m.meta), dims, cfg) {
-            self.device = Some(estimate()?);
-            self.mask = None;
-            self.steps = 0;
-            self.refreshes += 1;
+        fn meta(m: &crate::cuda::CudaMask) -> &HipMask {
+            &m.meta
         }
-        let mask = self.device.as_ref().expect("mask set above");
-        let out = attend(mask, dims.t_k - mask.meta.t_k)?;
-        self.steps += 1;
-        Ok(out)
+        step_cached(&mut self.device, meta, &mut self.steps, &mut self.refreshes, dims, cfg, estimate, attend)
     }
+}
+
+/// The decode step of [`MaskCache`] over a cached mask of either kind (`meta` gives its geometry).
+#[allow(clippy::too_many_arguments)]
+fn step_cached<M>(
+    slot: &mut Option<M>,
+    meta: fn(&M) -> &HipMask,
+    steps: &mut usize,
+    refreshes: &mut usize,
+    dims: &AttnDims,
+    cfg: &HipConfig,
+    estimate: impl FnOnce() -> Result<M>,
+    attend: impl FnOnce(&M, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    cfg.validate()?;
+    if stale(slot.as_ref().map(meta), *steps, dims, cfg) {
+        *slot = Some(estimate()?);
+        *steps = 0;
+        *refreshes += 1;
+    }
+    let mask = slot.as_ref().expect("mask set above");
+    let out = attend(mask, dims.t_k - meta(mask).t_k)?;
+    *steps += 1;
+    Ok(out)
 }

@@ -217,8 +217,8 @@ impl Model {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         // Several short chunks (a decode batch) on a device cache: one K and one V scatter per
         // layer for all of them, through rows computed once per step.
-        let distinct = chunks.iter().enumerate().all(|(i, c)| chunks[..i].iter().all(|o| o.seq != c.seq));
-        let rows = if kv.is_on_device() && chunks.len() > 1 && n_total <= 1024 && distinct {
+        let distinct = || chunks.iter().enumerate().all(|(i, c)| chunks[..i].iter().all(|o| o.seq != c.seq));
+        let rows = if kv.is_on_device() && chunks.len() > 1 && n_total <= 1024 && distinct() {
             let pending: Vec<(SeqId, usize)> = chunks.iter().map(|c| (c.seq, c.tokens.len())).collect();
             Some(kv.pending_rows(&pending)?)
         } else {

@@ -852,9 +852,9 @@ pub fn hip_attn_paged_cuda(
     cfg: &crate::HipConfig,
     scale: f32,
 ) -> Result<Tensor> {
-    let t_q = q.dims().get(1).copied().unwrap_or(0);
-    crate::mask_cache::with_prefill_tail(q, t_q, cfg, |q, cut, cfg| {
-        let kv = CudaPagedKv { len: kv.len.saturating_sub(cut), ..*kv };
+    let dims = kv.dims(q)?;
+    crate::mask_cache::with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
+        let kv = CudaPagedKv { len: kv.len - cut, ..*kv };
         let mask = hip_mask_paged_cuda(q, &kv, cfg, scale)?;
         block_sparse_attn_paged_cuda(q, &kv, &mask, scale, 0)
     })
