@@ -61,6 +61,11 @@ pub struct HipConfig {
     /// as in decoding.
     #[serde(default = "one")]
     pub tail_block_size_q: usize,
+    /// Dynamic RoPE for contexts past the model's trained length ([`crate::extend`]): the cache
+    /// holds un-rotated keys and attention positions them itself. `None` (the default): the
+    /// model rotates queries and keys as usual.
+    #[serde(default)]
+    pub rope_extend: Option<crate::extend::RopeExtend>,
 }
 
 fn one() -> usize {
@@ -101,6 +106,7 @@ impl HipConfig {
             refresh_interval: 8,
             tail_queries: 0,
             tail_block_size_q: 1,
+            rope_extend: None,
         }
     }
 
@@ -143,6 +149,12 @@ impl HipConfig {
     pub fn with_prefill_tail(mut self, queries: usize, block_size_q: usize) -> Self {
         self.tail_queries = queries;
         self.tail_block_size_q = block_size_q;
+        self
+    }
+
+    /// Turns Dynamic RoPE on (`Some`) or off ([`crate::extend`]).
+    pub fn with_rope_extend(mut self, extend: impl Into<Option<crate::extend::RopeExtend>>) -> Self {
+        self.rope_extend = extend.into();
         self
     }
 
@@ -222,6 +234,15 @@ impl HipConfig {
                 format!("must divide block_size_k = {}", self.block_size_k),
             ));
         }
+        if let Some(ext) = &self.rope_extend {
+            if ext.dense_layer_k == 0 || ext.dense_layer_k > MAX {
+                return Err(Error::config(
+                    "rope_extend.dense_layer_k",
+                    ext.dense_layer_k,
+                    format!("must be in 1..={MAX}"),
+                ));
+            }
+        }
         let mut layers = self.dense_layers.clone();
         layers.sort_unstable();
         if let Some(w) = layers.windows(2).find(|w| w[0] == w[1]) {
@@ -259,6 +280,10 @@ mod tests {
             (p().with_sink_window(usize::MAX, 0), "sink_tokens"),
             (p().with_prefill_tail(64, 0), "tail_block_size_q"),
             (p().with_prefill_tail(usize::MAX, 1), "tail_queries"),
+            (
+                p().with_rope_extend(crate::extend::RopeExtend { dense_layer_k: 0 }),
+                "rope_extend.dense_layer_k",
+            ),
         ];
         for (cfg, field) in cases {
             match cfg.validate() {

@@ -17,6 +17,7 @@
 //! | [`hip_attn`] | mask + block-sparse attention in one call (prefill) |
 //! | [`hip_attn_decode`] + [`MaskCache`] | decode, re-estimating the mask every `refresh_interval` steps |
 //! | `*_paged` + [`PagedKv`] | the same ops over one sequence in a paged KV cache (block table) |
+//! | [`extend`] | Dynamic RoPE: HiP past the trained context, over un-rotated keys ([`hip_attn_extend_paged`]) |
 //! | [`offload`] | KV-cache offloading policy: GPU cache sizes ([`offload::Offload`]), page tables and LRU ([`offload::TokenCache`]) |
 //!
 //! Tensors are token-major (see [`layout`]): `q: [batch, t_q, heads_q, head_dim]`,
@@ -46,6 +47,7 @@ mod config;
 pub mod cuda;
 mod elem;
 mod error;
+pub mod extend;
 mod gather;
 pub mod layout;
 mod mask_cache;
@@ -53,9 +55,16 @@ pub mod offload;
 mod ops;
 mod paged;
 pub mod reference;
+mod rope;
 
 pub use config::HipConfig;
 pub use error::{Error, Result};
+pub use extend::{
+    block_sparse_attn_extend_paged, hip_attn_extend_decode_paged, hip_attn_extend_paged,
+    hip_mask_extend_paged, RopeExtend,
+};
+#[cfg(feature = "cuda")]
+pub use extend::{hip_attn_extend_decode_paged_cuda, hip_attn_extend_paged_cuda};
 pub use layout::AttnDims;
 pub use mask_cache::{hip_attn, hip_attn_decode, MaskCache};
 pub use ops::block_sparse_attn::block_sparse_attn;
@@ -64,3 +73,4 @@ pub use ops::hip_mask::{hip_mask, HipMask, NO_BLOCK};
 pub use paged::{
     block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, hip_mask_paged, PagedKv,
 };
+pub use rope::Rope;

@@ -3,35 +3,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs_diff, qkv};
+use common::{max_abs_diff, paginate, qkv};
 use hip_kernels::{
     block_sparse_attn_paged, dense_attn, dense_attn_paged, hip_attn, hip_attn_decode, hip_attn_decode_paged,
     hip_attn_paged, hip_mask, hip_mask_paged, Error, HipConfig, MaskCache, PagedKv,
 };
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-
-/// Scatters contiguous `[1, t, hkv, d]` K and V into shuffled blocks of `bs` tokens (plus spare
-/// blocks full of garbage) and returns the pool and the block table.
-fn paginate(k: &Tensor, v: &Tensor, bs: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
-    let (_, t, hkv, d) = k.dims4().unwrap();
-    let kd = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let vd = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let n_blocks = t.div_ceil(bs) + 3;
-    let mut order: Vec<u32> = (0..n_blocks as u32).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed));
-    let table = order[..t.div_ceil(bs)].to_vec();
-    let row = hkv * d;
-    let mut kp = vec![f32::NAN; n_blocks * bs * row];
-    let mut vp = vec![f32::NAN; n_blocks * bs * row];
-    for j in 0..t {
-        let dst = (table[j / bs] as usize * bs + j % bs) * row;
-        kp[dst..dst + row].copy_from_slice(&kd[j * row..(j + 1) * row]);
-        vp[dst..dst + row].copy_from_slice(&vd[j * row..(j + 1) * row]);
-    }
-    (kp, vp, table)
-}
 
 #[test]
 fn paged_ops_equal_contiguous_ops() {

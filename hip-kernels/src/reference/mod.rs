@@ -3,10 +3,12 @@
 
 mod block_sparse_attn;
 mod dense_attn;
+mod extend;
 mod hip_mask;
 
 pub use block_sparse_attn::block_sparse_attn;
 pub use dense_attn::dense_attn;
+pub use extend::block_sparse_attn_extend;
 pub use hip_mask::hip_mask;
 
 use candle_core::{DType, Device, Tensor};
