@@ -18,4 +18,4 @@ pub mod persist;
 pub mod sampling;
 
 pub use error::{Error, Result};
-pub use hip_kernels::HipConfig;
+pub use hip_kernels::{HipConfig, Rope, RopeExtend};

@@ -97,6 +97,25 @@ impl Rope {
     /// # Errors
     /// [`Error::Shape`] when `x` is not 4-d with `positions.len()` tokens and this head dim.
     pub fn rotate(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        self.check_tokens(x, positions)?;
+        let (cos, sin) = self.tables(positions, x.device())?;
+        let y = self.rotate_heads(&x.transpose(1, 2)?, &cos, &sin)?;
+        Ok(y.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// The inverse of [`rotate`](Self::rotate): turns keys rotated to `positions` back into
+    /// un-rotated ones.
+    ///
+    /// # Errors
+    /// As [`rotate`](Self::rotate).
+    pub fn unrotate(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        self.check_tokens(x, positions)?;
+        let (cos, sin) = self.tables(positions, x.device())?;
+        let y = self.rotate_heads(&x.transpose(1, 2)?, &cos, &sin.neg()?)?;
+        Ok(y.transpose(1, 2)?.contiguous()?)
+    }
+
+    fn check_tokens(&self, x: &Tensor, positions: &[usize]) -> Result<()> {
         let dims = x.dims();
         if dims.len() != 4 || dims[1] != positions.len() || dims[3] != self.head_dim() {
             return Err(Error::shape(
@@ -105,9 +124,7 @@ impl Rope {
                 dims,
             ));
         }
-        let (cos, sin) = self.tables(positions, x.device())?;
-        let y = self.rotate_heads(&x.transpose(1, 2)?, &cos, &sin)?;
-        Ok(y.transpose(1, 2)?.contiguous()?)
+        Ok(())
     }
 
     /// Rotates one f64 row of `head_dim` values to `pos` (the references' slow path).
@@ -148,6 +165,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn unrotate_inverts_rotate() {
+        let rope = Rope::new(8, 1e6, false).unwrap();
+        let pos: Vec<usize> = vec![0, 3, 4099, 131_071];
+        let x = Tensor::randn(0f32, 1., (1, 4, 2, 8), &Device::Cpu).unwrap();
+        let back = rope.unrotate(&rope.rotate(&x, &pos).unwrap(), &pos).unwrap();
+        let err = (back - &x).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 pub use hip_kernels::HipMask;
 use hip_kernels::{
-    block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_paged, HipConfig, MaskCache,
-    PagedKv,
+    block_sparse_attn_paged, dense_attn_paged, hip_attn_decode_paged, hip_attn_extend_decode_paged,
+    hip_attn_extend_paged, hip_attn_paged, HipConfig, MaskCache, PagedKv, Rope,
 };
 
 use crate::error::Result;
@@ -23,7 +23,9 @@ pub use streaming::StreamingConfig;
 pub enum AttentionBackend {
     /// Exact attention in every layer.
     Dense,
-    /// HiP attention, except in `cfg.dense_layers`.
+    /// HiP attention, except in `cfg.dense_layers`. With `cfg.rope_extend` set (Dynamic RoPE,
+    /// [`hip_kernels::extend`]) every layer runs HiP over un-rotated keys, which the model then
+    /// stores in the cache ([`AttentionState::rotates_keys`]).
     Hip(HipConfig),
     /// Sink and sliding window only (the StreamingLLM-style baseline), except in
     /// `cfg.dense_layers`.
@@ -36,6 +38,8 @@ enum Route<'a> {
     Prefill(&'a HipConfig),
     Decode(&'a HipConfig, &'a mut MaskCache),
     Streaming(&'a StreamingConfig),
+    /// Dynamic RoPE: the layer's config, the decode mask cache for a single token, the rope.
+    Extend(HipConfig, Option<&'a mut MaskCache>, &'a Rope),
 }
 
 /// The backend plus its per-(sequence, layer) decode state.
@@ -43,6 +47,7 @@ enum Route<'a> {
 pub struct AttentionState {
     backend: AttentionBackend,
     caches: HashMap<(SeqId, usize), MaskCache>,
+    rope: Option<Rope>,
 }
 
 impl AttentionState {
@@ -56,12 +61,26 @@ impl AttentionState {
             AttentionBackend::Streaming(cfg) => cfg.validate()?,
             AttentionBackend::Dense => {}
         }
-        Ok(AttentionState { backend, caches: HashMap::new() })
+        Ok(AttentionState { backend, caches: HashMap::new(), rope: None })
     }
 
     /// The backend.
     pub fn backend(&self) -> &AttentionBackend {
         &self.backend
+    }
+
+    /// Whether attention rotates queries and keys itself (HiP with Dynamic RoPE): the model
+    /// then passes un-rotated queries and stores un-rotated keys in the cache.
+    pub fn rotates_keys(&self) -> bool {
+        matches!(&self.backend, AttentionBackend::Hip(cfg) if cfg.rope_extend.is_some())
+    }
+
+    /// Sets the model's rotary embedding, which attention needs when it
+    /// [rotates keys](Self::rotates_keys) itself ([`crate::model::Model::forward`] does this).
+    pub fn set_rope(&mut self, rope: &Rope) {
+        if self.rope.as_ref() != Some(rope) {
+            self.rope = Some(rope.clone());
+        }
     }
 
     /// The decode mask HiP layer `layer` of `seq` uses now (read-only): the one the last decode
@@ -94,7 +113,7 @@ impl AttentionState {
         kv: &PagedKv<'_>,
         scale: f32,
     ) -> Result<Tensor> {
-        Ok(match self.route(layer, seq, q.dim(1)?) {
+        Ok(match self.route(layer, seq, q.dim(1)?)? {
             Route::Dense => dense_attn_paged(q, kv, scale)?,
             Route::Prefill(cfg) => hip_attn_paged(q, kv, cfg, scale)?,
             Route::Decode(cfg, cache) => hip_attn_decode_paged(q, kv, cfg, scale, cache)?,
@@ -102,14 +121,36 @@ impl AttentionState {
                 let mask = cfg.empty_mask(q.dim(2)?, q.dim(1)?, kv.len);
                 block_sparse_attn_paged(q, kv, &mask, scale, 0)?
             }
+            Route::Extend(cfg, None, rope) => hip_attn_extend_paged(q, kv, &cfg, rope, scale)?,
+            Route::Extend(cfg, Some(cache), rope) => {
+                hip_attn_extend_decode_paged(q, kv, &cfg, rope, scale, cache)?
+            }
         })
     }
 
     /// Which attention `n` new tokens of `seq` get in `layer`: dense, a fresh HiP mask for a
     /// chunk (forgetting the decode mask), or the cached-mask decode path for one token.
-    fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Route<'_> {
-        let AttentionState { backend, caches } = self;
-        match backend {
+    fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Result<Route<'_>> {
+        let AttentionState { backend, caches, rope } = self;
+        if let AttentionBackend::Hip(cfg) = backend {
+            if let Some(layer_cfg) = cfg.extend_layer_config(layer) {
+                let rope = rope.as_ref().ok_or_else(|| {
+                    crate::Error::arg(
+                        "rope",
+                        "none",
+                        "Dynamic RoPE needs the model's rope (AttentionState::set_rope)",
+                    )
+                })?;
+                let cache = if n == 1 {
+                    Some(caches.entry((seq, layer)).or_default())
+                } else {
+                    caches.remove(&(seq, layer));
+                    None
+                };
+                return Ok(Route::Extend(layer_cfg, cache, rope));
+            }
+        }
+        Ok(match backend {
             AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => {
                 if n == 1 {
                     Route::Decode(cfg, caches.entry((seq, layer)).or_default())
@@ -120,7 +161,7 @@ impl AttentionState {
             }
             AttentionBackend::Streaming(cfg) if !cfg.is_dense_layer(layer) => Route::Streaming(cfg),
             _ => Route::Dense,
-        }
+        })
     }
 
     /// [`attend`](Self::attend) over a KV cache on a CUDA device: `q: [1, n, heads_q, head_dim]`
@@ -162,7 +203,7 @@ impl AttentionState {
             let view =
                 CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len: kv.len };
             let q = q.to_dtype(kv.k.dtype())?;
-            let out = match self.route(layer, seq, q.dim(1)?) {
+            let out = match self.route(layer, seq, q.dim(1)?)? {
                 Route::Dense => dense_attn_paged_cuda(&q, &view, scale)?,
                 Route::Prefill(cfg) => hip_attn_paged_cuda(&q, &view, cfg, scale)?,
                 Route::Decode(cfg, cache) => hip_attn_decode_paged_cuda(&q, &view, cfg, scale, cache)?,
@@ -171,6 +212,20 @@ impl AttentionState {
                     let mask = hip_kernels::cuda::CudaMask::new(&mask, q.device())?;
                     hip_kernels::cuda::block_sparse_attn_paged_cuda(&q, &view, &mask, scale, 0)?
                 }
+                Route::Extend(cfg, None, rope) => {
+                    hip_kernels::hip_attn_extend_paged_cuda(&q, &view, kv.block_table, &cfg, rope, scale)?
+                        .to_dtype(kv.k.dtype())?
+                }
+                Route::Extend(cfg, Some(cache), rope) => hip_kernels::hip_attn_extend_decode_paged_cuda(
+                    &q,
+                    &view,
+                    kv.block_table,
+                    &cfg,
+                    rope,
+                    scale,
+                    cache,
+                )?
+                .to_dtype(kv.k.dtype())?,
             };
             Ok(out)
         }

@@ -316,10 +316,12 @@ impl Engine {
         let s = self.seq(seq)?;
         s.check_idle(seq)?;
         let geometry = KvGeometry::of(&self.model);
+        // Session files hold rotated keys; under Dynamic RoPE the cache holds them un-rotated.
+        let keys = KeyPositions::new(self, s.cached, &geometry)?;
         let layers = (0..geometry.num_layers)
             .map(|l| {
                 let (k, v) = self.kv.gather_layer(seq, l, s.cached)?;
-                Ok(LayerKv { k, v })
+                Ok(LayerKv { k: keys.map(k, false)?, v })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SeqSnapshot { geometry, tokens: s.tokens.clone(), cached: s.cached, layers })
@@ -353,8 +355,9 @@ impl Engine {
         let seq = self.kv.add_sequence();
         let filled = (|| {
             self.kv.reserve(seq, snapshot.cached)?;
+            let keys = KeyPositions::new(self, snapshot.cached, &geometry)?;
             for (l, layer) in snapshot.layers.iter().enumerate() {
-                self.kv.write(seq, l, &layer.k, &layer.v)?;
+                self.kv.write(seq, l, &keys.map(layer.k.clone(), true)?, &layer.v)?;
             }
             self.kv.commit(seq, snapshot.cached)
         })();
@@ -625,5 +628,37 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// Converts key rows between a session file (rotated keys, as every backend but Dynamic RoPE
+/// caches them) and the cache of an engine whose attention rotates keys itself.
+struct KeyPositions {
+    rope: Option<crate::Rope>,
+    cached: usize,
+    geometry: KvGeometry,
+}
+
+impl KeyPositions {
+    fn new(engine: &Engine, cached: usize, geometry: &KvGeometry) -> Result<Self> {
+        let rope = engine.attn.rotates_keys().then(|| engine.model.rope().clone());
+        Ok(KeyPositions { rope, cached, geometry: *geometry })
+    }
+
+    /// `k: [cached, kv_heads, head_dim]` rows, rotated to their positions (`unrotate`: back).
+    fn map(&self, k: Vec<f32>, unrotate: bool) -> Result<Vec<f32>> {
+        let Some(rope) = &self.rope else { return Ok(k) };
+        if self.cached == 0 {
+            return Ok(k);
+        }
+        let g = &self.geometry;
+        let t = candle_core::Tensor::from_vec(
+            k,
+            (1, self.cached, g.num_kv_heads, g.head_dim),
+            &candle_core::Device::Cpu,
+        )?;
+        let pos: Vec<usize> = (0..self.cached).collect();
+        let y = if unrotate { rope.unrotate(&t, &pos)? } else { rope.rotate(&t, &pos)? };
+        Ok(y.flatten_all()?.to_vec1::<f32>()?)
     }
 }

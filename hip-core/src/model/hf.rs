@@ -142,7 +142,7 @@ impl Model {
             );
             blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp { gate, up, down } });
         }
-        let rope = Rope::new(hd, cfg.rope_theta, false);
+        let rope = Rope::new(hd, cfg.rope_theta, false)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })
     }
 }

@@ -3,6 +3,8 @@
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+pub(crate) use hip_kernels::Rope;
+
 use crate::error::Result;
 
 /// A linear projection with quantized weights (`y = x Wᵀ + b`).
@@ -92,46 +94,11 @@ impl Mlp {
     }
 }
 
-/// Rotary position embeddings with per-token positions.
-#[derive(Debug, Clone)]
-pub(crate) struct Rope {
-    inv_freq: Vec<f32>,
-    interleaved: bool,
-}
-
-impl Rope {
-    pub(crate) fn new(head_dim: usize, theta: f32, interleaved: bool) -> Self {
-        let inv_freq =
-            (0..head_dim).step_by(2).map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32)).collect();
-        Rope { inv_freq, interleaved }
-    }
-
-    /// `cos` and `sin` tables `[positions, head_dim / 2]` for the given positions.
-    pub(crate) fn tables(&self, positions: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let n = positions.len();
-        Ok((Tensor::from_vec(cos, (n, half), dev)?, Tensor::from_vec(sin, (n, half), dev)?))
-    }
-
-    /// Rotates `x: [tokens, heads, head_dim]` (token-major) with the tables of its tokens.
-    pub(crate) fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x4 = x.unsqueeze(0)?.transpose(1, 2)?.contiguous()?; // [1, heads, tokens, d]
-        let y = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x4, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x4, cos, sin)?
-        };
-        Ok(y.transpose(1, 2)?.squeeze(0)?.contiguous()?)
-    }
+/// Rotates `x: [tokens, heads, head_dim]` (token-major) with the tables of its tokens.
+pub(crate) fn rotate_tokens(rope: &Rope, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x4 = x.unsqueeze(0)?.transpose(1, 2)?; // [1, heads, tokens, d]
+    let y = rope.rotate_heads(&x4, cos, sin)?;
+    Ok(y.transpose(1, 2)?.squeeze(0)?.contiguous()?)
 }
 
 /// Dequantizes a (bias / norm) tensor to f32.

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use hip_kernels::PagedKv;
 
 use super::config::{Arch, ModelConfig};
-use super::layers::{dequant, Linear, Mlp, RmsNorm, Rope, WeightPolicy};
+use super::layers::{dequant, rotate_tokens, Linear, Mlp, RmsNorm, Rope, WeightPolicy};
 use crate::attention::AttentionState;
 use crate::error::{Error, Result};
 use crate::kv::{PagedKvCache, SeqId};
@@ -128,7 +128,7 @@ impl Model {
                 RmsNorm::new(f.tensor(&format!("blk.{l}.ffn_norm.weight"), device)?, cfg.rms_eps, device)?;
             blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp { gate, up, down } });
         }
-        let rope = Rope::new(hd, cfg.rope_theta, cfg.arch == Arch::Llama);
+        let rope = Rope::new(hd, cfg.rope_theta, cfg.arch == Arch::Llama)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })
     }
 
@@ -140,6 +140,11 @@ impl Model {
     /// The fingerprint of the weights file (see [`GgufFile::fingerprint`]).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The model's rotary position embedding.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// The device the weights live on.
@@ -212,6 +217,10 @@ impl Model {
         let positions: Vec<usize> =
             chunks.iter().zip(starts).flat_map(|(c, &s)| s..s + c.tokens.len()).collect();
         let (cos, sin) = self.rope.tables(&positions, dev)?;
+        let rotate = !attn.rotates_keys();
+        if !rotate {
+            attn.set_rope(&self.rope);
+        }
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
@@ -229,8 +238,12 @@ impl Model {
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
             let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
-            let q = self.rope.apply(&q, &cos, &sin)?;
-            let k = self.rope.apply(&k, &cos, &sin)?;
+            // Under Dynamic RoPE the cache keeps un-rotated keys and attention positions them.
+            let (q, k) = if rotate {
+                (rotate_tokens(&self.rope, &q, &cos, &sin)?, rotate_tokens(&self.rope, &k, &cos, &sin)?)
+            } else {
+                (q.contiguous()?, k.contiguous()?)
+            };
             // On a device cache, convert once for all sequences (the writes and the kernels then
             // take the rows as they are).
             let (q, k, v) = match kv.device_dtype() {
