@@ -283,3 +283,79 @@ fn decode_keeps_the_mask_on_the_device() {
     }
     assert_eq!(cache.refreshes(), 3);
 }
+
+/// Dynamic RoPE on CUDA (mask from the CUDA search, tiles on the device) against the CPU path on
+/// the same bf16 values: with a covering budget (identical masks) the outputs agree everywhere;
+/// with a sparse budget the bf16 and f32 searches may pick different blocks for a few near-tie
+/// rows, so 95% of the query rows must agree. Decode steps through the mask cache too.
+#[test]
+fn dynamic_rope_matches_cpu() {
+    use hip_kernels::{
+        hip_attn_extend_decode_paged, hip_attn_extend_decode_paged_cuda, hip_attn_extend_paged,
+        hip_attn_extend_paged_cuda, PagedKv, Rope, RopeExtend,
+    };
+    let dev = gpu();
+    let (hq, hkv, d, bs) = (8, 2, 128, 16);
+    let rope = Rope::new(d, 1e6, false).unwrap();
+    for (k_budget, t_q, t_k) in
+        [(8192, 1, 1), (8192, 7, 7), (8192, 97, 97), (8192, 300, 4099), (64, 97, 1000), (64, 300, 4099)]
+    {
+        let cfg = HipConfig::default()
+            .with_k(k_budget)
+            .with_query_block(32, 2)
+            .with_sink_window(16, 32)
+            .with_rope_extend(RopeExtend { dense_layer_k: 4096 });
+        let (q, qc) = rand(t_q, hq, d, DType::BF16, t_k as u64 + 7, &dev);
+        let (k, _) = rand(t_k, hkv, d, DType::BF16, t_k as u64 + 8, &dev);
+        let (v, _) = rand(t_k, hkv, d, DType::BF16, t_k as u64 + 9, &dev);
+        let n = t_k.div_ceil(bs);
+        let blocks = n + 3;
+        let order: Vec<u32> = (0..n).map(|i| (blocks - 1 - i) as u32).collect();
+        let (ks, vs) = (paginate(&k, bs, blocks, &order, &dev), paginate(&v, bs, blocks, &order, &dev));
+        let table = Tensor::from_slice(&order, n, &dev).unwrap();
+        let kv = CudaPagedKv { k: &ks, v: &vs, block_table: &table, block_size: bs, len: t_k };
+        let host =
+            |x: &Tensor| x.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (kh, vh) = (host(&ks), host(&vs));
+        let cpu_kv = PagedKv {
+            k: &kh,
+            v: &vh,
+            block_table: &order,
+            block_size: bs,
+            heads_kv: hkv,
+            head_dim: d,
+            len: t_k,
+        };
+        let scale = 0.088;
+        let what = format!("k {k_budget} t_q {t_q} t_k {t_k}");
+        let got = hip_attn_extend_paged_cuda(&q, &kv, &order, &cfg, &rope, scale).unwrap();
+        let want = hip_attn_extend_paged(&qc, &cpu_kv, &cfg, &rope, scale).unwrap();
+        let rows = |x: &Tensor| x.to_device(&Device::Cpu).unwrap().reshape((t_q * hq, d)).unwrap();
+        let (g, w) = (rows(&got), rows(&want));
+        let mut good = 0;
+        for r in 0..t_q * hq {
+            if rel_err(&g.get(r).unwrap(), &w.get(r).unwrap()) <= 2e-2 {
+                good += 1;
+            }
+        }
+        let need = if k_budget >= t_k { t_q * hq } else { (t_q * hq * 95).div_ceil(100) };
+        assert!(good >= need, "{what}: {good} of {} rows agree", t_q * hq);
+        let e = rel_err(&got, &want);
+        assert!(k_budget < t_k || e <= 1e-2, "{what}: rel err {e}");
+
+        // Three decode steps over the last three tokens, refresh every 2.
+        let cfg = cfg.with_refresh_interval(2);
+        let (mut gc, mut cc) = (MaskCache::new(), MaskCache::new());
+        for step in (1..=3usize.min(t_k)).rev() {
+            let len = t_k + 1 - step;
+            let kv = CudaPagedKv { len, ..kv };
+            let cpu_kv = PagedKv { len, ..cpu_kv };
+            let (q1, q1c) = (q.narrow(1, 0, 1).unwrap(), qc.narrow(1, 0, 1).unwrap());
+            let got =
+                hip_attn_extend_decode_paged_cuda(&q1, &kv, &order, &cfg, &rope, scale, &mut gc).unwrap();
+            let want = hip_attn_extend_decode_paged(&q1c, &cpu_kv, &cfg, &rope, scale, &mut cc).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(k_budget < t_k || e <= 1e-2, "{what} decode len {len}: rel err {e}");
+        }
+    }
+}

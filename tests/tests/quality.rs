@@ -140,7 +140,9 @@ fn heat_map_is_a_png_of_the_expected_size() {
     assert_eq!(heatmap::colour(1.0), plotters::style::RGBColor(26, 152, 80));
 }
 
-/// HiP answers the passkey like dense; the same budget as a plain window does not reach it.
+/// HiP answers the passkey like dense, with and without Dynamic RoPE (un-rotated keys,
+/// StreamingLLM positions in the attention, relative ones in the search); the same budget as a
+/// plain window does not reach it.
 #[test]
 fn passkey_hip_matches_dense_and_sink_window_loses_it() {
     let tok = hip_e2e::gguf_tokenizer(&smollm2()).unwrap();
@@ -164,7 +166,7 @@ fn passkey_hip_matches_dense_and_sink_window_loses_it() {
         })
         .collect();
     let model = Model::from_gguf(smollm2(), &Device::Cpu).unwrap();
-    let s = settings(&[Method::Dense, Method::Hip, Method::Streaming]);
+    let s = settings(&[Method::Dense, Method::Hip, Method::HipExtend, Method::Streaming]);
     let results = run::run_retrieval(&model, &tok, &s, &cases, 8, Judge::Passkey, |r| {
         eprintln!("{} {} {:?} correct={}", r.method, r.expected, r.answer, r.correct)
     })
@@ -172,6 +174,7 @@ fn passkey_hip_matches_dense_and_sink_window_loses_it() {
     let acc = |m| Accuracy::of(&results, |r| r.method == m);
     assert_eq!(acc(Method::Dense).correct, 2, "dense must find both keys: {results:?}");
     assert_eq!(acc(Method::Hip).correct, acc(Method::Dense).correct, "HiP must equal dense: {results:?}");
+    assert_eq!(acc(Method::HipExtend).correct, acc(Method::Dense).correct, "Dynamic RoPE: {results:?}");
     assert_eq!(acc(Method::Streaming).correct, 0, "sink + window cannot see the keys: {results:?}");
 }
 

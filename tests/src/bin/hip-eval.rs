@@ -132,7 +132,7 @@ fn finish<T: serde::Serialize>(
     let h = &args.hip;
     let head = format!(
         "{} — model {}, HiP k={} window={} sink={} block_q={}/{} block_k={}/{} dense_layers={:?} refresh={} \
-         tail={}/{}; streaming sink={} window={}\n\n",
+         tail={}/{} extend_dense_k={}; streaming sink={} window={}\n\n",
         args.task.name(),
         info.model,
         h.k,
@@ -146,6 +146,7 @@ fn finish<T: serde::Serialize>(
         h.refresh_interval,
         h.tail_queries,
         h.tail_block_size_q,
+        h.rope_extend.clone().unwrap_or_default().dense_layer_k,
         info.streaming.sink_tokens,
         info.streaming.window_tokens
     );

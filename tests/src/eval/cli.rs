@@ -15,7 +15,8 @@ pub const USAGE: &str = "\
 usage: hip-eval <ppl|passkey|needle> [options]
   --model PATH          GGUF model (default: SmolLM2-135M-Instruct from the assets)
   --text PATH           text for ppl and needle (default: moby-dick.txt from the assets)
-  --methods LIST        of dense,hip,streaming (default: all three)
+  --methods LIST        of dense,hip,streaming,hip-extend (default: dense,hip,streaming;
+                        hip-extend = HiP with Dynamic RoPE, for contexts past the trained length)
   --lengths LIST        context lengths in tokens (default: 1024,2048)
   --depths LIST         passkey / needle depths in [0, 1] (default: 0,0.25,0.5,0.75,1)
   --trials N            prompts per (length, depth) cell (default: 1)
@@ -24,11 +25,12 @@ usage: hip-eval <ppl|passkey|needle> [options]
   --windows N           ppl: windows per length (default: 1)
   --chunk N             prefill chunk in tokens (default: 512)
   --k N --window N --sink N --block-q N --stride-q N --block-k N --stride-k N
-  --dense-layers LIST --refresh N --tail N --tail-block-q N
+  --dense-layers LIST --refresh N --tail N --tail-block-q N --extend-dense-k N
                         the HiP config (default: HipConfig::default(): k 512, window 256, sink 16,
                         query blocks 64/2, key blocks 2/1, dense layers 0,1,2, refresh 8, a prefill
                         tail of 64 queries in blocks of 1; --tail 0 gives HipConfig::paper()); streaming
-                        gets the same sink and dense layers and a window of window + k
+                        gets the same sink and dense layers and a window of window + k;
+                        hip-extend runs its dense layers with k = --extend-dense-k (default 4096)
   --device cpu|cuda     (default: cpu)
   --out DIR             where the JSON, markdown and PNG go (default: eval-out)";
 
@@ -156,6 +158,9 @@ pub fn parse(argv: &[String]) -> Result<Args> {
             "--refresh" => h.refresh_interval = num(name, val()?)?,
             "--tail" => h.tail_queries = num(name, val()?)?,
             "--tail-block-q" => h.tail_block_size_q = num(name, val()?)?,
+            "--extend-dense-k" => {
+                h.rope_extend = Some(hip_core::RopeExtend { dense_layer_k: num(name, val()?)? })
+            }
             "--device" => match val()? {
                 d @ ("cpu" | "cuda") => a.device = d.into(),
                 other => return Err(EvalError::arg(name, format!("{other:?} (known: cpu, cuda)"))),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EvalError {
-    /// A method name other than `dense`, `hip`, `streaming`.
-    #[error("unknown method {0:?} (known: dense, hip, streaming)")]
+    /// A method name other than `dense`, `hip`, `streaming`, `hip-extend`.
+    #[error("unknown method {0:?} (known: dense, hip, streaming, hip-extend)")]
     UnknownMethod(String),
     /// A needle / passkey depth outside [0, 1].
     #[error("depth {0} is outside [0, 1] (0 = start of the context, 1 = its end)")]

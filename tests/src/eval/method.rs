@@ -20,11 +20,17 @@ pub enum Method {
     /// Sink + sliding window only, with the token budget of the HiP config
     /// ([`StreamingConfig::same_budget`]).
     Streaming,
+    /// HiP with Dynamic RoPE (`HipConfig::rope_extend`; the run's setting, or the default
+    /// `dense_layer_k` 4096 when it has none): for contexts past the model's trained length.
+    #[serde(rename = "hip-extend")]
+    HipExtend,
 }
 
 impl Method {
-    /// Every method, in report order.
+    /// The default methods of a run, in report order.
     pub const ALL: [Method; 3] = [Method::Dense, Method::Hip, Method::Streaming];
+    /// Every method.
+    pub const KNOWN: [Method; 4] = [Method::Dense, Method::Hip, Method::Streaming, Method::HipExtend];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -32,6 +38,7 @@ impl Method {
             Method::Dense => "dense",
             Method::Hip => "hip",
             Method::Streaming => "streaming",
+            Method::HipExtend => "hip-extend",
         }
     }
 
@@ -41,13 +48,17 @@ impl Method {
             Method::Dense => AttentionBackend::Dense,
             Method::Hip => AttentionBackend::Hip(hip.clone()),
             Method::Streaming => AttentionBackend::Streaming(StreamingConfig::same_budget(hip)),
+            Method::HipExtend => {
+                let ext = hip.rope_extend.clone().unwrap_or_default();
+                AttentionBackend::Hip(hip.clone().with_rope_extend(ext))
+            }
         }
     }
 
     /// Parses a comma-separated list (`"dense,hip"`), keeping order, dropping repeats.
     ///
     /// # Errors
-    /// [`EvalError::UnknownMethod`] for a name not in [`Method::ALL`]; an empty list.
+    /// [`EvalError::UnknownMethod`] for a name not in [`Method::KNOWN`]; an empty list.
     pub fn parse_list(s: &str) -> Result<Vec<Method>> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -57,7 +68,10 @@ impl Method {
             }
         }
         if out.is_empty() {
-            return Err(EvalError::arg("--methods", "no method given (known: dense, hip, streaming)"));
+            return Err(EvalError::arg(
+                "--methods",
+                "no method given (known: dense, hip, streaming, hip-extend)",
+            ));
         }
         Ok(out)
     }
@@ -66,7 +80,10 @@ impl Method {
 impl FromStr for Method {
     type Err = EvalError;
     fn from_str(s: &str) -> Result<Self> {
-        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| EvalError::UnknownMethod(s.to_string()))
+        Method::KNOWN
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| EvalError::UnknownMethod(s.to_string()))
     }
 }
 
