@@ -118,9 +118,9 @@ fn pruning_queries(q: &Tensor, cfg: &HipConfig, rope: &Rope) -> Result<Tensor> {
     rope.rotate(q, &vec![cfg.window_tokens + 1; t_q])
 }
 
-/// Slots of one gathered tile (rows × width): a budget that keeps a tile of a 64-query block
-/// and its scores within a few hundred MB.
-const TILE_SLOTS: usize = 1 << 20;
+/// Scores of one gathered tile (query blocks × heads × queries × slots): 16M f32 (64 MB), so a
+/// tile of 64-query blocks with k = 1024 holds about 16 blocks.
+const TILE_SCORES: usize = 1 << 24;
 
 /// Block-sparse attention of un-rotated `q: [1, t_q, heads_q, d]` over `src` with StreamingLLM
 /// positions (see [`slots`]). Returns f32 `[1, t_q, heads_q, d]` on q's device.
@@ -144,7 +144,7 @@ fn attend(
         let bound = mask.sink_tokens
             + mask.max_blocks * mask.block_size_k
             + slots::region_len(mask.window_tokens + extra, mask.block_size_q);
-        let per_tile = (TILE_SLOTS / (hq * bound * mask.block_size_q).max(1)).max(1);
+        let per_tile = (TILE_SCORES / (hq * bound * mask.block_size_q).max(1)).max(1);
         let m1 = if m0 < full { (m0 + per_tile).min(full) } else { m0 + 1 };
         let plan = slots::plan(dims, mask, extra, m0, m1);
         outs.push(attend_tile(&q, src, dims, &plan, rope, scale, &dev)?);

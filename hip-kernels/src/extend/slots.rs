@@ -83,14 +83,18 @@ pub(crate) fn plan(dims: &AttnDims, mask: &HipMask, extra: usize, m0: usize, m1:
             row[pad + i] = Some(j);
             alw[pad + i] = true;
         }
+        // Blocks are sorted ascending and region tokens ascend: one pass over both.
         let blocks = mask.blocks(0, h, *m);
-        let in_block =
-            |j: usize| blocks.iter().any(|&s| j >= s as usize && j < s as usize + mask.block_size_k);
+        let mut b = 0;
         for c in 0..region {
             // Slot width - region + c holds token p_last + 1 - region + c.
             if let Some(j) = (p_last + 1 + c).checked_sub(region) {
+                while b < blocks.len() && blocks[b] as usize + mask.block_size_k <= j {
+                    b += 1;
+                }
+                let in_block = b < blocks.len() && blocks[b] as usize <= j;
                 row[width - region + c] = Some(j as u32);
-                alw[width - region + c] = j < mask.sink_tokens || in_block(j);
+                alw[width - region + c] = j < mask.sink_tokens || in_block;
             }
         }
     }
