@@ -65,15 +65,55 @@ impl HipConfig {
 /// ([`PagedKv`]) or in device tensors.
 #[derive(Debug, Clone, Copy)]
 enum Source<'a> {
-    Host(&'a PagedKv<'a>),
+    Host(PagedKv<'a>),
     #[cfg(feature = "cuda")]
     Device {
-        kv: &'a crate::cuda::CudaPagedKv<'a>,
+        kv: crate::cuda::CudaPagedKv<'a>,
         table: &'a [u32],
     },
 }
 
 impl Source<'_> {
+    fn dims(&self, q: &Tensor) -> Result<AttnDims> {
+        match self {
+            Source::Host(kv) => kv.dims(q),
+            #[cfg(feature = "cuda")]
+            Source::Device { kv, .. } => kv.dims(q),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Source::Host(kv) => kv.len,
+            #[cfg(feature = "cuda")]
+            Source::Device { kv, .. } => kv.len,
+        }
+    }
+
+    /// The same sequence cut to its first `len` tokens.
+    fn with_len(self, len: usize) -> Self {
+        match self {
+            Source::Host(kv) => Source::Host(PagedKv { len, ..kv }),
+            #[cfg(feature = "cuda")]
+            Source::Device { kv, table } => {
+                Source::Device { kv: crate::cuda::CudaPagedKv { len, ..kv }, table }
+            }
+        }
+    }
+
+    /// The HiP mask of un-rotated `q`, searched with relative positions (on the host).
+    fn mask(&self, q: &Tensor, cfg: &HipConfig, rope: &Rope, scale: f32) -> Result<HipMask> {
+        let pq = pruning_queries(q, cfg, rope)?;
+        match self {
+            Source::Host(kv) => hip_mask_paged(&pq, kv, cfg, scale),
+            #[cfg(feature = "cuda")]
+            Source::Device { kv, .. } => {
+                let pq = pq.to_dtype(kv.k.dtype())?;
+                crate::cuda::hip_mask_paged_cuda(&pq, kv, cfg, scale)?.to_host()
+            }
+        }
+    }
+
     /// Rows `idx` (`pool_row * heads_kv + kv_head`) of K and V as f32 `[idx.len(), head_dim]` on
     /// `dev`.
     fn gather(&self, idx: &[u32], d: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -222,7 +262,7 @@ pub fn hip_mask_extend_paged(
     scale: f32,
 ) -> Result<HipMask> {
     check_rope(rope, &kv.dims(q)?)?;
-    hip_mask_paged(&pruning_queries(q, cfg, rope)?, kv, cfg, scale)
+    Source::Host(*kv).mask(q, cfg, rope, scale)
 }
 
 /// Block-sparse attention of un-rotated `q` over a paged sequence of un-rotated keys with
@@ -244,7 +284,7 @@ pub fn block_sparse_attn_extend_paged(
     let dims = kv.dims(q)?;
     check_rope(rope, &dims)?;
     mask.check_fits(&dims)?;
-    attend(q, &Source::Host(kv), &dims, mask, extra_window_tokens, rope, scale)
+    attend(q, &Source::Host(*kv), &dims, mask, extra_window_tokens, rope, scale)
 }
 
 /// HiP attention with Dynamic RoPE over a paged sequence (prefill): `q: [1, t_q, heads_q, d]`
@@ -276,15 +316,7 @@ pub fn hip_attn_extend_paged(
     rope: &Rope,
     scale: f32,
 ) -> Result<Tensor> {
-    cfg.validate()?;
-    check_scale(scale)?;
-    let dims = kv.dims(q)?;
-    check_rope(rope, &dims)?;
-    with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
-        let kv = PagedKv { len: kv.len - cut, ..*kv };
-        let mask = hip_mask_extend_paged(q, &kv, cfg, rope, scale)?;
-        block_sparse_attn_extend_paged(q, &kv, &mask, scale, 0, rope)
-    })
+    prefill(q, Source::Host(*kv), cfg, rope, scale)
 }
 
 /// One decode step of HiP attention with Dynamic RoPE over a paged sequence: as
@@ -301,15 +333,7 @@ pub fn hip_attn_extend_decode_paged(
     scale: f32,
     cache: &mut MaskCache,
 ) -> Result<Tensor> {
-    check_scale(scale)?;
-    let dims = kv.dims(q)?;
-    check_rope(rope, &dims)?;
-    cache.step(
-        &dims,
-        cfg,
-        || hip_mask_extend_paged(q, kv, cfg, rope, scale),
-        |mask, extra| block_sparse_attn_extend_paged(q, kv, mask, scale, extra, rope),
-    )
+    decode(q, Source::Host(*kv), cfg, rope, scale, cache)
 }
 
 /// [`hip_attn_extend_paged`] over a paged cache on CUDA: `kv` as for
@@ -326,19 +350,8 @@ pub fn hip_attn_extend_paged_cuda(
     rope: &Rope,
     scale: f32,
 ) -> Result<Tensor> {
-    use crate::cuda::{hip_mask_paged_cuda, CudaPagedKv};
-    cfg.validate()?;
-    check_scale(scale)?;
-    let dims = kv.dims(q)?;
-    check_rope(rope, &dims)?;
     check_table(table, kv.len, kv.block_size)?;
-    with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
-        let kv = CudaPagedKv { len: kv.len - cut, ..*kv };
-        let dims = kv.dims(q)?;
-        let pq = pruning_queries(q, cfg, rope)?.to_dtype(kv.k.dtype())?;
-        let mask = hip_mask_paged_cuda(&pq, &kv, cfg, scale)?.to_host()?;
-        attend(q, &Source::Device { kv: &kv, table }, &dims, &mask, 0, rope, scale)
-    })
+    prefill(q, Source::Device { kv: *kv, table }, cfg, rope, scale)
 }
 
 /// [`hip_attn_extend_decode_paged`] over a paged cache on CUDA (see
@@ -356,19 +369,41 @@ pub fn hip_attn_extend_decode_paged_cuda(
     scale: f32,
     cache: &mut MaskCache,
 ) -> Result<Tensor> {
-    use crate::cuda::hip_mask_paged_cuda;
-    check_scale(scale)?;
-    let dims = kv.dims(q)?;
-    check_rope(rope, &dims)?;
     check_table(table, kv.len, kv.block_size)?;
+    decode(q, Source::Device { kv: *kv, table }, cfg, rope, scale, cache)
+}
+
+/// A prefill chunk over `src`: the prefill tail split, a fresh mask per part, then attention.
+fn prefill(q: &Tensor, src: Source<'_>, cfg: &HipConfig, rope: &Rope, scale: f32) -> Result<Tensor> {
+    cfg.validate()?;
+    check_scale(scale)?;
+    let dims = src.dims(q)?;
+    check_rope(rope, &dims)?;
+    with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
+        let src = src.with_len(src.len() - cut);
+        let dims = src.dims(q)?;
+        let mask = src.mask(q, cfg, rope, scale)?;
+        attend(q, &src, &dims, &mask, 0, rope, scale)
+    })
+}
+
+/// A decode step over `src` with the mask cache.
+fn decode(
+    q: &Tensor,
+    src: Source<'_>,
+    cfg: &HipConfig,
+    rope: &Rope,
+    scale: f32,
+    cache: &mut MaskCache,
+) -> Result<Tensor> {
+    check_scale(scale)?;
+    let dims = src.dims(q)?;
+    check_rope(rope, &dims)?;
     cache.step(
         &dims,
         cfg,
-        || {
-            let pq = pruning_queries(q, cfg, rope)?.to_dtype(kv.k.dtype())?;
-            hip_mask_paged_cuda(&pq, kv, cfg, scale)?.to_host()
-        },
-        |mask, extra| attend(q, &Source::Device { kv, table }, &dims, mask, extra, rope, scale),
+        || src.mask(q, cfg, rope, scale),
+        |mask, extra| attend(q, &src, &dims, mask, extra, rope, scale),
     )
 }
 
