@@ -186,6 +186,14 @@ fn bad_input_is_refused() {
         PagedKv { k: &kp, v: &vp, block_table: &table, block_size: 4, heads_kv: 1, head_dim: 8, len: 20 };
     let wrong = Rope::new(16, 1e4, false).unwrap();
     assert!(hip_attn_extend_paged(&q, &kv, &small_cfg(), &wrong, 0.3).is_err());
+    let rope = Rope::new(8, 1e4, false).unwrap();
     let bad = small_cfg().with_rope_extend(RopeExtend { dense_layer_k: 0 });
-    assert!(hip_attn_extend_paged(&q, &kv, &bad, &Rope::new(8, 1e4, false).unwrap(), 0.3).is_err());
+    assert!(hip_attn_extend_paged(&q, &kv, &bad, &rope, 0.3).is_err());
+    // A hand-made mask with a zero block size is an error, not a division by zero.
+    let mut mask = hip_mask_extend_paged(&q, &kv, &small_cfg(), &rope, 0.3).unwrap();
+    mask.block_size_q = 0;
+    mask.n_qblocks = 2;
+    mask.counts = vec![0; 4];
+    mask.block_starts = vec![0; 4 * mask.max_blocks];
+    assert!(block_sparse_attn_extend_paged(&q, &kv, &mask, 0.3, 0, &rope).is_err());
 }

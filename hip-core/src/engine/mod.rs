@@ -158,6 +158,14 @@ impl Engine {
         };
         let attn = AttentionState::new(cfg.attention.clone())?;
         let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);
+        if max_context > mc.context_length && !attn.rotates_keys() {
+            tracing::warn!(
+                max_context,
+                trained = mc.context_length,
+                "contexts past the model's trained length see rotary positions it was not trained on; \
+                 HipConfig::with_rope_extend (Dynamic RoPE) keeps attention distances inside it"
+            );
+        }
         Ok(Engine {
             model,
             tokenizer,

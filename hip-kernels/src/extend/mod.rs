@@ -284,6 +284,10 @@ pub fn block_sparse_attn_extend_paged(
     let dims = kv.dims(q)?;
     check_rope(rope, &dims)?;
     mask.check_fits(&dims)?;
+    if mask.block_size_q == 0 || mask.block_size_k == 0 {
+        let sizes = format!("block_size_q {}, block_size_k {}", mask.block_size_q, mask.block_size_k);
+        return Err(Error::arg("mask", sizes, "block sizes must be at least 1"));
+    }
     attend(q, &Source::Host(*kv), &dims, mask, extra_window_tokens, rope, scale)
 }
 
