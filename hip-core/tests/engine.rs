@@ -167,3 +167,29 @@ fn hip_backend_generates_like_dense_when_k_covers_the_context() {
     }
     assert_eq!(outs[0], outs[1]);
 }
+
+/// A CPU engine whose KV cache lives in a memory-mapped temporary file generates what the
+/// in-memory engine generates; the folder holds no visible file, and a GPU-only or missing
+/// folder is refused when the engine is built.
+#[test]
+fn file_backed_kv_cache_generates_like_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for cfg in [EngineConfig::default(), EngineConfig::default().with_kv_dir(dir.path())] {
+        let mut e = engine(cfg.with_kv_budget_bytes(64 << 20));
+        let s = e.create_sequence();
+        let ids = encode(&e, "The quick brown fox jumps over the lazy dog. The dog");
+        e.append(s, &ids).unwrap();
+        let r = e.generate(s, GenerateParams::greedy(12).with_ignore_eos(true)).unwrap();
+        outs.push(e.run_to_completion(r).unwrap().0);
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let path = smollm2();
+    let model = Model::from_gguf(&path, &Device::Cpu).unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let tok =
+        Tokenizer::from_gguf(&candle_core::quantized::gguf_file::Content::read(&mut f).unwrap()).unwrap();
+    let missing = EngineConfig::default().with_kv_dir(dir.path().join("missing"));
+    assert!(matches!(Engine::new(model, tok, missing), Err(Error::InvalidArgument { .. })));
+}

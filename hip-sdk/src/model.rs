@@ -69,6 +69,7 @@ pub struct ModelBuilder {
     context_limit: Option<usize>,
     kv_budget_bytes: Option<usize>,
     kv_block_size: Option<usize>,
+    kv_dir: Option<PathBuf>,
     prefill_chunk: Option<usize>,
     threads: Option<usize>,
     device: Device,
@@ -84,6 +85,7 @@ impl ModelBuilder {
             context_limit: None,
             kv_budget_bytes: None,
             kv_block_size: None,
+            kv_dir: None,
             prefill_chunk: None,
             threads: None,
             device: Device::Cpu,
@@ -106,6 +108,17 @@ impl ModelBuilder {
     /// built (default: hip-core's, 512 MiB).
     pub fn with_kv_budget_bytes(mut self, bytes: usize) -> Self {
         self.kv_budget_bytes = Some(bytes);
+        self
+    }
+
+    /// CPU only: keep the KV cache in a memory-mapped temporary file in `dir` instead of in RAM,
+    /// so the KV budget (and a session's context) may exceed the machine's memory: the OS pages
+    /// in the blocks attention reads (HiP reads a few thousand keys per step) and writes pages
+    /// back under memory pressure. The file is unlinked at creation, so nothing is left behind,
+    /// even after a crash. A folder that cannot hold the file fails [`build`](Self::build); so
+    /// does this option with a GPU device.
+    pub fn with_kv_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.kv_dir = Some(dir.into());
         self
     }
 
@@ -234,6 +247,9 @@ impl ModelBuilder {
         }
         if let Some(n) = self.kv_block_size {
             cfg = cfg.with_kv_block_size(n);
+        }
+        if let Some(dir) = &self.kv_dir {
+            cfg = cfg.with_kv_dir(dir);
         }
         if let Some(n) = self.prefill_chunk {
             cfg = cfg.with_prefill_chunk(n);

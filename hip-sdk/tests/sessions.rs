@@ -292,6 +292,10 @@ async fn bad_model_files_are_load_errors() {
 
     let err = Model::builder(model_path()).with_prefill_chunk(0).build().await.unwrap_err();
     assert!(err.is_invalid_request(), "{err:?}");
+
+    // A KV-cache folder that does not exist: refused at build, naming the folder.
+    let err = Model::builder(model_path()).with_kv_dir("/nonexistent/kv-dir").build().await.unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/kv-dir"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

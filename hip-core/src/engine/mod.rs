@@ -37,6 +37,10 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Most tokens a sequence may hold; `None` = the model's trained context length.
     pub max_context: Option<usize>,
+    /// CPU engine: keep the KV cache in a memory-mapped temporary file in this folder
+    /// ([`PagedKvCache::new_file_backed`]) instead of in RAM, so `kv_budget_bytes` may exceed
+    /// the memory. `None` (the default): in RAM.
+    pub kv_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 512 << 20,
             prefill_chunk: 512,
             max_context: None,
+            kv_dir: None,
         }
     }
 }
@@ -75,6 +80,12 @@ impl EngineConfig {
     /// Sets the KV block size.
     pub fn with_kv_block_size(mut self, tokens: usize) -> Self {
         self.kv_block_size = tokens;
+        self
+    }
+    /// Keeps the (CPU) KV cache in a memory-mapped temporary file in `dir` (see
+    /// [`EngineConfig::kv_dir`]).
+    pub fn with_kv_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.kv_dir = Some(dir.into());
         self
     }
 }
@@ -151,10 +162,17 @@ impl Engine {
         let budget = if on_gpu { cfg.kv_budget_bytes.saturating_mul(2) } else { cfg.kv_budget_bytes };
         let kv_cfg =
             KvCacheConfig::for_bytes(mc.layers, mc.kv_heads, mc.head_dim, cfg.kv_block_size, budget)?;
-        let kv = if on_gpu {
-            PagedKvCache::new_on_device(kv_cfg, model.device(), candle_core::DType::BF16)?
-        } else {
-            PagedKvCache::new(kv_cfg)?
+        let kv = match (&cfg.kv_dir, on_gpu) {
+            (Some(dir), true) => {
+                return Err(Error::arg(
+                    "kv_dir",
+                    dir.display(),
+                    "a file-backed KV cache is for the CPU engine; a GPU engine keeps its cache on the GPU",
+                ))
+            }
+            (None, true) => PagedKvCache::new_on_device(kv_cfg, model.device(), candle_core::DType::BF16)?,
+            (Some(dir), false) => PagedKvCache::new_file_backed(kv_cfg, dir)?,
+            (None, false) => PagedKvCache::new(kv_cfg)?,
         };
         let attn = AttentionState::new(cfg.attention.clone())?;
         let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);

@@ -100,6 +100,7 @@
 mod block_pool;
 mod config;
 mod paged;
+mod store;
 
 pub use config::KvCacheConfig;
 pub use paged::{DeviceLayerView, LayerView, PagedKvCache, SeqId};

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::block_pool::BlockPool;
 use super::config::KvCacheConfig;
+use super::store::{pools, Pool};
 use crate::{Error, Result};
 
 /// Identifies a sequence of a [`PagedKvCache`]. Ids are handed out by
@@ -23,8 +24,8 @@ impl fmt::Display for SeqId {
 
 /// The K and V storage of one layer, `num_blocks * block_size * row_len` floats each.
 struct LayerStore {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Pool,
+    v: Pool,
 }
 
 /// What the cache knows about one sequence.
@@ -87,12 +88,35 @@ impl PagedKvCache {
     ///
     /// [`Error::InvalidArgument`] when `cfg` fails [`KvCacheConfig::validate`].
     pub fn new(cfg: KvCacheConfig) -> Result<Self> {
+        Self::with_store(cfg, None)
+    }
+
+    /// A host cache whose pool lives in a memory-mapped temporary file created (and at once
+    /// unlinked) in `dir`, instead of in allocated memory: the OS pages blocks in when attention
+    /// reads them and may write them back and drop them under memory pressure, so the cache can
+    /// be larger than RAM (HiP reads only a few thousand keys per step). The file is sparse and
+    /// disappears when the cache is dropped, also after a crash. Same behaviour as
+    /// [`new`](Self::new) otherwise.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new); [`Error::InvalidArgument`] naming `dir` when the file cannot be
+    /// created, sized or mapped (a missing folder, no space for the file's size on a filesystem
+    /// without sparse files, a 32-bit address space).
+    pub fn new_file_backed(cfg: KvCacheConfig, dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        Self::with_store(cfg, Some(dir.as_ref()))
+    }
+
+    fn with_store(cfg: KvCacheConfig, dir: Option<&std::path::Path>) -> Result<Self> {
         cfg.validate()?;
         let row_len = cfg.row_len();
         let block_floats = cfg.block_size * row_len;
         let layer_floats = cfg.num_blocks * block_floats;
+        let mut all = pools(2 * cfg.num_layers, layer_floats, dir)?.into_iter();
         let layers = (0..cfg.num_layers)
-            .map(|_| LayerStore { k: vec![0.0; layer_floats], v: vec![0.0; layer_floats] })
+            .map(|_| LayerStore {
+                k: all.next().expect("2 pools a layer"),
+                v: all.next().expect("2 pools a layer"),
+            })
             .collect();
         let pool = BlockPool::new(cfg.num_blocks);
         Ok(PagedKvCache {

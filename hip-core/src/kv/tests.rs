@@ -500,10 +500,14 @@ fn check_model(cache: &PagedKvCache, model: &[ModelSeq]) {
 }
 
 fn run_random_ops(seed: u64, bs: usize, num_blocks: usize, ops: usize) {
+    let c = cfg(2, 2, 3, bs, num_blocks);
+    run_random_ops_on(PagedKvCache::new(c).unwrap(), seed, bs, num_blocks, ops);
+}
+
+fn run_random_ops_on(mut cache: PagedKvCache, seed: u64, bs: usize, num_blocks: usize, ops: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (layers, heads, hd) = (2, 2, 3);
     let row = heads * hd;
-    let mut cache = PagedKvCache::new(cfg(layers, heads, hd, bs, num_blocks)).unwrap();
     let mut model: Vec<ModelSeq> = Vec::new();
     let (mut appended, mut full) = (0, 0);
     for step in 0..ops {
@@ -619,6 +623,26 @@ fn run_random_ops(seed: u64, bs: usize, num_blocks: usize, ops: usize) {
     }
     assert!(appended > ops / 10, "seed {seed}: only {appended} appends succeeded");
     assert!(full > 0 || num_blocks * bs > 800, "seed {seed}: the pool never filled up");
+}
+
+/// A cache whose pool is a memory-mapped temporary file passes the same random-operation checks
+/// (writes, forks with copy-on-write, truncation, a full pool) as the in-memory one; its file is
+/// unlinked from the start, so the folder stays empty. A missing folder is a typed error.
+#[test]
+fn file_backed_store_matches_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 0..3 {
+        for (bs, blocks) in [(16, 24), (1, 200), (3, 60)] {
+            let cache = PagedKvCache::new_file_backed(cfg(2, 2, 3, bs, blocks), dir.path()).unwrap();
+            run_random_ops_on(cache, 300 + seed, bs, blocks, 300);
+        }
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the cache file is unlinked");
+    let missing = dir.path().join("no/such/dir");
+    match PagedKvCache::new_file_backed(cfg(2, 2, 3, 16, 4), &missing) {
+        Err(Error::InvalidArgument { .. }) => {}
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
 }
 
 #[test]
