@@ -3,13 +3,15 @@
 //!
 //! ```text
 //! hip-bench-model [--model PATH] [--contexts 1024,4096,8192] [--decode 32] [--chunk 512] [--json PATH]
-//!                 [--slow-max 1024]
+//!                 [--slow-max 1024] [--kv-dir DIR]
 //! ```
 //! For each context T: prefill the first T tokens of Moby-Dick (chunks of `--chunk`), then decode
 //! `--decode` greedy tokens; prints tokens/s. candle-transformers runs the whole prompt in one
 //! forward (its own way) and then decodes token by token; its llama model is limited to 4,096
 //! positions, so it is skipped above that. The slow rows (weights as stored, and candle, whose
-//! Q4_1 kernel has no SIMD path) run only up to `--slow-max` tokens.
+//! Q4_1 kernel has no SIMD path) run only up to `--slow-max` tokens. With `--kv-dir`, dense and HiP
+//! also run with the KV cache in a memory-mapped temporary file in DIR
+//! (`PagedKvCache::new_file_backed`), next to the in-memory rows.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -44,6 +46,7 @@ fn ours(
     prompt: &[u32],
     chunk: usize,
     n_dec: usize,
+    kv_dir: Option<&std::path::Path>,
 ) -> Result<(f64, f64), String> {
     let e = |e: hip_core::Error| e.to_string();
     let c = model.config();
@@ -55,7 +58,11 @@ fn ours(
         block_size: 16,
         num_blocks: blocks,
     };
-    let mut kv = PagedKvCache::new(kv_cfg).map_err(e)?;
+    let mut kv = match kv_dir {
+        Some(dir) => PagedKvCache::new_file_backed(kv_cfg, dir),
+        None => PagedKvCache::new(kv_cfg),
+    }
+    .map_err(e)?;
     let mut attn = AttentionState::new(backend).map_err(e)?;
     let seq = kv.add_sequence();
     let t = Instant::now();
@@ -114,6 +121,7 @@ fn run() -> Result<(), String> {
     let (mut n_dec, mut chunk) = (32usize, 512usize);
     let mut json = None;
     let mut slow_max = 1024usize;
+    let mut kv_dir: Option<std::path::PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or(format!("{a} needs a value"))?;
@@ -129,6 +137,7 @@ fn run() -> Result<(), String> {
             "--chunk" => chunk = v.parse().map_err(|_| "bad --chunk")?,
             "--json" => json = Some(v.clone()),
             "--slow-max" => slow_max = v.parse().map_err(|_| "bad --slow-max")?,
+            "--kv-dir" => kv_dir = Some(v.into()),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -150,13 +159,20 @@ fn run() -> Result<(), String> {
             println!("T={t:>6} {engine:<34} prefill {:>9.1} tok/s  decode {:>7.2} tok/s", r.0, r.1);
             rows.push(Row { engine: engine.to_string(), context: t, prefill_tok_s: r.0, decode_tok_s: r.1 });
         };
-        push("hip-core dense (FastCpu)", ours(&fast, AttentionBackend::Dense, prompt, chunk, n_dec)?);
-        push(
-            "hip-core hip paper (FastCpu)",
-            ours(&fast, AttentionBackend::Hip(HipConfig::paper()), prompt, chunk, n_dec)?,
-        );
+        let hip = || AttentionBackend::Hip(HipConfig::paper());
+        push("hip-core dense (FastCpu)", ours(&fast, AttentionBackend::Dense, prompt, chunk, n_dec, None)?);
+        push("hip-core hip paper (FastCpu)", ours(&fast, hip(), prompt, chunk, n_dec, None)?);
+        if let Some(dir) = kv_dir.as_deref() {
+            let dense = ours(&fast, AttentionBackend::Dense, prompt, chunk, n_dec, Some(dir))?;
+            push("hip-core dense (FastCpu, KV in file)", dense);
+            push(
+                "hip-core hip paper (FastCpu, KV in file)",
+                ours(&fast, hip(), prompt, chunk, n_dec, Some(dir))?,
+            );
+        }
         if t <= slow_max {
-            push("hip-core dense (AsStored)", ours(&stored, AttentionBackend::Dense, prompt, chunk, n_dec)?);
+            let r = ours(&stored, AttentionBackend::Dense, prompt, chunk, n_dec, None)?;
+            push("hip-core dense (AsStored)", r);
         }
         if t + n_dec <= 4096 && t <= slow_max {
             push("candle-transformers quantized_llama", candle(&path, prompt, n_dec)?);
