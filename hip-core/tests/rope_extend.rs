@@ -120,6 +120,56 @@ fn snapshots_move_between_engines() {
     assert_eq!(continued[0], continued[1]);
 }
 
+/// A saved session restores straight from its memory-mapped file, chunk by chunk (2 chunks of
+/// 1,024 rows), into a Dynamic RoPE engine whose KV cache is itself a memory-mapped file: the
+/// keys are un-rotated at their positions, and generation continues as the dense engine that
+/// saved it continues. A flipped byte in the KV data fails the restore and changes nothing.
+fn mapped_session_restores_chunk_by_chunk() {
+    use hip_core::persist::{self, Expected, MappedSession, SessionFile};
+    let text = std::fs::read_to_string(asset("moby-dick.txt")).unwrap();
+    let mut ids = tokenizer().encode(&text[..12_000], false).unwrap();
+    ids.truncate(1100);
+    let engine = |cfg: EngineConfig| {
+        let model = Model::from_gguf(smollm2(), &Device::Cpu).unwrap();
+        Engine::new(model, tokenizer(), cfg.with_max_context(4096)).unwrap()
+    };
+    let mut dense = engine(EngineConfig::default());
+    let s = dense.create_sequence();
+    dense.append(s, &ids).unwrap();
+    let r = dense.generate(s, GenerateParams::greedy(1).with_ignore_eos(true)).unwrap();
+    dense.run_to_completion(r).unwrap();
+    let snap = dense.snapshot(s).unwrap();
+    assert!(snap.cached > 1024, "two checksum chunks");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.hip");
+    persist::save(&path, &SessionFile::new(dense.model().fingerprint(), snap.clone())).unwrap();
+    let r = dense.restore(&snap).unwrap();
+    let g = dense.generate(r, GenerateParams::greedy(8).with_ignore_eos(true)).unwrap();
+    let want = dense.run_to_completion(g).unwrap().0;
+
+    let cfg = HipConfig::default()
+        .with_k(2048)
+        .with_query_block(32, 2)
+        .with_rope_extend(RopeExtend { dense_layer_k: 2048 });
+    let kv_dir = tempfile::tempdir().unwrap();
+    let mut ext =
+        engine(EngineConfig::default().with_attention(AttentionBackend::Hip(cfg)).with_kv_dir(kv_dir.path()));
+    let mapped = MappedSession::open(&path, &Expected::of(ext.model())).unwrap();
+    let r = ext.restore_mapped(&mapped).unwrap();
+    let g = ext.generate(r, GenerateParams::greedy(8).with_ignore_eos(true)).unwrap();
+    assert_eq!(ext.run_to_completion(g).unwrap().0, want);
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    let bad = dir.path().join("bad.hip");
+    std::fs::write(&bad, &bytes).unwrap();
+    let mapped = MappedSession::open(&bad, &Expected::of(ext.model())).unwrap();
+    let used = ext.kv().used_blocks();
+    assert!(matches!(ext.restore_mapped(&mapped), Err(hip_core::Error::SessionFile { .. })));
+    assert_eq!(ext.kv().used_blocks(), used, "a failed restore frees what it took");
+}
+
 #[test]
 fn dynamic_rope_on_smollm2() {
     // The only test of this binary: nothing else reads the variable. The GGUF's matmuls then run
@@ -127,4 +177,5 @@ fn dynamic_rope_on_smollm2() {
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     covering_budget_equals_dense();
     snapshots_move_between_engines();
+    mapped_session_restores_chunk_by_chunk();
 }

@@ -501,7 +501,10 @@ impl Session {
     /// exactly as the saved session would have.
     ///
     /// Everything is checked before the session is created: the magic, the format version, the
-    /// model's fingerprint, the file's length and every checksum.
+    /// model's fingerprint, the file's length and every checksum. The file is read through a
+    /// memory map and its KV rows are copied into the cache chunk by chunk, each chunk verified
+    /// as it is copied, so a long session needs no second copy of itself in memory (with
+    /// [`ModelBuilder::with_kv_dir`](crate::ModelBuilder::with_kv_dir), not even the cache).
     ///
     /// # Errors
     ///
@@ -528,11 +531,13 @@ impl Session {
             },
         };
         let shown = path.clone();
-        let file = tokio::task::spawn_blocking(move || persist::load(&path, &expected))
+        // Mapped, not read: the KV rows go from the file's pages into the cache chunk by chunk,
+        // each chunk's checksums verified as it is copied (Engine::restore_mapped).
+        let file = tokio::task::spawn_blocking(move || persist::MappedSession::open(&path, &expected))
             .await
             .map_err(|e| Error::engine(format!("the session reader failed: {e}")))?
             .map_err(Error::from_core_session)?;
-        let state: SavedState = serde_json::from_value(file.app).map_err(|e| {
+        let state: SavedState = serde_json::from_value(file.header().app.clone()).map_err(|e| {
             let problem = SessionFileProblem::Corrupt(format!("session state: {e}"));
             Error::from_core_session(problem.at_path(&shown))
         })?;
@@ -547,8 +552,8 @@ impl Session {
         let shared = Arc::new(SessionShared::default());
         *shared.chat() = state.conversation;
         let (reply, rx) = oneshot::channel();
-        let snapshot = Box::new(file.snapshot);
-        model.inner.send(Command::Restore { snapshot, session: Arc::clone(&shared), reply }).await?;
+        let file = Box::new(file);
+        model.inner.send(Command::Restore { file, session: Arc::clone(&shared), reply }).await?;
         let guard = rx.await.map_err(|_| model.inner.shared.engine_error())??;
         Ok(Session {
             inner: Arc::new(SessionInner {

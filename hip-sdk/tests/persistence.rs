@@ -129,6 +129,15 @@ async fn bad_session_files_are_refused_and_change_nothing() {
     let e = Session::load(&model, &bad).await.unwrap_err();
     assert!(matches!(problem(&e), Some(SessionFileProblem::Corrupt(_))), "{e}");
 
+    // A flipped byte in the middle of the KV rows: found while the rows are copied into the
+    // cache (the file is mapped, its chunks verified one by one), and the copy is undone.
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x10;
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = Session::load(&model, &bad).await.unwrap_err();
+    assert!(matches!(problem(&e), Some(SessionFileProblem::Corrupt(_))), "{e}");
+    assert_eq!(model.kv_usage(), kv_before, "a failed load frees what it copied");
+
     let mut future = bytes.clone();
     future[8..12].copy_from_slice(&7u32.to_le_bytes());
     std::fs::write(&bad, &future).unwrap();

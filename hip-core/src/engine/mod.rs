@@ -343,11 +343,11 @@ impl Engine {
         s.check_idle(seq)?;
         let geometry = KvGeometry::of(&self.model);
         // Session files hold rotated keys; under Dynamic RoPE the cache holds them un-rotated.
-        let keys = KeyPositions::new(self, s.cached, &geometry)?;
+        let keys = KeyPositions::new(self);
         let layers = (0..geometry.num_layers)
             .map(|l| {
                 let (k, v) = self.kv.gather_layer(seq, l, s.cached)?;
-                Ok(LayerKv { k: keys.map(k, false)?, v })
+                Ok(LayerKv { k: keys.map(k, 0, false)?, v })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SeqSnapshot { geometry, tokens: s.tokens.clone(), cached: s.cached, layers })
@@ -361,40 +361,86 @@ impl Engine {
     /// is inconsistent; [`Error::ContextOverflow`] past the context limit;
     /// [`Error::KvCacheFull`] when the cache has too few free blocks. Nothing changes on error.
     pub fn restore(&mut self, snapshot: &SeqSnapshot) -> Result<SeqId> {
-        use crate::persist::SessionFileProblem as P;
         snapshot.check()?;
-        let geometry = KvGeometry::of(&self.model);
-        if snapshot.geometry != geometry {
-            let what = format!("KV rows of {:?}, the model has {:?}", snapshot.geometry, geometry);
-            return Err(P::Incompatible(what).at("snapshot"));
+        self.check_restorable(snapshot.geometry, &snapshot.tokens, "snapshot")?;
+        let keys = KeyPositions::new(self);
+        self.restore_rows(&snapshot.tokens, snapshot.cached, |kv, seq| {
+            kv.reserve(seq, snapshot.cached)?;
+            for (l, layer) in snapshot.layers.iter().enumerate() {
+                kv.write(seq, l, &keys.map(layer.k.clone(), 0, true)?, &layer.v)?;
+            }
+            kv.commit(seq, snapshot.cached)
+        })
+    }
+
+    /// [`restore`](Self::restore) straight from a memory-mapped session file: the KV rows are
+    /// copied into the cache chunk by chunk, each chunk's checksums verified just before it is
+    /// copied, so neither the file nor a [`SeqSnapshot`] of it has to fit in memory (with a
+    /// file-backed cache, [`EngineConfig::with_kv_dir`], neither does the cache). The file was
+    /// checked against this model when it was opened ([`MappedSession::open`]).
+    ///
+    /// # Errors
+    /// As [`restore`](Self::restore); [`Error::SessionFile`] for a chunk whose checksum does not
+    /// match. Nothing changes on error.
+    ///
+    /// [`MappedSession::open`]: crate::persist::MappedSession::open
+    pub fn restore_mapped(&mut self, file: &crate::persist::MappedSession) -> Result<SeqId> {
+        use crate::persist::KvArray;
+        self.check_restorable(file.geometry(), file.tokens(), "session file")?;
+        let keys = KeyPositions::new(self);
+        let row = file.geometry().row_len();
+        self.restore_rows(file.tokens(), file.cached(), |kv, seq| {
+            for c in 0..file.chunks() {
+                let rows = file.chunk_rows(c);
+                kv.reserve(seq, rows.len())?;
+                for l in 0..file.geometry().num_layers {
+                    file.verify_chunk(l, KvArray::K, c)?;
+                    file.verify_chunk(l, KvArray::V, c)?;
+                    let span = rows.start * row..rows.end * row;
+                    let k = keys.map(file.layer_k(l)?[span.clone()].to_vec(), rows.start, true)?;
+                    kv.write(seq, l, &k, &file.layer_v(l)?[span])?;
+                }
+                kv.commit(seq, rows.len())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The checks [`restore`](Self::restore) makes before it touches the cache: the geometry,
+    /// the vocabulary, the context limit.
+    fn check_restorable(&self, geometry: KvGeometry, tokens: &[u32], what: &'static str) -> Result<()> {
+        use crate::persist::SessionFileProblem as P;
+        let ours = KvGeometry::of(&self.model);
+        if geometry != ours {
+            return Err(P::Incompatible(format!("KV rows of {geometry:?}, the model has {ours:?}")).at(what));
         }
         let vocab = self.model.config().vocab_size;
-        if let Some(&bad) = snapshot.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(
-                P::Incompatible(format!("token {bad} is outside the vocabulary of {vocab}")).at("snapshot")
-            );
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(P::Incompatible(format!("token {bad} is outside the vocabulary of {vocab}")).at(what));
         }
-        let n = snapshot.tokens.len();
-        if n > self.max_context {
-            return Err(Error::ContextOverflow { tokens: n, limit: self.max_context });
+        if tokens.len() > self.max_context {
+            return Err(Error::ContextOverflow { tokens: tokens.len(), limit: self.max_context });
         }
+        Ok(())
+    }
+
+    /// A new sequence of `tokens` whose first `cached` rows `fill` writes into the cache; on
+    /// error the sequence is removed again.
+    fn restore_rows(
+        &mut self,
+        tokens: &[u32],
+        cached: usize,
+        fill: impl FnOnce(&mut PagedKvCache, SeqId) -> Result<()>,
+    ) -> Result<SeqId> {
         let seq = self.kv.add_sequence();
-        let filled = (|| {
-            self.kv.reserve(seq, snapshot.cached)?;
-            let keys = KeyPositions::new(self, snapshot.cached, &geometry)?;
-            for (l, layer) in snapshot.layers.iter().enumerate() {
-                self.kv.write(seq, l, &keys.map(layer.k.clone(), true)?, &layer.v)?;
-            }
-            self.kv.commit(seq, snapshot.cached)
-        })();
-        if let Err(e) = filled {
+        if let Err(e) = fill(&mut self.kv, seq) {
             self.kv.remove_sequence(seq)?;
             return Err(e);
         }
-        let prefill_total = n - snapshot.cached;
+        let prefill_total = tokens.len() - cached;
         let s = Seq {
-            tokens: snapshot.tokens.clone(),
-            cached: snapshot.cached,
+            tokens: tokens.to_vec(),
+            cached,
             prefill_total,
             request: None,
             dangling: prefill_total > 0,
@@ -661,29 +707,27 @@ impl Engine {
 /// caches them) and the cache of an engine whose attention rotates keys itself.
 struct KeyPositions {
     rope: Option<crate::Rope>,
-    cached: usize,
     geometry: KvGeometry,
 }
 
 impl KeyPositions {
-    fn new(engine: &Engine, cached: usize, geometry: &KvGeometry) -> Result<Self> {
+    fn new(engine: &Engine) -> Self {
         let rope = engine.attn.rotates_keys().then(|| engine.model.rope().clone());
-        Ok(KeyPositions { rope, cached, geometry: *geometry })
+        KeyPositions { rope, geometry: KvGeometry::of(&engine.model) }
     }
 
-    /// `k: [cached, kv_heads, head_dim]` rows, rotated to their positions (`unrotate`: back).
-    fn map(&self, k: Vec<f32>, unrotate: bool) -> Result<Vec<f32>> {
+    /// `k: [n, kv_heads, head_dim]` rows of the tokens at `start..start + n`, rotated to their
+    /// positions (`unrotate`: back).
+    fn map(&self, k: Vec<f32>, start: usize, unrotate: bool) -> Result<Vec<f32>> {
         let Some(rope) = &self.rope else { return Ok(k) };
-        if self.cached == 0 {
+        let g = &self.geometry;
+        let n = k.len() / g.row_len().max(1);
+        if n == 0 {
             return Ok(k);
         }
-        let g = &self.geometry;
-        let t = candle_core::Tensor::from_vec(
-            k,
-            (1, self.cached, g.num_kv_heads, g.head_dim),
-            &candle_core::Device::Cpu,
-        )?;
-        let pos: Vec<usize> = (0..self.cached).collect();
+        let t =
+            candle_core::Tensor::from_vec(k, (1, n, g.num_kv_heads, g.head_dim), &candle_core::Device::Cpu)?;
+        let pos: Vec<usize> = (start..start + n).collect();
         let y = if unrotate { rope.unrotate(&t, &pos)? } else { rope.rotate(&t, &pos)? };
         Ok(y.flatten_all()?.to_vec1::<f32>()?)
     }

@@ -185,9 +185,9 @@ pub(crate) enum Command {
     Fork { seq: SeqId, child: Arc<SessionShared>, reply: oneshot::Sender<Result<SeqGuard>> },
     /// Copies a sequence's context out (for a session file).
     Snapshot { seq: SeqId, reply: oneshot::Sender<Result<SeqSnapshot>> },
-    /// Creates a sequence from a saved context.
+    /// Creates a sequence from a saved context (a memory-mapped session file).
     Restore {
-        snapshot: Box<SeqSnapshot>,
+        file: Box<hip_core::persist::MappedSession>,
         session: Arc<SessionShared>,
         reply: oneshot::Sender<Result<SeqGuard>>,
     },
@@ -392,8 +392,8 @@ impl Worker {
                     self.idle_entry(seq).and_then(|_| self.engine.snapshot(seq).map_err(Error::from_core));
                 let _ = reply.send(res);
             }
-            Command::Restore { snapshot, session, reply } => {
-                let res = match self.engine.restore(&snapshot) {
+            Command::Restore { file, session, reply } => {
+                let res = match self.engine.restore_mapped(&file) {
                     Ok(seq) => {
                         self.seqs.insert(seq, Entry { session, op: None });
                         self.publish(seq);
