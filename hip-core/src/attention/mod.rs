@@ -4,6 +4,7 @@
 
 mod streaming;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::Tensor;
@@ -39,7 +40,7 @@ enum Route<'a> {
     Decode(&'a HipConfig, &'a mut MaskCache),
     Streaming(&'a StreamingConfig),
     /// Dynamic RoPE: the layer's config, the decode mask cache for a single token, the rope.
-    Extend(HipConfig, Option<&'a mut MaskCache>, &'a Rope),
+    Extend(Cow<'a, HipConfig>, Option<&'a mut MaskCache>, &'a Rope),
 }
 
 /// The backend plus its per-(sequence, layer) decode state.
@@ -132,6 +133,7 @@ impl AttentionState {
     /// chunk (forgetting the decode mask), or the cached-mask decode path for one token.
     fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Result<Route<'_>> {
         let AttentionState { backend, caches, rope } = self;
+        let backend = &*backend;
         if let AttentionBackend::Hip(cfg) = backend {
             if let Some(layer_cfg) = cfg.extend_layer_config(layer) {
                 let rope = rope.as_ref().ok_or_else(|| {
@@ -141,22 +143,14 @@ impl AttentionState {
                         "Dynamic RoPE needs the model's rope (AttentionState::set_rope)",
                     )
                 })?;
-                let cache = if n == 1 {
-                    Some(caches.entry((seq, layer)).or_default())
-                } else {
-                    caches.remove(&(seq, layer));
-                    None
-                };
-                return Ok(Route::Extend(layer_cfg, cache, rope));
+                return Ok(Route::Extend(layer_cfg, decode_cache(caches, seq, layer, n), rope));
             }
         }
         Ok(match backend {
             AttentionBackend::Hip(cfg) if !cfg.is_dense_layer(layer) => {
-                if n == 1 {
-                    Route::Decode(cfg, caches.entry((seq, layer)).or_default())
-                } else {
-                    caches.remove(&(seq, layer));
-                    Route::Prefill(cfg)
+                match decode_cache(caches, seq, layer, n) {
+                    Some(cache) => Route::Decode(cfg, cache),
+                    None => Route::Prefill(cfg),
                 }
             }
             AttentionBackend::Streaming(cfg) if !cfg.is_dense_layer(layer) => Route::Streaming(cfg),
@@ -214,20 +208,16 @@ impl AttentionState {
                 }
                 Route::Extend(cfg, None, rope) => {
                     hip_kernels::hip_attn_extend_paged_cuda(&q, &view, kv.block_table, &cfg, rope, scale)?
-                        .to_dtype(kv.k.dtype())?
                 }
-                Route::Extend(cfg, Some(cache), rope) => hip_kernels::hip_attn_extend_decode_paged_cuda(
-                    &q,
-                    &view,
-                    kv.block_table,
-                    &cfg,
-                    rope,
-                    scale,
-                    cache,
-                )?
-                .to_dtype(kv.k.dtype())?,
+                Route::Extend(cfg, Some(cache), rope) => {
+                    let table = kv.block_table;
+                    hip_kernels::hip_attn_extend_decode_paged_cuda(
+                        &q, &view, table, &cfg, rope, scale, cache,
+                    )?
+                }
             };
-            Ok(out)
+            // The extension computes in f32; the others already return the cache's dtype.
+            Ok(out.to_dtype(kv.k.dtype())?)
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -250,6 +240,22 @@ impl AttentionState {
             .map(|((_, l), c)| ((child, *l), c.clone()))
             .collect();
         self.caches.extend(copies);
+    }
+}
+
+/// The decode mask cache of `(seq, layer)` for a single new token; for a chunk, `None` and the
+/// cached mask is forgotten (the chunk estimates a fresh one).
+fn decode_cache(
+    caches: &mut HashMap<(SeqId, usize), MaskCache>,
+    seq: SeqId,
+    layer: usize,
+    n: usize,
+) -> Option<&mut MaskCache> {
+    if n == 1 {
+        Some(caches.entry((seq, layer)).or_default())
+    } else {
+        caches.remove(&(seq, layer));
+        None
     }
 }
 

@@ -347,7 +347,7 @@ impl Engine {
         let layers = (0..geometry.num_layers)
             .map(|l| {
                 let (k, v) = self.kv.gather_layer(seq, l, s.cached)?;
-                Ok(LayerKv { k: keys.map(k, 0, false)?, v })
+                Ok(LayerKv { k: keys.map(&k, 0, false)?.unwrap_or(k), v })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SeqSnapshot { geometry, tokens: s.tokens.clone(), cached: s.cached, layers })
@@ -367,7 +367,8 @@ impl Engine {
         self.restore_rows(&snapshot.tokens, snapshot.cached, |kv, seq| {
             kv.reserve(seq, snapshot.cached)?;
             for (l, layer) in snapshot.layers.iter().enumerate() {
-                kv.write(seq, l, &keys.map(layer.k.clone(), 0, true)?, &layer.v)?;
+                let k = keys.map(&layer.k, 0, true)?;
+                kv.write(seq, l, k.as_deref().unwrap_or(&layer.k), &layer.v)?;
             }
             kv.commit(seq, snapshot.cached)
         })
@@ -397,8 +398,9 @@ impl Engine {
                     file.verify_chunk(l, KvArray::K, c)?;
                     file.verify_chunk(l, KvArray::V, c)?;
                     let span = rows.start * row..rows.end * row;
-                    let k = keys.map(file.layer_k(l)?[span.clone()].to_vec(), rows.start, true)?;
-                    kv.write(seq, l, &k, &file.layer_v(l)?[span])?;
+                    let k = &file.layer_k(l)?[span.clone()];
+                    let rotated = keys.map(k, rows.start, true)?;
+                    kv.write(seq, l, rotated.as_deref().unwrap_or(k), &file.layer_v(l)?[span])?;
                 }
                 kv.commit(seq, rows.len())?;
             }
@@ -717,18 +719,21 @@ impl KeyPositions {
     }
 
     /// `k: [n, kv_heads, head_dim]` rows of the tokens at `start..start + n`, rotated to their
-    /// positions (`unrotate`: back).
-    fn map(&self, k: Vec<f32>, start: usize, unrotate: bool) -> Result<Vec<f32>> {
-        let Some(rope) = &self.rope else { return Ok(k) };
+    /// positions (`unrotate`: back); `None` when nothing changes (no Dynamic RoPE, no rows).
+    fn map(&self, k: &[f32], start: usize, unrotate: bool) -> Result<Option<Vec<f32>>> {
+        let Some(rope) = &self.rope else { return Ok(None) };
         let g = &self.geometry;
         let n = k.len() / g.row_len().max(1);
         if n == 0 {
-            return Ok(k);
+            return Ok(None);
         }
-        let t =
-            candle_core::Tensor::from_vec(k, (1, n, g.num_kv_heads, g.head_dim), &candle_core::Device::Cpu)?;
+        let t = candle_core::Tensor::from_slice(
+            k,
+            (1, n, g.num_kv_heads, g.head_dim),
+            &candle_core::Device::Cpu,
+        )?;
         let pos: Vec<usize> = (start..start + n).collect();
         let y = if unrotate { rope.unrotate(&t, &pos)? } else { rope.rotate(&t, &pos)? };
-        Ok(y.flatten_all()?.to_vec1::<f32>()?)
+        Ok(Some(y.flatten_all()?.to_vec1::<f32>()?))
     }
 }

@@ -216,11 +216,13 @@ impl Model {
         let n_total = ids.len();
         let positions: Vec<usize> =
             chunks.iter().zip(starts).flat_map(|(c, &s)| s..s + c.tokens.len()).collect();
-        let (cos, sin) = self.rope.tables(&positions, dev)?;
-        let rotate = !attn.rotates_keys();
-        if !rotate {
+        // Under Dynamic RoPE the cache keeps un-rotated keys and attention positions them.
+        let tables = if attn.rotates_keys() {
             attn.set_rope(&self.rope);
-        }
+            None
+        } else {
+            Some(self.rope.tables(&positions, dev)?)
+        };
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
@@ -238,11 +240,11 @@ impl Model {
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
             let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
-            // Under Dynamic RoPE the cache keeps un-rotated keys and attention positions them.
-            let (q, k) = if rotate {
-                (rotate_tokens(&self.rope, &q, &cos, &sin)?, rotate_tokens(&self.rope, &k, &cos, &sin)?)
-            } else {
-                (q.contiguous()?, k.contiguous()?)
+            let (q, k) = match &tables {
+                Some((cos, sin)) => {
+                    (rotate_tokens(&self.rope, &q, cos, sin)?, rotate_tokens(&self.rope, &k, cos, sin)?)
+                }
+                None => (q.contiguous()?, k.contiguous()?),
             };
             // On a device cache, convert once for all sequences (the writes and the kernels then
             // take the rows as they are).

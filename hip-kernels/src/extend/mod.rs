@@ -22,6 +22,8 @@
 
 mod slots;
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::layout::{check_scale, AttnDims};
 use crate::mask_cache::{with_prefill_tail, MaskCache};
 use crate::ops::hip_mask::HipMask;
+use crate::ops::tile::KvRows;
 use crate::paged::{hip_mask_paged, PagedKv};
 use crate::rope::Rope;
 
@@ -51,13 +54,13 @@ impl HipConfig {
     /// The config layer `layer` runs with under Dynamic RoPE: this one, or for a layer listed
     /// in `dense_layers` this one with `k = dense_layer_k` (rounded up to whole key blocks).
     /// `None` when Dynamic RoPE is off.
-    pub fn extend_layer_config(&self, layer: usize) -> Option<HipConfig> {
+    pub fn extend_layer_config(&self, layer: usize) -> Option<Cow<'_, HipConfig>> {
         let ext = self.rope_extend.as_ref()?;
         if !self.is_dense_layer(layer) {
-            return Some(self.clone());
+            return Some(Cow::Borrowed(self));
         }
         let k = ext.dense_layer_k.div_ceil(self.block_size_k.max(1)) * self.block_size_k.max(1);
-        Some(self.clone().with_k(k))
+        Some(Cow::Owned(self.clone().with_k(k)))
     }
 }
 
@@ -140,14 +143,15 @@ impl Source<'_> {
         }
     }
 
-    /// The pool row of token `j`.
-    fn row(&self, j: usize) -> usize {
-        let (table, bs) = match self {
+    /// Where the rows of head `g` live, counted in `head_dim`-float rows of the pool viewed as
+    /// `[pool rows * heads_kv, head_dim]` (the index [`gather`](Self::gather) takes).
+    fn rows(&self, heads_kv: usize, g: usize) -> KvRows<'_> {
+        let (table, block_size) = match self {
             Source::Host(kv) => (kv.block_table, kv.block_size),
             #[cfg(feature = "cuda")]
             Source::Device { kv, table } => (*table, kv.block_size),
         };
-        table[j / bs] as usize * bs + j % bs
+        KvRows::Paged { table, block_size, row: heads_kv, head_off: g }
     }
 }
 
@@ -178,13 +182,13 @@ fn attend(
     let mut outs = Vec::new();
     let n_qb = mask.n_qblocks;
     let full = dims.t_q / mask.block_size_q; // blocks with block_size_q queries
+                                             // Blocks of one size per tile; as many as the score budget allows.
+    let bound = mask.sink_tokens
+        + mask.max_blocks * mask.block_size_k
+        + slots::region_len(mask.window_tokens + extra, mask.block_size_q);
+    let per_tile = (TILE_SCORES / (hq * bound * mask.block_size_q).max(1)).max(1);
     let mut m0 = 0;
     while m0 < n_qb {
-        // Blocks of one size per tile; as many as the slot budget allows.
-        let bound = mask.sink_tokens
-            + mask.max_blocks * mask.block_size_k
-            + slots::region_len(mask.window_tokens + extra, mask.block_size_q);
-        let per_tile = (TILE_SCORES / (hq * bound * mask.block_size_q).max(1)).max(1);
         let m1 = if m0 < full { (m0 + per_tile).min(full) } else { m0 + 1 };
         let plan = slots::plan(dims, mask, extra, m0, m1);
         outs.push(attend_tile(&q, src, dims, &plan, rope, scale, &dev)?);
@@ -210,17 +214,19 @@ fn attend_tile(
     let mut idx = Vec::with_capacity(rows * w);
     let mut valid = Vec::with_capacity(rows * w);
     // Padding reads token 0 (any real row: pool rows outside the sequence may hold garbage).
-    let pad = src.row(0) * hkv;
-    for (s, tok) in plan.tokens.iter().enumerate() {
-        let h = (s / w) % hq;
-        match tok {
-            Some(j) => {
-                idx.push((src.row(*j as usize) * hkv + h / dims.group()) as u32);
-                valid.push(1f32);
-            }
-            None => {
-                idx.push(pad as u32);
-                valid.push(0f32);
+    let pad = src.rows(hkv, 0).offset(0);
+    for (r, row) in plan.tokens.chunks(w).enumerate() {
+        let head_rows = src.rows(hkv, (r % hq) / dims.group());
+        for tok in row {
+            match tok {
+                Some(j) => {
+                    idx.push(head_rows.offset(*j as usize) as u32);
+                    valid.push(1f32);
+                }
+                None => {
+                    idx.push(pad as u32);
+                    valid.push(0f32);
+                }
             }
         }
     }
