@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["span_attn", "hip_mask"];
+const KERNELS: &[&str] = &["span_attn", "hip_mask", "offload"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -25,6 +25,17 @@ struct KvArgs {
     int page;             // tokens per cache block (paged layout)
     int t_k;
     int heads_kv;
+    // KV-cache offloading (all null without): `k`/`v` then point at the host store (mapped
+    // pinned memory) and a row resident in the GPU bank is read from there instead.
+    const int* res;        // page table [heads_kv, res_stride]: bank slot of (head, token) or -1
+    const void* bank_k;    // bank rows [slots, head_dim]
+    const void* bank_v;    // (same slot as bank_k; null for a key-only cache)
+    int* seen;             // [heads_kv, res_stride]: epoch of the entry's last recorded access
+    unsigned* list;        // distinct (head * res_stride + token) entries read in this epoch
+    unsigned* list_n;      // entries appended (may exceed list_cap: the rest are dropped)
+    long long res_stride;  // tokens per head in `res` / `seen`
+    int epoch;
+    int list_cap;
 };
 
 // Element offset of token `j`'s row of batch entry `b`.
@@ -34,6 +45,30 @@ __device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {
         return ((long long)blk * a.page + j % a.page) * a.kv_t;
     }
     return (long long)b * a.kv_b + (long long)j * a.kv_t;
+}
+
+// Where the row of head `hk` of token `j` is: an element offset >= 0 from `k`/`v` (the pool or
+// host store), or, when the offload page table says the row is resident, -2 - (its element
+// offset in the bank). -1 is left for "no row". With `rec`, the first read of the entry in this
+// epoch appends it to the access list (one thread per row read should pass `rec`).
+template <int D>
+__device__ __forceinline__ long long kv_loc(const KvArgs& a, int b, int j, int hk, bool rec) {
+    if (a.res != nullptr) {
+        const long long idx = (long long)hk * a.res_stride + j;
+        if (rec && a.seen != nullptr && a.seen[idx] != a.epoch && atomicExch(&a.seen[idx], a.epoch) != a.epoch) {
+            const unsigned p = atomicAdd(a.list_n, 1u);
+            if (p < (unsigned)a.list_cap) a.list[p] = (unsigned)idx;
+        }
+        const int s = a.res[idx];
+        if (s >= 0) return -2 - (long long)s * D;
+    }
+    return kv_row(a, b, j) + (long long)hk * D;
+}
+
+// The row at `loc` (from `kv_loc`, not -1) in `base` or, for a bank location, in `bank`.
+template <typename T>
+__device__ __forceinline__ const T* kv_at(const void* base, const void* bank, long long loc) {
+    return loc >= 0 ? static_cast<const T*>(base) + loc : static_cast<const T*>(bank) + (-2 - loc);
 }
 
 // 16-byte asynchronous copy global -> shared; `src_bytes` = 0 writes zeros.

@@ -292,7 +292,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
         for (int c = tid; c < BN * (D / 8); c += NT) {
             int r = c / (D / 8), x = (c % (D / 8)) * 8;
             int j = kj[buf * BN + r];
-            const T* src = j >= 0 ? K + kv_row(kv, b, j) + (long long)hk * D + x : K;
+            const T* src = j >= 0 ? kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, x == 0)) + x : K;
             cp_async16(dst0 + r * LDK + x, src, j >= 0 ? 16 : 0);
         }
         cp_async_commit();
@@ -466,7 +466,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
                     if (j >= 0) br[u] = bi;
                 }
-                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(K + kv_row(kv, b, j) + (long long)hk * D + lk * 8)
+                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, lk == 0)) + lk * 8)
                                : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll

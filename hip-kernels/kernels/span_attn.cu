@@ -136,7 +136,7 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
             if (j >= kv.t_k || j > p_last) j = -1;
             kj[buf * BN + c] = j;
             kseg[buf * BN + c] = seg;
-            krow[buf * BN + c] = j >= 0 ? kv_row(kv, b, j) + (long long)hk * D : -1;
+            krow[buf * BN + c] = j >= 0 ? kv_loc<D>(kv, b, j, hk, true) : -1;
             bool f = j >= 0 && j <= p_first;
             if (seg == 1) f = f && (long long)j + mask.window <= p_first;
             if (seg == 2) f = f && (long long)j + mask.window > p_last;
@@ -144,11 +144,11 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
         }
         return __syncthreads_and(full);
     };
-    auto load = [&](T* dst, const T* src, int buf) {
+    auto load = [&](T* dst, const T* src, const void* bank, int buf) {
         for (int c = tid; c < BN * CH; c += NT) {
             int r = c / CH, x = (c % CH) * 8;
             long long row = krow[buf * BN + r];
-            cp_async16(dst + r * LD + x, row >= 0 ? src + row + x : src, row >= 0 ? 16 : 0);
+            cp_async16(dst + r * LD + x, row != -1 ? kv_at<T>(src, bank, row) + x : src, row != -1 ? 16 : 0);
         }
     };
 
@@ -164,7 +164,7 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
     float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
     if (n_tiles > 0) {
         int full = fill(0, 0);
-        load(Ks, K, 0);
+        load(Ks, K, kv.bank_k, 0);
         cp_async_commit();
         cp_async_wait_1();
         __syncthreads();
@@ -175,7 +175,7 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
 
         for (int t = 0; t < n_tiles; t++) {
             const int cur = t & 1;
-            load(Vs, V, cur);
+            load(Vs, V, kv.bank_v, cur);
             cp_async_commit();
             cp_async_wait_1();
             __syncthreads();  // K of tile t has landed
@@ -248,7 +248,7 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
             int full_next = 0;
             if (t + 1 < n_tiles) {
                 full_next = fill(cur ^ 1, (t + 1) * BN);
-                load(Ks, K, cur ^ 1);
+                load(Ks, K, kv.bank_k, cur ^ 1);
             } else {
                 __syncthreads();
             }
@@ -333,11 +333,13 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
             int seg = -1, j = -1;
             if (pos0 + u < end) j = keys.at(pos0 + u, &seg);
             ok[u] = j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window);
-            const long long off = ok[u] ? kv_row(kv, b, j) + (long long)hk * D + lane * E : 0;
+            const long long loc = ok[u] ? kv_loc<D>(kv, b, j, hk, lane == 0) : 0;
+            const T* kr = kv_at<T>(K, kv.bank_k, loc) + lane * E;
+            const T* vr = kv_at<T>(V, kv.bank_v, loc) + lane * E;
 #pragma unroll
             for (int e = 0; e < E; e++) {
-                kf[u][e] = ok[u] ? to_f(K[off + e]) : 0.f;
-                vf[u][e] = ok[u] ? to_f(V[off + e]) : 0.f;
+                kf[u][e] = ok[u] ? to_f(kr[e]) : 0.f;
+                vf[u][e] = ok[u] ? to_f(vr[e]) : 0.f;
             }
         }
 #pragma unroll
@@ -420,7 +422,7 @@ __device__ void dense_decode_gqa(const T* __restrict__ q, long long q_b, long lo
 #pragma unroll
         for (int g = 0; g < MAXG; g++) s[g] = 0.f;
         if (valid) {
-            const T* kr = K + kv_row(kv, b, j) + (long long)hk * D;
+            const T* kr = kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, true));
 #pragma unroll 4
             for (int x = 0; x < D; x += 8) {
                 uint4 raw = *reinterpret_cast<const uint4*>(kr + x);
@@ -452,7 +454,7 @@ __device__ void dense_decode_gqa(const T* __restrict__ q, long long q_b, long lo
         }
         const int n = min(32, end - base);
         for (int kk = 0; kk < n; kk++) {
-            const T* vr = V + kv_row(kv, b, base + kk) + (long long)hk * D + lane * E;
+            const T* vr = kv_at<T>(V, kv.bank_v, kv_loc<D>(kv, b, base + kk, hk, false)) + lane * E;
             float vf[E];
 #pragma unroll
             for (int e = 0; e < E; e++) vf[e] = to_f(vr[e]);

@@ -90,6 +90,17 @@ pub enum Error {
         /// The budget in bytes.
         budget: u64,
     },
+    /// Pinned host memory for KV-cache offloading could not be allocated (the driver's reason
+    /// says why: usually the host is out of memory or the pinned-memory limit is reached).
+    #[error("cannot pin {bytes} bytes of host memory for the {what}: {reason}")]
+    PinnedAllocRefused {
+        /// What the memory was for.
+        what: &'static str,
+        /// Bytes asked for.
+        bytes: u64,
+        /// The driver's error.
+        reason: String,
+    },
     /// An error raised by candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -26,6 +26,12 @@ use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
 
+mod offload;
+pub use offload::{
+    dense_attn_offload_cuda, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache, HostKvStore,
+    LayerCaches, OffloadedKv,
+};
+
 /// `span_attn.cu` compiled by `build.rs`: SASS for sm_90 plus PTX (loaded without JIT on Hopper).
 const SPAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/span_attn.fatbin"));
 const SPAN_MODULE: &str = "hip_span_attn";
@@ -72,9 +78,74 @@ struct KvArgs {
     page: i32,
     t_k: i32,
     heads_kv: i32,
+    // Offloading (zero without): see `Residency`.
+    res: u64,
+    bank_k: u64,
+    bank_v: u64,
+    seen: u64,
+    list: u64,
+    list_n: u64,
+    res_stride: i64,
+    epoch: i32,
+    list_cap: i32,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for KvArgs {}
+
+impl KvArgs {
+    /// Contiguous `[batch, t_k, heads_kv, hd]` K/V at `k`/`v`, no offloading.
+    fn contiguous(k: u64, v: u64, dims: &AttnDims) -> Self {
+        let row_kv = (dims.heads_kv * dims.head_dim) as i64;
+        KvArgs {
+            k,
+            v,
+            kv_b: dims.t_k as i64 * row_kv,
+            kv_t: row_kv,
+            table: 0,
+            table_stride: 0,
+            page: 1,
+            t_k: dims.t_k as i32,
+            heads_kv: dims.heads_kv as i32,
+            res: 0,
+            bank_k: 0,
+            bank_v: 0,
+            seen: 0,
+            list: 0,
+            list_n: 0,
+            res_stride: 0,
+            epoch: 0,
+            list_cap: 0,
+        }
+    }
+
+    /// Points at the paged storage `paged` describes (the pointers stay `k`/`v`).
+    fn page(&mut self, p: &Paged<'_>, dev: &CudaDevice) -> candle_core::Result<()> {
+        self.table = u32_ptr(p.table, dev)?;
+        self.table_stride = p.table.elem_count() as i32;
+        self.page = p.page as i32;
+        self.t_k = p.t_k as i32;
+        if let Some(r) = &p.offload {
+            self.offload(r);
+        }
+        Ok(())
+    }
+
+    /// Offloading: the rows live in the host store of `r`; the pointers this held (those of the
+    /// tensors the op was given) become the bank's.
+    fn offload(&mut self, r: &Residency) {
+        self.bank_k = self.k;
+        self.bank_v = if r.has_values { self.v } else { 0 };
+        self.k = r.host_k;
+        self.v = r.host_v;
+        self.res = r.table;
+        self.seen = r.seen;
+        self.list = r.list;
+        self.list_n = r.list_n;
+        self.res_stride = r.stride;
+        self.epoch = r.epoch;
+        self.list_cap = r.list_cap;
+    }
+}
 
 /// `MaskArgs` of `span_attn.cu`.
 #[repr(C)]
@@ -150,6 +221,25 @@ pub(crate) struct Paged<'a> {
     pub(crate) table: &'a Tensor,
     pub(crate) page: usize,
     pub(crate) t_k: usize,
+    /// Offloading: the storages given to the op are the GPU bank, the rows live in a host store.
+    pub(crate) offload: Option<Residency>,
+}
+
+/// Where an offloaded layer's rows are (see [`offload`]): the host store (mapped pinned
+/// memory), the page table of one GPU cache and its access recording. Device pointers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Residency {
+    pub(crate) host_k: u64,
+    pub(crate) host_v: u64,
+    /// The bank holds values too (the sparse-attention cache; the mask cache holds keys only).
+    pub(crate) has_values: bool,
+    pub(crate) table: u64,
+    pub(crate) seen: u64,
+    pub(crate) list: u64,
+    pub(crate) list_n: u64,
+    pub(crate) stride: i64,
+    pub(crate) epoch: i32,
+    pub(crate) list_cap: i32,
 }
 
 /// Checks what the CUDA kernels support.
@@ -238,23 +328,9 @@ impl SpanOp<'_> {
         let kp = kp + kl.start_offset() as u64 * esize;
         let vp = vp + vl.start_offset() as u64 * esize;
         let hd = d.head_dim;
-        let row_kv = (d.heads_kv * hd) as i64;
-        let mut kv = KvArgs {
-            k: kp,
-            v: vp,
-            kv_b: d.t_k as i64 * row_kv,
-            kv_t: row_kv,
-            table: 0,
-            table_stride: 0,
-            page: 1,
-            t_k: d.t_k as i32,
-            heads_kv: d.heads_kv as i32,
-        };
+        let mut kv = KvArgs::contiguous(kp, vp, d);
         if let Some(p) = &self.paged {
-            kv.table = u32_ptr(p.table, dev)?;
-            kv.table_stride = p.table.elem_count() as i32;
-            kv.page = p.page as i32;
-            kv.t_k = p.t_k as i32;
+            kv.page(p, dev)?;
         }
         let (mask, block_q, l_max) = match self.keys {
             Keys::Dense => (
@@ -661,23 +737,9 @@ fn launch_mask(
     };
     let qp = qp + ql.start_offset() as u64 * esize;
     let kp = kp + kl.start_offset() as u64 * esize;
-    let row_kv = (dims.heads_kv * hd) as i64;
-    let mut kv = KvArgs {
-        k: kp,
-        v: kp,
-        kv_b: dims.t_k as i64 * row_kv,
-        kv_t: row_kv,
-        table: 0,
-        table_stride: 0,
-        page: 1,
-        t_k: dims.t_k as i32,
-        heads_kv: dims.heads_kv as i32,
-    };
+    let mut kv = KvArgs::contiguous(kp, kp, dims);
     if let Some(p) = &paged {
-        kv.table = u32_ptr(p.table, dev)?;
-        kv.table_stride = p.table.elem_count() as i32;
-        kv.page = p.page as i32;
-        kv.t_k = p.t_k as i32;
+        kv.page(p, dev)?;
     }
     let groups = cfg.selected_blocks();
     let cap = (2 * groups).next_power_of_two();
@@ -797,7 +859,7 @@ impl CudaPagedKv<'_> {
     }
 
     fn paged(&self) -> Paged<'_> {
-        Paged { table: self.block_table, page: self.block_size, t_k: self.len }
+        Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: None }
     }
 }
 

@@ -37,7 +37,7 @@ pub struct Update {
     /// Entries placed in the bank, by head, then most-missed first (ties: lower token first).
     pub inserted: Vec<Insert>,
     /// `(head, token)` entries removed to make room, least recently used first. Their slots are
-    /// the ones reused by the last `evicted.len()` inserts of the same head.
+    /// reused by this update's inserts of the same head.
     pub evicted: Vec<(u32, u32)>,
     /// Distinct missed entries that were not inserted because every slot of their head was
     /// taken by entries accessed in this update.
@@ -261,9 +261,10 @@ impl TokenCache {
     /// 1. The tick advances; every resident accessed entry gets the new tick.
     /// 2. The missed entries of each head, most frequently missed in `accessed` first (ties:
     ///    lower token first), are inserted while the head has a slot not accessed in this
-    ///    update: a free slot (lowest first), else the slot with the smallest last-access tick
-    ///    (ties: lowest slot). Inserted entries count as accessed, so an update never evicts
-    ///    what it read or inserted.
+    ///    update: free slots (lowest first), else the slots with the smallest last-access tick
+    ///    (ties: lowest slot). The slots so chosen are filled in ascending slot order (the
+    ///    first inserted entry gets the lowest). Inserted entries count as accessed, so an
+    ///    update never evicts what it read or inserted.
     /// 3. The counters of [`TokenCache::stats`] grow by the returned [`Update`].
     ///
     /// Time: O(accesses + m log m) for m misses, plus O(slots_per_head) for a head that has to
@@ -325,17 +326,18 @@ impl TokenCache {
             up.not_inserted += (group.len() - n) as u64;
             let from_free = n.min(self.free[head].len());
             let victims = self.lru_victims(head, n - from_free, tick);
-            for (i, &(_, t, _)) in group[..n].iter().enumerate() {
-                let slot = if i < from_free {
-                    self.free[head].pop().expect("counted free slot").0
-                } else {
-                    let s = victims[i - from_free];
-                    let old = self.owner[s as usize];
-                    self.table[head * self.max_tokens + old as usize] = NOT_RESIDENT;
-                    self.resident[head] -= 1;
-                    up.evicted.push((h, old));
-                    s
-                };
+            let mut slots: Vec<u32> =
+                (0..from_free).map(|_| self.free[head].pop().expect("counted free slot").0).collect();
+            for &s in &victims {
+                let old = self.owner[s as usize];
+                self.table[head * self.max_tokens + old as usize] = NOT_RESIDENT;
+                self.resident[head] -= 1;
+                up.evicted.push((h, old));
+                slots.push(s);
+            }
+            // The chosen slots are filled in ascending order (as the device policy does).
+            slots.sort_unstable();
+            for (&(_, t, _), &slot) in group[..n].iter().zip(&slots) {
                 self.owner[slot as usize] = t;
                 self.last_access[slot as usize] = tick;
                 self.table[head * self.max_tokens + t as usize] = slot as i32;

@@ -87,6 +87,17 @@ impl NaiveLru {
                 entries.push(Entry { token, slot, last: tick });
                 up.inserted.push((h as u32, token, slot));
             }
+            // The slots chosen for this head are filled in ascending order, in insertion order.
+            let first = up.inserted.iter().position(|i| i.0 as usize == h).unwrap_or(up.inserted.len());
+            let mine = &mut up.inserted[first..];
+            let mut slots: Vec<u32> = mine.iter().map(|i| i.2).collect();
+            slots.sort_unstable();
+            let entries = &mut self.heads[h];
+            let base = entries.len() - mine.len();
+            for (i, slot) in slots.into_iter().enumerate() {
+                mine[i].2 = slot;
+                entries[base + i].slot = slot;
+            }
         }
         up
     }

@@ -1,0 +1,944 @@
+//! KV-cache offloading on CUDA (the data path of [`crate::offload`]): a sequence's K/V rows live
+//! in a [`HostKvStore`] of pinned, device-mapped host memory, and each layer keeps two small GPU
+//! caches ([`LayerCaches`]: keys for mask estimation, keys and values for block-sparse
+//! attention), each a bank of rows plus a page table, managed by the LRU policy of
+//! [`TokenCache`](crate::offload::TokenCache) run on the device.
+//!
+//! # One decode step ([`hip_attn_decode_offload_cuda`])
+//!
+//! 1. The mask search (when due) and the block-sparse attention run the usual kernels with the
+//!    page tables: a resident row is read from the bank, any other row straight from the host
+//!    store over the bus (zero-copy). Nothing moves into a bank during the step, so the step
+//!    reads a consistent table. Each kernel appends the first read of every (KV head, token)
+//!    entry in the current epoch to its cache's access list on the device.
+//! 2. After a step that refreshed the mask, each cache applies its list (the policy on the
+//!    device, then the inserted rows copied from the host store into the bank) and starts a
+//!    new epoch. The sparse-attention list of an epoch holds what the steps since the previous
+//!    refresh read; the mask list what the refresh's search read. Nothing waits for the device:
+//!    an update is four kernel launches queued behind the step.
+//!
+//! Access lists are **distinct** entries per epoch (first reads only), so the policy sees every
+//! missed entry once: its "most missed first" order reduces to token order, and the hit and
+//! byte counters of [`OffloadStats`] count distinct entries per epoch, not every read. A list
+//! longer than its capacity keeps its first entries (the rest are not inserted this time).
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+
+use super::{check_mask_fits, cuda_err, func, mask_search, span_attn, Keys, KvArgs, Paged, Residency};
+use crate::error::{Error, Result};
+use crate::layout::AttnDims;
+use crate::offload::{CacheKind, Offload, OffloadStats};
+use crate::{HipConfig, MaskCache};
+
+/// `offload.cu` compiled by `build.rs`.
+const OFF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/offload.fatbin"));
+const OFF_MODULE: &str = "hip_offload";
+
+fn cuda_device(device: &Device) -> Result<CudaDevice> {
+    match device {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => Err(Error::UnsupportedDevice { op: "KV offloading", device: format!("{:?}", d.location()) }),
+    }
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        Ok(())
+    } else {
+        Err(Error::DType { name: "kv", expected: "bf16 or f16".into(), got: dtype })
+    }
+}
+
+/// The device pointer of a contiguous bf16/f16 tensor's first element.
+fn half_ptr(t: &Tensor, dev: &CudaDevice) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else {
+        return Err(Error::UnsupportedDevice { op: "KV offloading", device: "a host tensor".into() });
+    };
+    let stream = dev.cuda_stream();
+    let p = match t.dtype() {
+        DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
+        DType::F16 => cs.as_cuda_slice::<f16>()?.device_ptr(&stream).0,
+        dt => return Err(Error::DType { name: "kv", expected: "bf16 or f16".into(), got: dt }),
+    };
+    Ok(p + l.start_offset() as u64 * 2)
+}
+
+/// Pinned host memory mapped into the device's address space.
+struct Mapped<T> {
+    mem: PinnedHostSlice<T>,
+    /// The device address of `mem`.
+    dev: u64,
+}
+
+impl<
+        T: candle_core::cuda_backend::cudarc::driver::DeviceRepr
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    > Mapped<T>
+{
+    fn new(dev: &CudaDevice, len: usize, what: &'static str) -> Result<Self> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).filter(|&b| b < isize::MAX as usize);
+        let Some(bytes) = bytes else {
+            return Err(Error::arg(what, len, "too many elements for one host allocation"));
+        };
+        let refused = |e: &dyn std::fmt::Display| Error::PinnedAllocRefused {
+            what,
+            bytes: bytes as u64,
+            reason: e.to_string(),
+        };
+        let ctx = dev.cuda_stream().context().clone();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: the memory is uninitialised; the stores write rows before any read of them.
+        let mut mem =
+            unsafe { ctx.alloc_pinned_with_flags::<T>(len.max(1), flags) }.map_err(|e| refused(&e))?;
+        let host = mem.as_mut_ptr().map_err(|e| refused(&e))?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live allocation made with CU_MEMHOSTALLOC_DEVICEMAP.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, host as *mut c_void, 0) }
+            .result()
+            .map_err(|e| refused(&e))?;
+        Ok(Mapped { mem, dev: dptr })
+    }
+}
+
+/// A sequence's K/V rows in pinned, device-mapped host memory: the host store of offloading.
+///
+/// Laid out like a device cache pool, `[rows, heads_kv, head_dim]` for K and for V, with a block
+/// table mapping tokens to rows ([`OffloadedKv`]). Kernels read it directly over the bus; it is
+/// never CUDA managed memory (which can hang a shared GPU). Rows are written through from the
+/// device with [`HostKvStore::write_rows`].
+pub struct HostKvStore {
+    k: Mapped<u16>,
+    v: Mapped<u16>,
+    rows: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    dtype: DType,
+    dev: CudaDevice,
+}
+
+impl std::fmt::Debug for HostKvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKvStore")
+            .field("rows", &self.rows)
+            .field("heads_kv", &self.heads_kv)
+            .field("head_dim", &self.head_dim)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostKvStore {
+    /// A store of `rows` rows of `heads_kv × head_dim` `dtype` elements for K and for V, pinned
+    /// and mapped for `device`. Rows are uninitialised until written.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedDevice`] off CUDA; [`Error::DType`] unless bf16/f16;
+    /// [`Error::InvalidArgument`] for head dims other than 64 and 128 or zero sizes;
+    /// [`Error::PinnedAllocRefused`] with the driver's reason when the host memory cannot be
+    /// pinned (nothing is allocated then).
+    pub fn new(device: &Device, rows: usize, heads_kv: usize, head_dim: usize, dtype: DType) -> Result<Self> {
+        let dev = cuda_device(device)?;
+        check_dtype(dtype)?;
+        if !matches!(head_dim, 64 | 128) {
+            return Err(Error::arg("head_dim", head_dim, "CUDA kernels support head dims 64 and 128"));
+        }
+        if rows == 0 || heads_kv == 0 {
+            return Err(Error::arg("rows", format!("{rows} rows × {heads_kv} heads"), "must not be empty"));
+        }
+        let elems = rows
+            .checked_mul(heads_kv * head_dim)
+            .ok_or_else(|| Error::arg("rows", rows, "the store size overflows"))?;
+        let k = Mapped::new(&dev, elems, "host K store")?;
+        let v = Mapped::new(&dev, elems, "host V store")?;
+        Ok(HostKvStore { k, v, rows, heads_kv, head_dim, dtype, dev })
+    }
+
+    /// Rows of the store.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// KV heads per row.
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Pinned host bytes (K and V).
+    pub fn bytes(&self) -> u64 {
+        2 * (self.rows * self.heads_kv * self.head_dim * 2) as u64
+    }
+
+    /// Writes rows through from the device: row `rows[i]` of the store gets `k[i]` and `v[i]`
+    /// (`[n, heads_kv, head_dim]` tensors on the store's device, `rows` a u32 tensor of `n`
+    /// entries), in stream order with the kernels that read the store.
+    ///
+    /// # Errors
+    /// Shapes, dtypes or devices that do not match the store; a row index past the store is
+    /// checked on the host (the indices are read back: this is the write-through path of a
+    /// prefill chunk or a decode step, not a hot loop).
+    pub fn write_rows(&mut self, rows: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = rows.elem_count();
+        let want = [n, self.heads_kv, self.head_dim];
+        for (name, t) in [("k", k), ("v", v)] {
+            if t.dims() != want {
+                return Err(Error::shape(name, format!("{want:?}"), t.dims()));
+            }
+            if t.dtype() != self.dtype {
+                return Err(Error::DType {
+                    name,
+                    expected: format!("{:?} like the store", self.dtype),
+                    got: t.dtype(),
+                });
+            }
+        }
+        if rows.dtype() != DType::U32 {
+            return Err(Error::DType { name: "rows", expected: "u32".into(), got: rows.dtype() });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let host_rows = rows.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(&bad) = host_rows.iter().find(|&&r| r as usize >= self.rows) {
+            return Err(Error::arg("rows", bad, format!("past the store's {} rows", self.rows)));
+        }
+        let (k, v, rows) = (k.contiguous()?, v.contiguous()?, rows.contiguous()?);
+        let (kp, vp, rp) =
+            (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?, super::u32_ptr(&rows, &self.dev)?);
+        let chunks = (self.heads_kv * self.head_dim / 8) as i32;
+        let n_i = n as i32;
+        let f = func(&self.dev, OFF, OFF_MODULE, "offload_write_rows")?;
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&kp).arg(&vp).arg(&self.k.dev).arg(&self.v.dev).arg(&rp).arg(&n_i).arg(&chunks);
+        // SAFETY: argument list matches `offload_write_rows`; sources hold n rows, every row index
+        // was checked against the store above.
+        unsafe { b.launch(grid(n * chunks as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Row `row` of K and of V as f32 (`heads_kv × head_dim` each), after every queued kernel
+    /// finished (waits for the device). For tests and inspection.
+    ///
+    /// # Errors
+    /// A row past the store; driver errors.
+    pub fn read_row(&self, row: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if row >= self.rows {
+            return Err(Error::arg("row", row, format!("past the store's {} rows", self.rows)));
+        }
+        self.dev.cuda_stream().synchronize().map_err(cuda_err)?;
+        let len = self.heads_kv * self.head_dim;
+        let conv = |m: &Mapped<u16>| -> Result<Vec<f32>> {
+            let all = m.mem.as_slice().map_err(cuda_err)?;
+            let bits = &all[row * len..(row + 1) * len];
+            Ok(if self.dtype == DType::BF16 {
+                bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+            } else {
+                bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect()
+            })
+        };
+        Ok((conv(&self.k)?, conv(&self.v)?))
+    }
+}
+
+/// A launch of `n` independent threads' work, grid-strided.
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 132 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One sequence's rows in a [`HostKvStore`]: token `j` is row
+/// `block_table[j / block_size] * block_size + j % block_size`.
+#[derive(Debug, Clone, Copy)]
+pub struct OffloadedKv<'a> {
+    /// The host store.
+    pub store: &'a HostKvStore,
+    /// Store block of each group of `block_size` tokens (u32, on the device).
+    pub block_table: &'a Tensor,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Tokens in the sequence.
+    pub len: usize,
+}
+
+impl OffloadedKv<'_> {
+    /// Checks the view and `q: [1, t_q, heads_q, head_dim]` against it.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] / [`Error::InvalidArgument`] naming what does not fit.
+    pub fn dims(&self, q: &Tensor) -> Result<AttnDims> {
+        let s = self.store;
+        let bs = self.block_size;
+        if bs == 0 || s.rows % bs != 0 || self.len == 0 || self.len > s.rows {
+            return Err(Error::arg(
+                "offloaded kv",
+                format!("block_size {bs}, len {}, {} rows", self.len, s.rows),
+                "block_size must divide the rows and 0 < len <= rows",
+            ));
+        }
+        let needed = self.len.div_ceil(bs);
+        if self.block_table.dtype() != DType::U32 || self.block_table.elem_count() < needed {
+            return Err(Error::arg(
+                "block_table",
+                format!("{:?} with {} entries", self.block_table.dtype(), self.block_table.elem_count()),
+                format!("must be u32 with at least {needed} entries"),
+            ));
+        }
+        let (b, t_q, heads_q, qd) =
+            q.dims4().map_err(|_| Error::shape("q", "[1, t_q, heads_q, head_dim]", q.dims()))?;
+        if b != 1 || qd != s.head_dim || heads_q % s.heads_kv != 0 || t_q == 0 || t_q > self.len {
+            return Err(Error::shape(
+                "q",
+                format!("[1, t_q <= {}, a multiple of {} heads, {}]", self.len, s.heads_kv, s.head_dim),
+                q.dims(),
+            ));
+        }
+        if q.dtype() != s.dtype {
+            return Err(Error::DType {
+                name: "q",
+                expected: format!("{:?} like the store", s.dtype),
+                got: q.dtype(),
+            });
+        }
+        Ok(AttnDims { batch: 1, t_q, t_k: self.len, heads_q, heads_kv: s.heads_kv, head_dim: s.head_dim })
+    }
+
+    fn paged(&self, r: Residency) -> Paged<'_> {
+        Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: Some(r) }
+    }
+}
+
+/// `LruArgs` of `offload.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct LruArgs {
+    table: u64,
+    owner: u64,
+    last: u64,
+    bits: u64,
+    taken: u64,
+    missn: u64,
+    scratch: u64,
+    ins: u64,
+    ins_n: u64,
+    stats: u64,
+    tokens: i64,
+    slots: i32,
+    words: i32,
+    tick: i32,
+}
+// SAFETY: plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for LruArgs {}
+
+/// One GPU cache of one layer of one sequence: a bank of rows, its page table, and the state of
+/// its LRU policy, all on the device.
+///
+/// The policy is [`TokenCache`](crate::offload::TokenCache)'s (the host reference it is tested against): after each mask
+/// refresh, the distinct entries the kernels read since the previous update are classified
+/// (hits get the new tick), and each head inserts `min(misses, slots - hits)` missed tokens,
+/// lowest first, into its lowest free slots, else its least recently used slots not read in
+/// this update, filled in ascending slot order; the rows are copied from the host store. All of
+/// it runs as four kernels in stream order, so an update costs the host nothing but launches.
+pub struct GpuCache {
+    kind: CacheKind,
+    kv_heads: usize,
+    max_tokens: usize,
+    slots_per_head: usize,
+    entry_bytes: u64,
+    bank_k: Tensor,
+    bank_v: Option<Tensor>,
+    /// `[kv_heads, max_tokens]`: global slot or -1.
+    table: CudaSlice<i32>,
+    /// `[kv_heads × slots]`: token or -1.
+    owner: CudaSlice<i32>,
+    /// `[kv_heads × slots]`: tick of the last access (0 when empty).
+    last: CudaSlice<i32>,
+    /// `[kv_heads, ceil(max_tokens / 32)]`: missed tokens of the update in flight (zero between).
+    bits: CudaSlice<u32>,
+    taken: CudaSlice<u32>,
+    missn: CudaSlice<u32>,
+    scratch: CudaSlice<i32>,
+    ins: CudaSlice<i32>,
+    ins_n: CudaSlice<u32>,
+    /// hits, misses, inserts, evictions, dropped.
+    stats: CudaSlice<u64>,
+    /// Per entry: the epoch of its last recorded read.
+    seen: CudaSlice<i32>,
+    list: CudaSlice<u32>,
+    list_n: CudaSlice<u32>,
+    epoch: i32,
+    tick: i32,
+    /// `HIP_OFFLOAD_TIMING=1`: each update waits for the device before and after, and its wall
+    /// time is summed here (diagnostics for benchmarks; it stalls the pipeline).
+    timing: Option<std::time::Duration>,
+    /// The mask cache updates on a side stream: its bank and table are read only at the next
+    /// refresh, so the update (mostly row copies over the bus) overlaps the steps in between.
+    side: Option<Arc<CudaStream>>,
+    /// An update was queued on `side` that the main stream has not waited for yet.
+    side_pending: std::cell::Cell<bool>,
+    head_dim: usize,
+    dev: CudaDevice,
+}
+
+impl Drop for GpuCache {
+    fn drop(&mut self) {
+        // The buffers are freed in the main stream's order: let it wait for the side stream.
+        if let (Some(side), true) = (&self.side, self.side_pending.get()) {
+            let _ = self.dev.cuda_stream().join(side);
+        }
+    }
+}
+
+impl std::fmt::Debug for GpuCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuCache")
+            .field("kind", &self.kind)
+            .field("kv_heads", &self.kv_heads)
+            .field("slots_per_head", &self.slots_per_head)
+            .field("max_tokens", &self.max_tokens)
+            .field("tick", &self.tick)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuCache {
+    /// An empty cache of `slots_per_head` slots for each of `kv_heads` heads, covering sequences
+    /// of up to `max_tokens` tokens, on `device`.
+    ///
+    /// # Errors
+    /// As [`TokenCache::new`]; [`Error::UnsupportedDevice`] off CUDA; [`Error::DType`] unless
+    /// bf16/f16; `kv_heads × max_tokens` beyond the 2^32 entries the access lists address;
+    /// candle errors when device memory runs out.
+    pub fn new(
+        device: &Device,
+        kind: CacheKind,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        max_tokens: usize,
+        slots_per_head: usize,
+    ) -> Result<Self> {
+        let dev = cuda_device(device)?;
+        check_dtype(dtype)?;
+        // The host policy's checks on the sizes (no allocation of its tables here).
+        if kv_heads == 0 || (kv_heads as u64).saturating_mul(max_tokens as u64) > u32::MAX as u64 {
+            return Err(Error::arg(
+                "max_tokens",
+                max_tokens,
+                format!(
+                    "{kv_heads} heads × {max_tokens} tokens: need 1 ≤ entries ≤ 2^32 (access lists are u32)"
+                ),
+            ));
+        }
+        if kv_heads.checked_mul(slots_per_head).is_none_or(|n| n as u64 >= 1 << 31) {
+            return Err(Error::arg(
+                "slots_per_head",
+                slots_per_head,
+                "the bank's slot ids must fit in an i32",
+            ));
+        }
+        let slots = (kv_heads * slots_per_head).max(1);
+        let bank_k = Tensor::zeros((slots, head_dim), dtype, device)?;
+        let bank_v = match kind {
+            CacheKind::SparseAttn => Some(Tensor::zeros((slots, head_dim), dtype, device)?),
+            CacheKind::Mask => None,
+        };
+        let stream = dev.cuda_stream();
+        let e = cuda_err;
+        let table = stream.clone_htod(&vec![-1i32; kv_heads * max_tokens]).map_err(e)?;
+        let owner = stream.clone_htod(&vec![-1i32; slots]).map_err(e)?;
+        let words = max_tokens.div_ceil(32);
+        // A list holds an epoch's distinct reads: at least twice the bank, at least 4096 a head.
+        let cap = (2 * kv_heads * slots_per_head).max(4096 * kv_heads);
+        Ok(GpuCache {
+            kind,
+            kv_heads,
+            max_tokens,
+            slots_per_head,
+            entry_bytes: kind.entry_bytes(head_dim, 2),
+            bank_k,
+            bank_v,
+            table,
+            owner,
+            last: stream.alloc_zeros::<i32>(slots).map_err(e)?,
+            bits: stream.alloc_zeros::<u32>(kv_heads * words.max(1)).map_err(e)?,
+            taken: stream.alloc_zeros::<u32>(kv_heads).map_err(e)?,
+            missn: stream.alloc_zeros::<u32>(kv_heads).map_err(e)?,
+            scratch: stream.alloc_zeros::<i32>(slots).map_err(e)?,
+            ins: stream.alloc_zeros::<i32>(3 * slots).map_err(e)?,
+            ins_n: stream.alloc_zeros::<u32>(1).map_err(e)?,
+            stats: stream.alloc_zeros::<u64>(5).map_err(e)?,
+            seen: stream.alloc_zeros::<i32>(kv_heads * max_tokens).map_err(e)?,
+            list: stream.alloc_zeros::<u32>(cap).map_err(e)?,
+            list_n: stream.alloc_zeros::<u32>(1).map_err(e)?,
+            epoch: 1,
+            tick: 0,
+            timing: std::env::var_os("HIP_OFFLOAD_TIMING")
+                .is_some_and(|v| v == "1")
+                .then_some(Default::default()),
+            side: match kind {
+                CacheKind::Mask => Some(stream.fork().map_err(e)?),
+                CacheKind::SparseAttn => None,
+            },
+            side_pending: Default::default(),
+            head_dim,
+            dev,
+        })
+    }
+
+    /// Which cache this is.
+    pub fn kind(&self) -> CacheKind {
+        self.kind
+    }
+    /// KV heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+    /// Tokens the page table covers.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+    /// Slots per KV head.
+    pub fn slots_per_head(&self) -> usize {
+        self.slots_per_head
+    }
+    /// Updates applied so far (the LRU clock).
+    pub fn tick(&self) -> u64 {
+        self.tick as u64
+    }
+
+    /// Counters of every update so far (waits for the device). Accesses are distinct entries
+    /// per epoch (see the module docs).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn stats(&self) -> Result<OffloadStats> {
+        let v = self.download(&self.stats)?;
+        Ok(OffloadStats {
+            hits: v[0],
+            misses: v[1],
+            inserts: v[2],
+            evictions: v[3],
+            bytes_moved: (v[1] + v[2]).saturating_mul(self.entry_bytes),
+        })
+    }
+
+    /// Recorded reads that did not fit in an access list, so far (waits for the device): they
+    /// were served, but not considered for insertion.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn dropped(&self) -> Result<u64> {
+        Ok(self.download(&self.stats)?[4])
+    }
+
+    /// The page table, `[kv_heads, max_tokens]` (waits for the device; for tests and tools).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn table(&self) -> Result<Vec<i32>> {
+        self.download(&self.table)
+    }
+
+    /// The token held by each global slot, or -1 (waits for the device; for tests and tools).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn owners(&self) -> Result<Vec<i32>> {
+        self.download(&self.owner)
+    }
+
+    /// A copy of `s` on the host, after any pending update.
+    fn download<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.update_stream().synchronize().map_err(cuda_err)?;
+        Ok(self.dev.cuda_stream().clone_dtoh(s).map_err(cuda_err)?)
+    }
+
+    /// The bank rows `[kv_heads × slots_per_head, head_dim]`: keys, and values for the
+    /// sparse-attention cache. Row `s` holds the entry of [`owners`](Self::owners)`[s]` of head
+    /// `s / slots_per_head`.
+    pub fn banks(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.bank_k, self.bank_v.as_ref())
+    }
+
+    /// Device bytes of the bank, page table, policy state, recording array and access list.
+    pub fn gpu_bytes(&self) -> u64 {
+        let bank = self.bank_k.elem_count() as u64 * 2 * if self.bank_v.is_some() { 2 } else { 1 };
+        let words = self.table.len()
+            + self.owner.len()
+            + self.last.len()
+            + self.bits.len()
+            + self.scratch.len()
+            + self.ins.len()
+            + self.seen.len()
+            + self.list.len();
+        bank + 4 * words as u64
+    }
+
+    fn residency(&self, store: &HostKvStore, record: bool) -> Residency {
+        let stream = self.dev.cuda_stream();
+        let p = |s: &CudaSlice<i32>| s.device_ptr(&stream).0;
+        let pu = |s: &CudaSlice<u32>| s.device_ptr(&stream).0;
+        Residency {
+            host_k: store.k.dev,
+            host_v: store.v.dev,
+            has_values: self.bank_v.is_some(),
+            table: p(&self.table),
+            seen: if record { p(&self.seen) } else { 0 },
+            list: pu(&self.list),
+            list_n: pu(&self.list_n),
+            stride: self.max_tokens as i64,
+            epoch: self.epoch,
+            list_cap: self.list.len() as i32,
+        }
+    }
+
+    /// Applies the LRU update for the entries recorded since the last one (see the type docs)
+    /// and starts a new epoch. Everything is queued on the stream; nothing waits.
+    fn update(&mut self, kv: &OffloadedKv<'_>) -> Result<()> {
+        if self.timing.is_none() {
+            return self.queue_update(kv);
+        }
+        self.dev.cuda_stream().synchronize().map_err(cuda_err)?;
+        let t0 = std::time::Instant::now();
+        self.queue_update(kv)?;
+        self.update_stream().synchronize().map_err(cuda_err)?;
+        *self.timing.as_mut().expect("timing on") += t0.elapsed();
+        Ok(())
+    }
+
+    /// Wall time of the updates so far when `HIP_OFFLOAD_TIMING=1` was set at construction
+    /// (each update then waits for the device before and after), else `None`.
+    pub fn update_time(&self) -> Option<std::time::Duration> {
+        self.timing
+    }
+
+    /// The stream updates run on.
+    fn update_stream(&self) -> Arc<CudaStream> {
+        self.side.clone().unwrap_or_else(|| self.dev.cuda_stream())
+    }
+
+    /// Makes the main stream wait for a pending side-stream update (before anything reads the
+    /// bank or the table again).
+    fn ready(&self) -> Result<()> {
+        if let (Some(side), true) = (&self.side, self.side_pending.get()) {
+            self.dev.cuda_stream().join(side).map_err(cuda_err)?;
+            self.side_pending.set(false);
+        }
+        Ok(())
+    }
+
+    fn queue_update(&mut self, kv: &OffloadedKv<'_>) -> Result<()> {
+        self.tick = self.tick.checked_add(1).ok_or_else(|| Error::arg("tick", self.tick, "2^31 updates"))?;
+        self.ready()?;
+        let stream = self.update_stream();
+        if self.side.is_some() {
+            // After the step that recorded the list.
+            stream.join(&self.dev.cuda_stream()).map_err(cuda_err)?;
+            self.side_pending.set(true);
+        }
+        let e = cuda_err;
+        stream.memset_zeros(&mut self.ins_n).map_err(e)?;
+        let words = self.max_tokens.div_ceil(32).max(1);
+        let args = {
+            let p = |s: &CudaSlice<i32>| s.device_ptr(&stream).0;
+            let pu = |s: &CudaSlice<u32>| s.device_ptr(&stream).0;
+            LruArgs {
+                table: p(&self.table),
+                owner: p(&self.owner),
+                last: p(&self.last),
+                bits: pu(&self.bits),
+                taken: pu(&self.taken),
+                missn: pu(&self.missn),
+                scratch: p(&self.scratch),
+                ins: p(&self.ins),
+                ins_n: pu(&self.ins_n),
+                stats: self.stats.device_ptr(&stream).0,
+                tokens: self.max_tokens as i64,
+                slots: self.slots_per_head as i32,
+                words: words as i32,
+                tick: self.tick,
+            }
+        };
+        let cap = self.list.len() as i32;
+        let f = func(&self.dev, OFF, OFF_MODULE, "lru_classify")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&args).arg(&self.list).arg(&self.list_n).arg(&cap);
+        // SAFETY: argument list matches `lru_classify`; list entries are head × max_tokens +
+        // token indices below the table's size (the kernels record only such).
+        unsafe { b.launch(grid(self.list.len())) }.map_err(e)?;
+        let f = func(&self.dev, OFF, OFF_MODULE, "lru_plan")?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.kv_heads as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&args);
+        // SAFETY: argument list matches `lru_plan`; one CTA per head, state sized above.
+        unsafe { b.launch(cfg) }.map_err(e)?;
+        let d_chunks = (self.head_dim / 8) as i32;
+        let mut kva = KvArgs::contiguous(kv.store.k.dev, kv.store.v.dev, &self.kv_dims(kv));
+        kva.page(
+            &Paged { table: kv.block_table, page: kv.block_size, t_k: kv.len, offload: None },
+            &self.dev,
+        )?;
+        let bk = half_ptr(&self.bank_k, &self.dev)?;
+        let bv = match &self.bank_v {
+            Some(t) => half_ptr(t, &self.dev)?,
+            None => 0,
+        };
+        let f = func(&self.dev, OFF, OFF_MODULE, "offload_fill")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&kva).arg(&bk).arg(&bv).arg(&self.ins).arg(&self.ins_n).arg(&d_chunks);
+        // SAFETY: argument list matches `offload_fill`; the inserts name slots of the bank and
+        // tokens this sequence's kernels read (below its length). The banks are private to
+        // this cache.
+        unsafe { b.launch(grid(self.kv_heads * self.slots_per_head * d_chunks as usize)) }.map_err(e)?;
+        stream.memset_zeros(&mut self.list_n).map_err(e)?;
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// Applies one update for the access list `accessed` (duplicates are dropped), as if the
+    /// kernels had recorded exactly these reads since the last update, copying inserted rows
+    /// from `kv`'s store. For tests of the device policy against
+    /// [`TokenCache`](crate::offload::TokenCache) and for tools.
+    ///
+    /// # Errors
+    /// An entry out of range; more distinct entries than the access list holds; as
+    /// [`OffloadedKv::dims`] for `kv`.
+    pub fn update_with(&mut self, kv: &OffloadedKv<'_>, accessed: &[(u32, u32)]) -> Result<()> {
+        self.check(kv)?;
+        let mut idx: Vec<u32> = Vec::with_capacity(accessed.len());
+        for &(h, t) in accessed {
+            if h as usize >= self.kv_heads || t as usize >= kv.len {
+                return Err(Error::arg(
+                    "accessed",
+                    format!("(head {h}, token {t})"),
+                    format!("out of range: {} KV heads, {} tokens", self.kv_heads, kv.len),
+                ));
+            }
+            idx.push(h * self.max_tokens as u32 + t);
+        }
+        idx.sort_unstable();
+        idx.dedup();
+        if idx.len() > self.list.len() {
+            return Err(Error::arg(
+                "accessed",
+                idx.len(),
+                format!("more than the {} entries of a list", self.list.len()),
+            ));
+        }
+        self.ready()?;
+        let stream = self.dev.cuda_stream();
+        if !idx.is_empty() {
+            let mut head = self.list.slice_mut(..idx.len());
+            stream.memcpy_htod(&idx, &mut head).map_err(cuda_err)?;
+        }
+        stream.memcpy_htod(&[idx.len() as u32], &mut self.list_n).map_err(cuda_err)?;
+        self.update(kv)
+    }
+
+    fn kv_dims(&self, kv: &OffloadedKv<'_>) -> AttnDims {
+        let s = kv.store;
+        AttnDims {
+            batch: 1,
+            t_q: 1,
+            t_k: kv.len,
+            heads_q: s.heads_kv,
+            heads_kv: s.heads_kv,
+            head_dim: s.head_dim,
+        }
+    }
+
+    fn check(&self, kv: &OffloadedKv<'_>) -> Result<()> {
+        let s = kv.store;
+        if s.heads_kv != self.kv_heads || s.head_dim != self.head_dim || s.dtype != self.bank_k.dtype() {
+            return Err(Error::arg(
+                "offload cache",
+                format!("{} heads × {} {:?}", self.kv_heads, self.head_dim, self.bank_k.dtype()),
+                format!("does not match the store's {} heads × {} {:?}", s.heads_kv, s.head_dim, s.dtype),
+            ));
+        }
+        if kv.len > self.max_tokens {
+            return Err(Error::arg(
+                "len",
+                kv.len,
+                format!(
+                    "the offload cache covers {} tokens (build it with a larger max_tokens)",
+                    self.max_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The two GPU caches of one layer of one offloaded sequence.
+#[derive(Debug)]
+pub struct LayerCaches {
+    /// Keys read by mask estimation.
+    pub mask: GpuCache,
+    /// Keys and values read by block-sparse attention.
+    pub sparse: GpuCache,
+}
+
+impl LayerCaches {
+    /// The caches `cfg` sizes ([`Offload::slots_per_head`]) for sequences of up to
+    /// `max_tokens` tokens.
+    ///
+    /// # Errors
+    /// As [`GpuCache::new`]; an invalid `cfg`.
+    pub fn new(
+        device: &Device,
+        cfg: &Offload,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let make = |kind| {
+            GpuCache::new(
+                device,
+                kind,
+                kv_heads,
+                head_dim,
+                dtype,
+                max_tokens,
+                cfg.slots_per_head(kind, max_tokens),
+            )
+        };
+        Ok(LayerCaches { mask: make(CacheKind::Mask)?, sparse: make(CacheKind::SparseAttn)? })
+    }
+
+    /// Device bytes of both caches.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.mask.gpu_bytes() + self.sparse.gpu_bytes()
+    }
+
+    fn check(&self, kv: &OffloadedKv<'_>) -> Result<()> {
+        self.mask.check(kv)?;
+        self.sparse.check(kv)
+    }
+}
+
+/// One HiP decode step over an offloaded sequence (see the [module docs](self)): the mask is
+/// re-estimated every `cfg.refresh_interval` steps through the mask cache, block-sparse
+/// attention reads through the sparse-attention cache, misses come from the host store, and
+/// after a refresh both caches apply their LRU update on the device.
+///
+/// # Errors
+/// As [`OffloadedKv::dims`]; caches built for other heads, head dims, dtypes or fewer tokens;
+/// as [`super::hip_attn_decode_paged_cuda`].
+pub fn hip_attn_decode_offload_cuda(
+    q: &Tensor,
+    kv: &OffloadedKv<'_>,
+    caches: &mut LayerCaches,
+    cfg: &HipConfig,
+    scale: f32,
+    cache: &mut MaskCache,
+) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    caches.check(kv)?;
+    let before = cache.refreshes();
+    let sres = caches.sparse.residency(kv.store, true);
+    let (mbank, sk, sv) = (&caches.mask.bank_k, &caches.sparse.bank_k, caches.sparse.bank_v.as_ref());
+    let sv = sv.expect("a sparse-attention cache holds values");
+    let out = cache.step_device(
+        &dims,
+        cfg,
+        || {
+            // The mask cache is read again only now: wait for its last update (and only now
+            // touch its buffers, which would make the main stream wait for the side stream).
+            caches.mask.ready()?;
+            let mres = caches.mask.residency(kv.store, true);
+            mask_search(q, mbank, &dims, Some(kv.paged(mres)), cfg, scale)
+        },
+        |mask, extra| {
+            check_mask_fits(mask, &dims)?;
+            span_attn(q, sk, sv, &dims, Keys::Mask(mask, extra), Some(kv.paged(sres)), scale)
+        },
+    )?;
+    if cache.refreshes() != before {
+        caches.mask.update(kv)?;
+        caches.sparse.update(kv)?;
+    }
+    Ok(out)
+}
+
+/// HiP attention of a prefill chunk over an offloaded sequence (mask, then block-sparse
+/// attention, with the prefill tail of `cfg`): resident rows come from the caches' banks, the
+/// rest from the host store. Prefill reads are not recorded (they would flood the caches with
+/// one-off reads).
+///
+/// # Errors
+/// As [`hip_attn_decode_offload_cuda`].
+pub fn hip_attn_offload_cuda(
+    q: &Tensor,
+    kv: &OffloadedKv<'_>,
+    caches: &mut LayerCaches,
+    cfg: &HipConfig,
+    scale: f32,
+) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    caches.check(kv)?;
+    caches.mask.ready()?;
+    let (mres, sres) = (caches.mask.residency(kv.store, false), caches.sparse.residency(kv.store, false));
+    let (mbank, sk) = (&caches.mask.bank_k, &caches.sparse.bank_k);
+    let sv = caches.sparse.bank_v.as_ref().expect("a sparse-attention cache holds values");
+    crate::mask_cache::with_prefill_tail(q, dims.t_q, cfg, |q, cut, cfg| {
+        let kv = OffloadedKv { len: kv.len - cut, ..*kv };
+        let dims = kv.dims(q)?;
+        let mask = mask_search(q, mbank, &dims, Some(kv.paged(mres)), cfg, scale)?;
+        check_mask_fits(&mask, &dims)?;
+        span_attn(q, sk, sv, &dims, Keys::Mask(&mask, 0), Some(kv.paged(sres)), scale)
+    })
+}
+
+/// Dense causal attention over an offloaded sequence, every row read from the host store (for
+/// dense layers and as the baseline of the offload benchmarks).
+///
+/// # Errors
+/// As [`OffloadedKv::dims`]; unsupported dtypes or head dims.
+pub fn dense_attn_offload_cuda(q: &Tensor, kv: &OffloadedKv<'_>, scale: f32) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    let r = Residency {
+        host_k: kv.store.k.dev,
+        host_v: kv.store.v.dev,
+        has_values: true,
+        table: 0,
+        seen: 0,
+        list: 0,
+        list_n: 0,
+        stride: 0,
+        epoch: 0,
+        list_cap: 0,
+    };
+    // No page table: every row comes from the host store; the tensors given as the bank are
+    // never read (q stands in for them).
+    span_attn(q, q, q, &dims, Keys::Dense, Some(kv.paged(r)), scale)
+}
