@@ -18,4 +18,5 @@ pub mod persist;
 pub mod sampling;
 
 pub use error::{Error, Result};
+pub use hip_kernels::offload::{Offload, OffloadStats};
 pub use hip_kernels::{HipConfig, Rope, RopeExtend};

@@ -71,7 +71,7 @@ pub use hip_core;
 pub use hip_core::engine::FinishReason;
 pub use hip_core::loader::chat_template::Message;
 pub use hip_core::sampling::SamplingParams;
-pub use hip_core::{HipConfig, RopeExtend};
+pub use hip_core::{HipConfig, Offload, RopeExtend};
 pub use model::{Attention, Device, KvUsage, Model, ModelBuilder};
 pub use options::{GenerateOptions, DEFAULT_MAX_TOKENS};
 pub use session::{Session, SessionBuilder, Usage};

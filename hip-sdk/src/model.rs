@@ -70,6 +70,7 @@ pub struct ModelBuilder {
     kv_budget_bytes: Option<usize>,
     kv_block_size: Option<usize>,
     kv_dir: Option<PathBuf>,
+    offload: Option<hip_core::Offload>,
     prefill_chunk: Option<usize>,
     threads: Option<usize>,
     device: Device,
@@ -86,6 +87,7 @@ impl ModelBuilder {
             kv_budget_bytes: None,
             kv_block_size: None,
             kv_dir: None,
+            offload: None,
             prefill_chunk: None,
             threads: None,
             device: Device::Cpu,
@@ -119,6 +121,31 @@ impl ModelBuilder {
     /// does this option with a GPU device.
     pub fn with_kv_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.kv_dir = Some(dir.into());
+        self
+    }
+
+    /// GPU only: KV-cache offloading. The HiP layers' keys and values live in pinned host
+    /// memory (so the KV budget is host memory for them), and attention reads them through two
+    /// small GPU caches per layer and session, sized by `offload`
+    /// ([`Offload`](crate::Offload): tokens per KV head of the sparse-attention and
+    /// mask-estimation caches, and a host budget); dense layers stay on the GPU. Needs HiP
+    /// attention without Dynamic RoPE and a CUDA device: [`build`](Self::build) fails otherwise,
+    /// and when the host memory cannot be pinned or exceeds the budget.
+    ///
+    /// ```no_run
+    /// # async fn f() -> hip_sdk::Result<()> {
+    /// use hip_sdk::{Attention, Device, HipConfig, Model, Offload};
+    /// let model = Model::builder("model.gguf")
+    ///     .with_device(Device::Cuda(0))
+    ///     .with_attention(Attention::Hip(HipConfig::default()))
+    ///     .with_kv_budget_bytes(64 << 30)
+    ///     .with_offload(Offload::default())
+    ///     .build()
+    ///     .await?;
+    /// # let _ = model; Ok(()) }
+    /// ```
+    pub fn with_offload(mut self, offload: hip_core::Offload) -> Self {
+        self.offload = Some(offload);
         self
     }
 
@@ -250,6 +277,9 @@ impl ModelBuilder {
         }
         if let Some(dir) = &self.kv_dir {
             cfg = cfg.with_kv_dir(dir);
+        }
+        if let Some(o) = &self.offload {
+            cfg = cfg.with_offload(o.clone());
         }
         if let Some(n) = self.prefill_chunk {
             cfg = cfg.with_prefill_chunk(n);
@@ -418,6 +448,19 @@ impl Model {
             bytes_in_use: self.inner.shared.kv_in_use.load(Ordering::Relaxed),
             capacity_bytes: self.inner.info.kv_capacity_bytes,
         }
+    }
+
+    /// What KV-cache offloading ([`ModelBuilder::with_offload`]) did so far: hits, misses,
+    /// inserts, evictions and bytes moved of the mask-estimation and sparse-attention caches of
+    /// every session and layer, their GPU bytes and the pinned host bytes; `None` for a model
+    /// that does not offload. Waits for the engine thread's current step.
+    ///
+    /// # Errors
+    /// The engine thread failed; a device error while reading the counters.
+    pub async fn offload_report(&self) -> Result<Option<hip_core::engine::OffloadReport>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.inner.send(Command::OffloadReport { reply }).await?;
+        rx.await.map_err(|_| self.inner.shared.engine_error())?
     }
 
     /// Whether the engine thread is running (it stops only after a failure while handles exist).

@@ -332,3 +332,16 @@ async fn a_full_kv_cache_fails_cleanly_and_dropped_sessions_free_it() {
     b.append(text).await.unwrap();
     assert_eq!(model.kv_usage().bytes_in_use, 3 * block);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloading_needs_a_gpu_and_a_cpu_model_reports_none() {
+    let model = shared_model();
+    assert_eq!(model.offload_report().await.unwrap(), None);
+    let err = Model::builder(model_path())
+        .with_attention(hip_sdk::Attention::Hip(hip_sdk::HipConfig::default()))
+        .with_offload(hip_sdk::Offload::default())
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("offload"), "{err}");
+}

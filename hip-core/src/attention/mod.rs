@@ -49,6 +49,18 @@ pub struct AttentionState {
     backend: AttentionBackend,
     caches: HashMap<(SeqId, usize), MaskCache>,
     rope: Option<Rope>,
+    /// KV-cache offloading: the GPU caches of every (sequence, offloaded layer).
+    #[cfg(feature = "cuda")]
+    offload: Option<OffloadState>,
+}
+
+/// The GPU caches of offloaded layers ([`AttentionState::set_offload`]).
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct OffloadState {
+    cfg: hip_kernels::offload::Offload,
+    max_tokens: usize,
+    caches: HashMap<(SeqId, usize), hip_kernels::cuda::LayerCaches>,
 }
 
 impl AttentionState {
@@ -62,7 +74,13 @@ impl AttentionState {
             AttentionBackend::Streaming(cfg) => cfg.validate()?,
             AttentionBackend::Dense => {}
         }
-        Ok(AttentionState { backend, caches: HashMap::new(), rope: None })
+        Ok(AttentionState {
+            backend,
+            caches: HashMap::new(),
+            rope: None,
+            #[cfg(feature = "cuda")]
+            offload: None,
+        })
     }
 
     /// The backend.
@@ -132,7 +150,7 @@ impl AttentionState {
     /// Which attention `n` new tokens of `seq` get in `layer`: dense, a fresh HiP mask for a
     /// chunk (forgetting the decode mask), or the cached-mask decode path for one token.
     fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Result<Route<'_>> {
-        let AttentionState { backend, caches, rope } = self;
+        let AttentionState { backend, caches, rope, .. } = self;
         let backend = &*backend;
         if let AttentionBackend::Hip(cfg) = backend {
             if let Some(layer_cfg) = cfg.extend_layer_config(layer) {
@@ -194,6 +212,9 @@ impl AttentionState {
                 Some(t) => t.clone(),
                 None => Tensor::from_slice(kv.block_table, kv.block_table.len(), kv.k.device())?,
             };
+            if let Some(store) = kv.host {
+                return self.attend_offloaded(layer, seq, q, kv, store, &table, scale);
+            }
             let view =
                 CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len: kv.len };
             let q = q.to_dtype(kv.k.dtype())?;
@@ -226,9 +247,105 @@ impl AttentionState {
         }
     }
 
-    /// Forgets every cached mask of `seq` (after it was removed or truncated).
+    /// Attention over an offloaded layer (its rows in `store`, read through the layer's GPU
+    /// caches).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_offloaded(
+        &mut self,
+        layer: usize,
+        seq: SeqId,
+        q: &Tensor,
+        kv: &DeviceLayerView<'_>,
+        store: &hip_kernels::cuda::HostKvStore,
+        table: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        use hip_kernels::cuda::{
+            dense_attn_offload_cuda, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, LayerCaches,
+            OffloadedKv,
+        };
+        let okv = OffloadedKv { store, block_table: table, block_size: kv.block_size, len: kv.len };
+        let q = q.to_dtype(store.dtype())?;
+        let Some(off) = self.offload.as_mut() else {
+            return Err(crate::Error::arg(
+                "offload",
+                "none",
+                "an offloaded KV cache needs AttentionState::set_offload",
+            ));
+        };
+        // Out of the map while the route borrows the state; back in after.
+        let mut lc = match off.caches.remove(&(seq, layer)) {
+            Some(lc) => lc,
+            None => LayerCaches::new(
+                q.device(),
+                &off.cfg,
+                store.heads_kv(),
+                store.head_dim(),
+                store.dtype(),
+                off.max_tokens,
+            )?,
+        };
+        let out = match self.route(layer, seq, q.dim(1)?)? {
+            Route::Dense => dense_attn_offload_cuda(&q, &okv, scale),
+            Route::Prefill(cfg) => hip_attn_offload_cuda(&q, &okv, &mut lc, cfg, scale),
+            Route::Decode(cfg, cache) => hip_attn_decode_offload_cuda(&q, &okv, &mut lc, cfg, scale, cache),
+            Route::Streaming(_) | Route::Extend(..) => {
+                return Err(crate::Error::arg(
+                    "attention",
+                    "streaming or Dynamic RoPE",
+                    "offloaded layers run dense or HiP attention only",
+                ))
+            }
+        };
+        if let Some(off) = self.offload.as_mut() {
+            off.caches.insert((seq, layer), lc);
+        }
+        Ok(out?)
+    }
+
+    /// Forgets every cached mask of `seq` (after it was removed or truncated), and its offload
+    /// caches.
     pub fn forget(&mut self, seq: SeqId) {
         self.caches.retain(|(s, _), _| *s != seq);
+        #[cfg(feature = "cuda")]
+        if let Some(o) = self.offload.as_mut() {
+            o.caches.retain(|(s, _), _| *s != seq);
+        }
+    }
+
+    /// KV-cache offloading: layers whose device view carries a host store
+    /// ([`PagedKvCache::new_on_device_offloaded`](crate::kv::PagedKvCache::new_on_device_offloaded))
+    /// are attended through two GPU caches per (sequence, layer) sized by `cfg`, covering
+    /// sequences of up to `max_tokens` tokens (see [`hip_kernels::cuda::LayerCaches`]).
+    /// Offloaded layers support dense and HiP attention (without Dynamic RoPE).
+    ///
+    /// # Errors
+    /// An invalid `cfg`.
+    #[cfg(feature = "cuda")]
+    pub fn set_offload(&mut self, cfg: hip_kernels::offload::Offload, max_tokens: usize) -> Result<()> {
+        cfg.validate()?;
+        self.offload = Some(OffloadState { cfg, max_tokens, caches: HashMap::new() });
+        Ok(())
+    }
+
+    /// Counters and GPU bytes of the offload caches of every sequence and layer, by cache kind:
+    /// `(mask, sparse attention, GPU bytes)`; `None` without offloading. Waits for the device.
+    ///
+    /// # Errors
+    /// Driver errors.
+    #[cfg(feature = "cuda")]
+    pub fn offload_stats(
+        &self,
+    ) -> Result<Option<(hip_kernels::offload::OffloadStats, hip_kernels::offload::OffloadStats, u64)>> {
+        let Some(o) = self.offload.as_ref() else { return Ok(None) };
+        let (mut mask, mut sparse, mut bytes) = (Default::default(), Default::default(), 0);
+        for c in o.caches.values() {
+            hip_kernels::offload::OffloadStats::merge(&mut mask, &c.mask.stats()?);
+            hip_kernels::offload::OffloadStats::merge(&mut sparse, &c.sparse.stats()?);
+            bytes += c.gpu_bytes();
+        }
+        Ok(Some((mask, sparse, bytes)))
     }
 
     /// Gives `child` copies of `parent`'s cached masks (after a fork).

@@ -41,6 +41,27 @@ pub struct EngineConfig {
     /// ([`PagedKvCache::new_file_backed`]) instead of in RAM, so `kv_budget_bytes` may exceed
     /// the memory. `None` (the default): in RAM.
     pub kv_dir: Option<std::path::PathBuf>,
+    /// GPU engine: KV-cache offloading ([`hip_kernels::offload`]): the HiP layers' K/V live in
+    /// pinned host memory and attention reads them through two small GPU caches per layer and
+    /// sequence sized by this; dense layers stay on the GPU. Needs the HiP backend without
+    /// Dynamic RoPE. `None` (the default): the whole cache on the GPU.
+    pub offload: Option<hip_kernels::offload::Offload>,
+}
+
+/// What KV-cache offloading did so far ([`Engine::offload_report`]): counters of the
+/// mask-estimation and sparse-attention caches of every sequence and layer (distinct entries per
+/// mask refresh), their GPU bytes, and the pinned host bytes of the offloaded layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct OffloadReport {
+    /// The mask-estimation (key) caches.
+    pub mask: hip_kernels::offload::OffloadStats,
+    /// The sparse-attention (key and value) caches.
+    pub sparse: hip_kernels::offload::OffloadStats,
+    /// GPU bytes of the caches (banks, page tables, policy state).
+    pub gpu_cache_bytes: u64,
+    /// Pinned host bytes holding the offloaded layers' K/V.
+    pub host_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +73,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             max_context: None,
             kv_dir: None,
+            offload: None,
         }
     }
 }
@@ -86,6 +108,11 @@ impl EngineConfig {
     /// [`EngineConfig::kv_dir`]).
     pub fn with_kv_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.kv_dir = Some(dir.into());
+        self
+    }
+    /// Offloads the (GPU) KV cache to pinned host memory (see [`EngineConfig::offload`]).
+    pub fn with_offload(mut self, offload: hip_kernels::offload::Offload) -> Self {
+        self.offload = Some(offload);
         self
     }
 }
@@ -162,7 +189,9 @@ impl Engine {
         let budget = if on_gpu { cfg.kv_budget_bytes.saturating_mul(2) } else { cfg.kv_budget_bytes };
         let kv_cfg =
             KvCacheConfig::for_bytes(mc.layers, mc.kv_heads, mc.head_dim, cfg.kv_block_size, budget)?;
+        let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);
         let kv = match (&cfg.kv_dir, on_gpu) {
+            _ if cfg.offload.is_some() => Self::offloaded_cache(&cfg, kv_cfg, &model, max_context)?,
             (Some(dir), true) => {
                 return Err(Error::arg(
                     "kv_dir",
@@ -174,8 +203,12 @@ impl Engine {
             (Some(dir), false) => PagedKvCache::new_file_backed(kv_cfg, dir)?,
             (None, false) => PagedKvCache::new(kv_cfg)?,
         };
-        let attn = AttentionState::new(cfg.attention.clone())?;
-        let max_context = cfg.max_context.unwrap_or(mc.context_length).max(1);
+        #[allow(unused_mut)]
+        let mut attn = AttentionState::new(cfg.attention.clone())?;
+        #[cfg(feature = "cuda")]
+        if let Some(o) = &cfg.offload {
+            attn.set_offload(o.clone(), max_context)?;
+        }
         if max_context > mc.context_length && !attn.rotates_keys() {
             tracing::warn!(
                 max_context,
@@ -195,6 +228,76 @@ impl Engine {
             reqs: BTreeMap::new(),
             next_request: 0,
         })
+    }
+
+    /// The KV cache of an offloading engine: HiP layers in pinned host memory, dense layers on
+    /// the GPU.
+    fn offloaded_cache(
+        cfg: &EngineConfig,
+        kv_cfg: KvCacheConfig,
+        model: &Model,
+        max_context: usize,
+    ) -> Result<PagedKvCache> {
+        let o = cfg.offload.as_ref().expect("called with offload set");
+        o.validate()?;
+        if cfg.kv_dir.is_some() || !model.device().is_cuda() {
+            return Err(Error::arg(
+                "offload",
+                "set",
+                "KV-cache offloading is for a GPU engine without kv_dir (the CPU engine's analogue is kv_dir)",
+            ));
+        }
+        let hip = match &cfg.attention {
+            AttentionBackend::Hip(h) if h.rope_extend.is_none() => h,
+            _ => {
+                return Err(Error::arg(
+                    "offload",
+                    "set",
+                    "KV-cache offloading needs the HiP backend without Dynamic RoPE",
+                ))
+            }
+        };
+        let flags: Vec<bool> = (0..kv_cfg.num_layers).map(|l| !hip.is_dense_layer(l)).collect();
+        let layers = flags.iter().filter(|&&f| f).count();
+        let host = (kv_cfg.num_blocks * kv_cfg.block_size * kv_cfg.row_len() * 2 * 2 * layers) as u64;
+        if o.host_budget_bytes > 0 && host > o.host_budget_bytes {
+            return Err(hip_kernels::Error::HostBudgetExceeded {
+                tokens: kv_cfg.num_blocks * kv_cfg.block_size,
+                need: host,
+                budget: o.host_budget_bytes,
+            }
+            .into());
+        }
+        let _ = max_context;
+        #[cfg(feature = "cuda")]
+        {
+            PagedKvCache::new_on_device_offloaded(kv_cfg, model.device(), candle_core::DType::BF16, &flags)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::arg("offload", "set", "KV-cache offloading needs the `cuda` feature"))
+        }
+    }
+
+    /// What KV-cache offloading did so far, or `None` when the engine does not offload (waits
+    /// for the device).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn offload_report(&self) -> Result<Option<OffloadReport>> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(self.attn.offload_stats()?.map(|(mask, sparse, gpu_cache_bytes)| OffloadReport {
+                mask,
+                sparse,
+                gpu_cache_bytes,
+                host_bytes: self.kv.host_bytes(),
+            }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Ok(None)
+        }
     }
 
     /// The model.

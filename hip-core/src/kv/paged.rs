@@ -62,8 +62,13 @@ pub struct PagedKvCache {
     block_floats: usize,
     /// Host storage (empty when the cache lives on a device).
     layers: Vec<LayerStore>,
-    /// Device storage: per layer K and V, `[num_blocks * block_size, num_kv_heads, head_dim]`.
+    /// Device storage: per layer K and V, `[num_blocks * block_size, num_kv_heads, head_dim]`
+    /// (a one-row placeholder for an offloaded layer).
     device: Option<Vec<(Tensor, Tensor)>>,
+    /// Offloaded layers (KV-cache offloading): the layer's K/V in pinned host memory instead of
+    /// `device`, laid out the same way.
+    #[cfg(feature = "cuda")]
+    host: Vec<Option<hip_kernels::cuda::HostKvStore>>,
     /// Bytes of one K or V element: 4 on the host (f32), the dtype's size on a device.
     elem_bytes: usize,
     pool: BlockPool,
@@ -125,6 +130,8 @@ impl PagedKvCache {
             block_floats,
             layers,
             device: None,
+            #[cfg(feature = "cuda")]
+            host: Vec::new(),
             elem_bytes: 4,
             pool,
             seqs: BTreeMap::new(),
@@ -159,11 +166,92 @@ impl PagedKvCache {
             block_floats,
             layers: Vec::new(),
             device: Some(layers),
+            #[cfg(feature = "cuda")]
+            host: Vec::new(),
             elem_bytes: dtype.size_in_bytes(),
             pool,
             seqs: BTreeMap::new(),
             next_id: 0,
         })
+    }
+
+    /// [`new_on_device`](Self::new_on_device), except that the layers with `offloaded[layer]`
+    /// keep their blocks in pinned, device-mapped host memory
+    /// ([`HostKvStore`](hip_kernels::cuda::HostKvStore)): the GPU then holds only the resident
+    /// layers' blocks, and attention reads offloaded layers through small GPU caches
+    /// ([`AttentionState::set_offload`](crate::attention::AttentionState::set_offload)). Writes go
+    /// through to host memory; forks copy blocks on write as for device layers.
+    ///
+    /// # Errors
+    /// As [`new_on_device`](Self::new_on_device); `offloaded` not one flag per layer;
+    /// [`hip_kernels::Error::PinnedAllocRefused`] (as [`Error::Kernel`]) when the host memory
+    /// cannot be pinned.
+    #[cfg(feature = "cuda")]
+    pub fn new_on_device_offloaded(
+        cfg: KvCacheConfig,
+        device: &Device,
+        dtype: DType,
+        offloaded: &[bool],
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if offloaded.len() != cfg.num_layers {
+            return Err(Error::arg(
+                "offloaded",
+                format!("{} flags", offloaded.len()),
+                format!("one per layer ({})", cfg.num_layers),
+            ));
+        }
+        let rows = cfg.num_blocks * cfg.block_size;
+        let mut device_layers = Vec::with_capacity(cfg.num_layers);
+        let mut host = Vec::with_capacity(cfg.num_layers);
+        for &off in offloaded {
+            let n = if off { 1 } else { rows };
+            let shape = (n, cfg.num_kv_heads, cfg.head_dim);
+            device_layers.push((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?));
+            host.push(if off {
+                Some(hip_kernels::cuda::HostKvStore::new(
+                    device,
+                    rows,
+                    cfg.num_kv_heads,
+                    cfg.head_dim,
+                    dtype,
+                )?)
+            } else {
+                None
+            });
+        }
+        let row_len = cfg.row_len();
+        let pool = BlockPool::new(cfg.num_blocks);
+        Ok(PagedKvCache {
+            block_floats: cfg.block_size * row_len,
+            row_len,
+            layers: Vec::new(),
+            device: Some(device_layers),
+            host,
+            elem_bytes: dtype.size_in_bytes(),
+            pool,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            cfg,
+        })
+    }
+
+    /// The host store of `layer` when it is offloaded ([`new_on_device_offloaded`](Self::new_on_device_offloaded)).
+    #[cfg(feature = "cuda")]
+    pub fn host_store(&self, layer: usize) -> Option<&hip_kernels::cuda::HostKvStore> {
+        self.host.get(layer).and_then(Option::as_ref)
+    }
+
+    /// Pinned host bytes of the offloaded layers (0 without offloading).
+    pub fn host_bytes(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        {
+            self.host.iter().flatten().map(|h| h.bytes()).sum()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            0
+        }
     }
 
     /// Whether the blocks live on a device ([`new_on_device`](Self::new_on_device)).
@@ -302,6 +390,9 @@ impl PagedKvCache {
             return Err(Error::KvCacheFull { needed, free });
         }
 
+        #[cfg(feature = "cuda")]
+        let PagedKvCache { seqs, pool, layers, device, block_floats, host, .. } = self;
+        #[cfg(not(feature = "cuda"))]
         let PagedKvCache { seqs, pool, layers, device, block_floats, .. } = self;
         let st = seqs.get_mut(&seq.0).expect("looked up above");
         if new_blocks + cow.len() > 0 {
@@ -317,7 +408,14 @@ impl PagedKvCache {
             }
             if let Some(dev) = device.as_ref() {
                 let (src, dst) = (old as usize * bs, new as usize * bs);
-                for (k, v) in dev {
+                for (layer, (k, v)) in dev.iter().enumerate() {
+                    #[cfg(not(feature = "cuda"))]
+                    let _ = layer;
+                    #[cfg(feature = "cuda")]
+                    if let Some(store) = host.get_mut(layer).and_then(Option::as_mut) {
+                        store.copy_rows(src, dst, bs)?;
+                        continue;
+                    }
                     k.slice_set(&k.narrow(0, src, bs)?.copy()?, 0, dst)?;
                     v.slice_set(&v.narrow(0, src, bs)?.copy()?, 0, dst)?;
                 }
@@ -426,6 +524,14 @@ impl PagedKvCache {
             v.to_device(ks.device())?.to_dtype(ks.dtype())?,
         );
         let bs = self.cfg.block_size;
+        #[cfg(feature = "cuda")]
+        if let Some(store) = self.host.get_mut(layer).and_then(Option::as_mut) {
+            let rows: Vec<u32> =
+                (st.len..st.len + n).map(|p| st.table[p / bs] * bs as u32 + (p % bs) as u32).collect();
+            let rows = Tensor::from_vec(rows, n, ks.device())?;
+            store.write_rows(&rows, &k, &v)?;
+            return Ok(());
+        }
         let (mut pos, mut done) = (st.len, 0);
         while done < n {
             let run = (bs - pos % bs).min(n - done);
@@ -508,6 +614,14 @@ impl PagedKvCache {
         let (ks, vs) = &dev[layer];
         let k = k.to_device(ks.device())?.to_dtype(ks.dtype())?.contiguous()?;
         let v = v.to_device(vs.device())?.to_dtype(vs.dtype())?.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if let Some(store) = self.host.get_mut(layer).and_then(Option::as_mut) {
+            // One pool row per token: the first element of each token's index block.
+            let n = rows.dim(0)?;
+            let rows = rows.narrow(1, 0, 1)?.narrow(2, 0, 1)?.reshape(n)?.contiguous()?;
+            store.write_rows(&rows, &k, &v)?;
+            return Ok(());
+        }
         ks.scatter_set(rows, &k, 0)?;
         vs.scatter_set(rows, &v, 0)?;
         Ok(())
@@ -531,6 +645,8 @@ impl PagedKvCache {
         let (k, v) = &dev[layer];
         let needed = len.div_ceil(self.cfg.block_size);
         Ok(DeviceLayerView {
+            #[cfg(feature = "cuda")]
+            host: self.host_store(layer),
             k,
             v,
             block_table: &st.table[..needed],
@@ -553,6 +669,11 @@ impl PagedKvCache {
         let bs = view.block_size;
         let rows: Vec<u32> =
             (0..len).map(|j| view.block_table[j / bs] * bs as u32 + (j % bs) as u32).collect();
+        #[cfg(feature = "cuda")]
+        if let Some(store) = view.host {
+            let rows: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+            return Ok(store.read_rows(&rows)?);
+        }
         let idx = Tensor::from_vec(rows, len, view.k.device())?;
         let get = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.index_select(&idx, 0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
@@ -848,6 +969,9 @@ impl LayerView<'_> {
 /// ([`PagedKvCache::device_layer`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceLayerView<'a> {
+    /// The layer's host store when it is offloaded (then `k` and `v` are placeholders).
+    #[cfg(feature = "cuda")]
+    pub host: Option<&'a hip_kernels::cuda::HostKvStore>,
     /// Key blocks `[num_blocks * block_size, num_kv_heads, head_dim]`.
     pub k: &'a Tensor,
     /// Value blocks, laid out like `k`.

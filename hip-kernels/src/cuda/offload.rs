@@ -233,6 +233,56 @@ impl HostKvStore {
         Ok(())
     }
 
+    /// Rows `rows` of K and of V as f32, token-major (`rows.len() × heads_kv × head_dim` each),
+    /// after every queued kernel finished (one wait for the device). For snapshots.
+    ///
+    /// # Errors
+    /// A row past the store; driver errors.
+    pub fn read_rows(&self, rows: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows) {
+            return Err(Error::arg("row", bad, format!("past the store's {} rows", self.rows)));
+        }
+        self.dev.cuda_stream().synchronize().map_err(cuda_err)?;
+        let len = self.heads_kv * self.head_dim;
+        let conv = |m: &Mapped<u16>| -> Result<Vec<f32>> {
+            let all = m.mem.as_slice().map_err(cuda_err)?;
+            let mut out = Vec::with_capacity(rows.len() * len);
+            for &r in rows {
+                let bits = &all[r * len..(r + 1) * len];
+                if self.dtype == DType::BF16 {
+                    out.extend(bits.iter().map(|&b| bf16::from_bits(b).to_f32()));
+                } else {
+                    out.extend(bits.iter().map(|&b| f16::from_bits(b).to_f32()));
+                }
+            }
+            Ok(out)
+        };
+        Ok((conv(&self.k)?, conv(&self.v)?))
+    }
+
+    /// Copies `n` rows from row `src` to row `dst` (K and V; copy-on-write of forked blocks),
+    /// after every queued kernel finished. The ranges may not overlap.
+    ///
+    /// # Errors
+    /// Ranges past the store or overlapping; driver errors.
+    pub fn copy_rows(&mut self, src: usize, dst: usize, n: usize) -> Result<()> {
+        let fits = |a: usize| a.checked_add(n).is_some_and(|e| e <= self.rows);
+        if !fits(src) || !fits(dst) || (src < dst + n && dst < src + n && n > 0) {
+            return Err(Error::arg(
+                "copy_rows",
+                format!("{n} rows {src} -> {dst}"),
+                format!("ranges must lie in the store's {} rows and not overlap", self.rows),
+            ));
+        }
+        self.dev.cuda_stream().synchronize().map_err(cuda_err)?;
+        let len = self.heads_kv * self.head_dim;
+        for m in [&mut self.k, &mut self.v] {
+            let all = m.mem.as_mut_slice().map_err(cuda_err)?;
+            all.copy_within(src * len..(src + n) * len, dst * len);
+        }
+        Ok(())
+    }
+
     /// Row `row` of K and of V as f32 (`heads_kv × head_dim` each), after every queued kernel
     /// finished (waits for the device). For tests and inspection.
     ///
@@ -394,7 +444,7 @@ pub struct GpuCache {
     /// refresh, so the update (mostly row copies over the bus) overlaps the steps in between.
     side: Option<Arc<CudaStream>>,
     /// An update was queued on `side` that the main stream has not waited for yet.
-    side_pending: std::cell::Cell<bool>,
+    side_pending: std::sync::atomic::AtomicBool,
     head_dim: usize,
     dev: CudaDevice,
 }
@@ -402,7 +452,8 @@ pub struct GpuCache {
 impl Drop for GpuCache {
     fn drop(&mut self) {
         // The buffers are freed in the main stream's order: let it wait for the side stream.
-        if let (Some(side), true) = (&self.side, self.side_pending.get()) {
+        if let (Some(side), true) = (&self.side, self.side_pending.load(std::sync::atomic::Ordering::Relaxed))
+        {
             let _ = self.dev.cuda_stream().join(side);
         }
     }
@@ -640,9 +691,10 @@ impl GpuCache {
     /// Makes the main stream wait for a pending side-stream update (before anything reads the
     /// bank or the table again).
     fn ready(&self) -> Result<()> {
-        if let (Some(side), true) = (&self.side, self.side_pending.get()) {
+        if let (Some(side), true) = (&self.side, self.side_pending.load(std::sync::atomic::Ordering::Relaxed))
+        {
             self.dev.cuda_stream().join(side).map_err(cuda_err)?;
-            self.side_pending.set(false);
+            self.side_pending.store(false, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -654,7 +706,7 @@ impl GpuCache {
         if self.side.is_some() {
             // After the step that recorded the list.
             stream.join(&self.dev.cuda_stream()).map_err(cuda_err)?;
-            self.side_pending.set(true);
+            self.side_pending.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let e = cuda_err;
         stream.memset_zeros(&mut self.ins_n).map_err(e)?;

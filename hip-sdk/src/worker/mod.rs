@@ -191,6 +191,8 @@ pub(crate) enum Command {
         session: Arc<SessionShared>,
         reply: oneshot::Sender<Result<SeqGuard>>,
     },
+    /// What KV-cache offloading did so far.
+    OffloadReport { reply: oneshot::Sender<Result<Option<hip_core::engine::OffloadReport>>> },
     /// Panics on the engine thread.
     #[cfg(test)]
     Panic,
@@ -386,6 +388,9 @@ impl Worker {
             Command::Fork { seq, child, reply } => {
                 let res = self.fork(seq, child);
                 let _ = reply.send(res);
+            }
+            Command::OffloadReport { reply } => {
+                let _ = reply.send(self.engine.offload_report().map_err(Error::from_core));
             }
             Command::Snapshot { seq, reply } => {
                 let res =

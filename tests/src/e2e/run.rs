@@ -64,6 +64,9 @@ pub struct RunSpec {
     pub block_size: usize,
     /// Seed of the prompt tokens.
     pub seed: u64,
+    /// KV-cache offloading of the HiP layers (CUDA builds; the prompt's KV is then forked into
+    /// the decoding sequences, whatever `prefix` says).
+    pub offload: Option<hip_core::Offload>,
 }
 
 /// The prefill of one (context, method).
@@ -127,6 +130,39 @@ pub fn new_cache(model: &Model, tokens: usize, block_size: usize) -> Result<Page
         PagedKvCache::new(cfg)
     };
     kv.map_err(|e| format!("KV cache for {tokens} tokens: {e}"))
+}
+
+/// [`new_cache`] with the HiP layers of `backend` offloaded to pinned host memory (CUDA builds).
+pub fn new_offloaded_cache(
+    model: &Model,
+    backend: &AttentionBackend,
+    offload: &hip_core::Offload,
+    tokens: usize,
+    block_size: usize,
+) -> Result<PagedKvCache, String> {
+    let AttentionBackend::Hip(hip) = backend else {
+        return Err("offloading needs the HiP backend".into());
+    };
+    offload.validate().map_err(|e| e.to_string())?;
+    let c = model.config();
+    let cfg = KvCacheConfig {
+        num_layers: c.layers,
+        num_kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        block_size,
+        num_blocks: tokens.div_ceil(block_size.max(1)).max(1),
+    };
+    let flags: Vec<bool> = (0..c.layers).map(|l| !hip.is_dense_layer(l)).collect();
+    #[cfg(feature = "cuda")]
+    {
+        PagedKvCache::new_on_device_offloaded(cfg, model.device(), DType::BF16, &flags)
+            .map_err(|e| format!("offloaded KV cache for {tokens} tokens: {e}"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cfg, flags);
+        Err("offloading needs the `cuda` feature".into())
+    }
 }
 
 /// A new sequence holding a copy of the committed tokens of `template` in blocks of its own
@@ -273,8 +309,18 @@ pub fn run(
     backend: AttentionBackend,
     spec: &RunSpec,
 ) -> Result<(Prefill, Vec<Decode>), String> {
-    let mut kv = new_cache(model, cache_tokens(spec), spec.block_size)?;
+    let mut kv = match &spec.offload {
+        Some(o) => new_offloaded_cache(model, &backend, o, cache_tokens(spec), spec.block_size)?,
+        None => new_cache(model, cache_tokens(spec), spec.block_size)?,
+    };
+    #[allow(unused_mut)]
     let mut attn = AttentionState::new(backend).map_err(|e| e.to_string())?;
+    #[cfg(feature = "cuda")]
+    if let Some(o) = &spec.offload {
+        attn.set_offload(o.clone(), cache_tokens(spec)).map_err(|e| e.to_string())?;
+    }
+    // Offloaded layers cannot be copied on the device: their sequences fork the prompt.
+    let prefix = if spec.offload.is_some() { PrefixMode::Fork } else { spec.prefix };
     let tokens = prompt(spec.context, model.config().vocab_size, spec.seed);
     let (template, first, pre) = prefill(model, &mut kv, &mut attn, &tokens, spec.chunk)?;
     let mut decodes = Vec::with_capacity(spec.batches.len());
@@ -288,7 +334,7 @@ pub fn run(
             b,
             spec.decode_warmup,
             spec.decode,
-            spec.prefix,
+            prefix,
         )?);
     }
     Ok((pre, decodes))

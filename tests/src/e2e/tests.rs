@@ -62,6 +62,7 @@ fn runner_measures_dense_and_hip_with_copies_and_forks() {
             prefix,
             block_size: 16,
             seed: 9,
+            offload: None,
         };
         for backend in [AttentionBackend::Dense, AttentionBackend::Hip(sparse())] {
             let (pre, decs) = run::run(&m, backend, &spec).unwrap();

@@ -6,7 +6,7 @@
 //! ```text
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
-//!               [--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
+//!               [--methods dense,hip,hip-offload] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
 //! ```
 //!
 //! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
@@ -21,7 +21,9 @@
 //!    See `hip_e2e::e2e::run` for exactly what each number covers.
 //!
 //! Prints a markdown row per (T, method, batch) as it finishes, writes JSON lines (`--json`), and
-//! ends with a summary of HiP over dense. `--tiny` swaps in a 2-layer model for a quick check of
+//! ends with a summary of HiP over dense. `hip-offload` is HiP with the HiP layers' KV offloaded
+//! to pinned host memory (default `Offload` caches; the prompt's KV is forked into the decoding
+//! sequences). `--tiny` swaps in a 2-layer model for a quick check of
 //! the whole pipeline.
 
 use std::io::Write;
@@ -39,7 +41,7 @@ use crate::R;
 /// Usage of the subcommand.
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
-[--methods dense,hip] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]";
+[--methods dense,hip,hip-offload] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]";
 
 struct Args {
     contexts: Vec<usize>,
@@ -102,8 +104,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--methods" => {
                 a.methods = val.split(',').map(|m| m.trim().to_string()).collect();
-                if let Some(bad) = a.methods.iter().find(|m| *m != "dense" && *m != "hip") {
-                    return Err(format!("--methods: {bad:?} (known: dense, hip)"));
+                if let Some(bad) =
+                    a.methods.iter().find(|m| !["dense", "hip", "hip-offload"].contains(&m.as_str()))
+                {
+                    return Err(format!("--methods: {bad:?} (known: dense, hip, hip-offload)"));
                 }
             }
             "--prefix" => {
@@ -172,9 +176,14 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => None,
     };
-    let backend =
-        |m: &str| if m == "hip" { AttentionBackend::Hip(a.hip.clone()) } else { AttentionBackend::Dense };
-    let spec = |context: usize, batches: Vec<usize>, decode: usize, decode_warmup: usize| RunSpec {
+    let backend = |m: &str| {
+        if m.starts_with("hip") {
+            AttentionBackend::Hip(a.hip.clone())
+        } else {
+            AttentionBackend::Dense
+        }
+    };
+    let spec = |m: &str, context: usize, batches: Vec<usize>, decode: usize, decode_warmup: usize| RunSpec {
         context,
         batches,
         decode,
@@ -183,10 +192,12 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         prefix: a.prefix,
         block_size: 16,
         seed: a.seed ^ context as u64,
+        offload: (m == "hip-offload").then(hip_core::Offload::default),
     };
     for m in &a.methods {
         let t = Instant::now();
-        run::run(&model, backend(m), &spec(2048, vec![2], 2, 0)).map_err(|e| format!("warm-up {m}: {e}"))?;
+        run::run(&model, backend(m), &spec(m, 2048, vec![2], 2, 0))
+            .map_err(|e| format!("warm-up {m}: {e}"))?;
         println!("warm-up {m}: {:.1} s", t.elapsed().as_secs_f64());
     }
     if let AttentionBackend::Hip(c) = backend("hip") {
@@ -204,7 +215,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     let mut failures = Vec::new();
     for &context in &a.contexts {
         for m in &a.methods {
-            let s = spec(context, a.batches.clone(), a.decode, a.decode_warmup);
+            let s = spec(m, context, a.batches.clone(), a.decode, a.decode_warmup);
             let need = run::cache_tokens(&s) * shape.kv_bytes_per_token(2);
             // Freed blocks of the previous run go back to the driver at a synchronisation.
             dev.synchronize()?;
