@@ -245,7 +245,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
                             decode_steps: d.steps,
                             kv_bytes: d.kv_bytes,
                             kv_bytes_in_use: d.kv_bytes_in_use,
-                            prefix: a.prefix.name().into(),
+                            prefix: if m == "hip-offload" { "fork".into() } else { a.prefix.name().into() },
                         };
                         println!("{}", row.markdown());
                         if let Some(f) = json.as_mut() {
