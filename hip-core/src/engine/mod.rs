@@ -268,13 +268,16 @@ impl Engine {
             }
             .into());
         }
-        let _ = max_context;
         #[cfg(feature = "cuda")]
         {
+            // One sequence's caches must fit next to the resident layers (typed error otherwise).
+            let shape = hip_kernels::offload::KvShape::new(layers, kv_cfg.num_kv_heads, kv_cfg.head_dim, 2);
+            o.check_fits(&shape, max_context, hip_kernels::cuda::free_gpu_bytes(model.device())?)?;
             PagedKvCache::new_on_device_offloaded(kv_cfg, model.device(), candle_core::DType::BF16, &flags)
         }
         #[cfg(not(feature = "cuda"))]
         {
+            let _ = max_context;
             Err(Error::arg("offload", "set", "KV-cache offloading needs the `cuda` feature"))
         }
     }

@@ -28,8 +28,8 @@ use crate::ops::hip_mask::HipMask;
 
 mod offload;
 pub use offload::{
-    dense_attn_offload_cuda, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache, HostKvStore,
-    LayerCaches, OffloadedKv,
+    dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
+    HostKvStore, LayerCaches, OffloadedKv,
 };
 
 /// `span_attn.cu` compiled by `build.rs`: SASS for sm_90 plus PTX (loaded without JIT on Hopper).

@@ -111,6 +111,16 @@ impl<
     }
 }
 
+/// Free bytes of `device`'s memory (for [`Offload::check_fits`] before building caches).
+///
+/// # Errors
+/// [`Error::UnsupportedDevice`] off CUDA; driver errors.
+pub fn free_gpu_bytes(device: &Device) -> Result<u64> {
+    let dev = cuda_device(device)?;
+    let (free, _) = dev.cuda_stream().context().mem_get_info().map_err(cuda_err)?;
+    Ok(free as u64)
+}
+
 /// A sequence's K/V rows in pinned, device-mapped host memory: the host store of offloading.
 ///
 /// Laid out like a device cache pool, `[rows, heads_kv, head_dim]` for K and for V, with a block
