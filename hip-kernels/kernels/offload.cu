@@ -19,6 +19,24 @@ extern "C" __global__ void offload_write_rows(const uint4* __restrict__ src_k, c
     }
 }
 
+// The same for the n tokens at positions start.. of a sequence: token p goes to row
+// table[p / page] * page + p % page (rows at or past n_rows are skipped: the block table is
+// trusted, the host memory is not written out of bounds).
+extern "C" __global__ void offload_write_span(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
+                                              uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ table,
+                                              int page, int start, int n, int chunks, long long n_rows) {
+    const long long total = (long long)n * chunks;
+    for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
+         x += (long long)gridDim.x * blockDim.x) {
+        const int p = start + (int)(x / chunks);
+        const long long row = (long long)table[p / page] * page + p % page;
+        if (row >= n_rows) continue;
+        const long long d = row * chunks + x % chunks;
+        dst_k[d] = src_k[x];
+        dst_v[d] = src_v[x];
+    }
+}
+
 // table[idx[i]] = val[i] for the n entries (evictions set -1, insertions their slot).
 extern "C" __global__ void offload_set_table(int* table, const long long* __restrict__ idx,
                                              const int* __restrict__ val, int n) {

@@ -77,6 +77,17 @@ fn host_store_holds_what_was_written() {
         assert_eq!(v, cpu(&tw.v.get(row).unwrap()), "V row {row}");
     }
     assert!(tw.store.read_row(tw.store.rows()).is_err());
+    // The decode write-through: positions 3..40 of the twin's sequence written through its
+    // block table land in the rows the table names.
+    let mut other = HostKvStore::new(&dev, tw.store.rows(), 2, 64, DType::BF16).unwrap();
+    let (k, v) = (randn(&[37, 2, 64], 11, &dev), randn(&[37, 2, 64], 12, &dev));
+    other.write_span(&tw.table, tw.bs, 3, &k, &v).unwrap();
+    for (i, p) in [(0, 3), (12, 15), (36, 39)] {
+        let (hk, hv) = other.read_row(tw.order_row(p)).unwrap();
+        assert_eq!(hk, cpu(&k.get(i).unwrap()), "span K position {p}");
+        assert_eq!(hv, cpu(&v.get(i).unwrap()), "span V position {p}");
+    }
+    assert!(other.write_span(&tw.table, tw.bs, tw.store.rows(), &k, &v).is_err(), "span past the table");
     let bad = Tensor::from_slice(&[tw.store.rows() as u32], 1, &dev).unwrap();
     let row = tw.k.narrow(0, 0, 1).unwrap();
     let mut store = tw.store;

@@ -526,10 +526,8 @@ impl PagedKvCache {
         let bs = self.cfg.block_size;
         #[cfg(feature = "cuda")]
         if let Some(store) = self.host.get_mut(layer).and_then(Option::as_mut) {
-            let rows: Vec<u32> =
-                (st.len..st.len + n).map(|p| st.table[p / bs] * bs as u32 + (p % bs) as u32).collect();
-            let rows = Tensor::from_vec(rows, n, ks.device())?;
-            store.write_rows(&rows, &k, &v)?;
+            let table = st.dev_table.as_ref().expect("uploaded above");
+            store.write_span(table, bs, st.len, &k, &v)?;
             return Ok(());
         }
         let (mut pos, mut done) = (st.len, 0);

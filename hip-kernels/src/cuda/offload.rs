@@ -205,19 +205,7 @@ impl HostKvStore {
     /// prefill chunk or a decode step, not a hot loop).
     pub fn write_rows(&mut self, rows: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = rows.elem_count();
-        let want = [n, self.heads_kv, self.head_dim];
-        for (name, t) in [("k", k), ("v", v)] {
-            if t.dims() != want {
-                return Err(Error::shape(name, format!("{want:?}"), t.dims()));
-            }
-            if t.dtype() != self.dtype {
-                return Err(Error::DType {
-                    name,
-                    expected: format!("{:?} like the store", self.dtype),
-                    got: t.dtype(),
-                });
-            }
-        }
+        self.check_rows(n, k, v)?;
         if rows.dtype() != DType::U32 {
             return Err(Error::DType { name: "rows", expected: "u32".into(), got: rows.dtype() });
         }
@@ -289,6 +277,72 @@ impl HostKvStore {
         for m in [&mut self.k, &mut self.v] {
             let all = m.mem.as_mut_slice().map_err(cuda_err)?;
             all.copy_within(src * len..(src + n) * len, dst * len);
+        }
+        Ok(())
+    }
+
+    /// Writes the `n` tokens of `k`, `v: [n, heads_kv, head_dim]` (on the store's device, its
+    /// dtype) at positions `start..start + n` of a sequence whose blocks `block_table` (u32, on
+    /// the device) lists: token `p` goes to row `block_table[p / block_size] * block_size + p %
+    /// block_size`. Unlike [`write_rows`](Self::write_rows) nothing is read back (the decode
+    /// step's write-through): the table is trusted like a [`super::CudaPagedKv`]'s, and a row
+    /// past the store is skipped on the device rather than written.
+    ///
+    /// # Errors
+    /// Shapes, dtypes or devices that do not match the store; a table too short for the span.
+    pub fn write_span(
+        &mut self,
+        block_table: &Tensor,
+        block_size: usize,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let n = k.dim(0)?;
+        self.check_rows(n, k, v)?;
+        if block_size == 0
+            || block_table.dtype() != DType::U32
+            || block_table.elem_count() * block_size < start + n
+        {
+            return Err(Error::arg(
+                "block_table",
+                format!("{} entries of {block_size} tokens", block_table.elem_count()),
+                format!("must be u32 and cover positions {start}..{}", start + n),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (k, v, table) = (k.contiguous()?, v.contiguous()?, block_table.contiguous()?);
+        let (kp, vp, tp) =
+            (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?, super::u32_ptr(&table, &self.dev)?);
+        let chunks = (self.heads_kv * self.head_dim / 8) as i32;
+        let (page, start_i, n_i, n_rows) = (block_size as i32, start as i32, n as i32, self.rows as i64);
+        let f = func(&self.dev, OFF, OFF_MODULE, "offload_write_span")?;
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&kp).arg(&vp).arg(&self.k.dev).arg(&self.v.dev).arg(&tp);
+        b.arg(&page).arg(&start_i).arg(&n_i).arg(&chunks).arg(&n_rows);
+        // SAFETY: argument list matches `offload_write_span`; sources hold n rows, the table
+        // covers the span (checked) and rows past the store are skipped by the kernel.
+        unsafe { b.launch(grid(n * chunks as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Checks `k`, `v` are `n` rows of the store's shape and dtype.
+    fn check_rows(&self, n: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let want = [n, self.heads_kv, self.head_dim];
+        for (name, t) in [("k", k), ("v", v)] {
+            if t.dims() != want {
+                return Err(Error::shape(name, format!("{want:?}"), t.dims()));
+            }
+            if t.dtype() != self.dtype {
+                return Err(Error::DType {
+                    name,
+                    expected: format!("{:?} like the store", self.dtype),
+                    got: t.dtype(),
+                });
+            }
         }
         Ok(())
     }

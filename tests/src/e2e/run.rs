@@ -112,17 +112,22 @@ fn greedy(logits: &[Tensor]) -> Result<Vec<u32>, String> {
     Tensor::cat(logits, 0).map_err(e)?.argmax(1).map_err(e)?.to_vec1::<u32>().map_err(e)
 }
 
-/// A KV cache for `tokens` tokens in total, on the model's device (bf16 blocks on a CUDA
-/// device, the f32 host cache otherwise).
-pub fn new_cache(model: &Model, tokens: usize, block_size: usize) -> Result<PagedKvCache, String> {
+/// The cache geometry of `model` for `tokens` tokens in blocks of `block_size`.
+fn cache_config(model: &Model, tokens: usize, block_size: usize) -> KvCacheConfig {
     let c = model.config();
-    let cfg = KvCacheConfig {
+    KvCacheConfig {
         num_layers: c.layers,
         num_kv_heads: c.kv_heads,
         head_dim: c.head_dim,
         block_size,
         num_blocks: tokens.div_ceil(block_size.max(1)).max(1),
-    };
+    }
+}
+
+/// A KV cache for `tokens` tokens in total, on the model's device (bf16 blocks on a CUDA
+/// device, the f32 host cache otherwise).
+pub fn new_cache(model: &Model, tokens: usize, block_size: usize) -> Result<PagedKvCache, String> {
+    let cfg = cache_config(model, tokens, block_size);
     let dev = model.device();
     let kv = if dev.is_cuda() {
         PagedKvCache::new_on_device(cfg, dev, DType::BF16)
@@ -145,13 +150,7 @@ pub fn new_offloaded_cache(
     };
     offload.validate().map_err(|e| e.to_string())?;
     let c = model.config();
-    let cfg = KvCacheConfig {
-        num_layers: c.layers,
-        num_kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        block_size,
-        num_blocks: tokens.div_ceil(block_size.max(1)).max(1),
-    };
+    let cfg = cache_config(model, tokens, block_size);
     let flags: Vec<bool> = (0..c.layers).map(|l| !hip.is_dense_layer(l)).collect();
     #[cfg(feature = "cuda")]
     {
