@@ -45,7 +45,7 @@ fn run(dev: &Device, offload: Option<Offload>, prompt: &[u32]) -> (Vec<Vec<f32>>
     let mut attn = AttentionState::new(AttentionBackend::Hip(hip.clone())).unwrap();
     let mut kv = match &offload {
         Some(o) => {
-            let flags: Vec<bool> = (0..c.layers).map(|l| !hip.is_dense_layer(l)).collect();
+            let flags = hip.hip_layers(c.layers);
             attn.set_offload(o.clone(), 4096).unwrap();
             PagedKvCache::new_on_device_offloaded(cfg, dev, candle_core::DType::BF16, &flags).unwrap()
         }
@@ -82,16 +82,20 @@ fn offloaded_model_matches_the_resident_cache() {
     let prompt = tokenizer().encode(TEXT, false).unwrap();
     let (want, want_tokens, none) = run(&dev, None, &prompt);
     assert!(none.is_none());
-    let (got, got_tokens, stats) = run(&dev, Some(small_caches()), &prompt);
-    eprintln!(
-        "{} prompt tokens; greedy {got_tokens:?}; offload {}",
-        prompt.len(),
-        stats.as_deref().unwrap_or("-")
-    );
-    assert_eq!(got_tokens, want_tokens, "greedy tokens");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let e = rel(g, w);
-        assert!(e <= 1e-3, "step {i}: logits rel err {e}");
+    // Prefill chunks staged on the GPU (the default) and read in place over the bus.
+    for offload in [small_caches(), small_caches().with_prefill_stage_bytes(0)] {
+        let stage = offload.prefill_stage_bytes;
+        let (got, got_tokens, stats) = run(&dev, Some(offload), &prompt);
+        eprintln!(
+            "{} prompt tokens, stage {stage}; greedy {got_tokens:?}; offload {}",
+            prompt.len(),
+            stats.as_deref().unwrap_or("-")
+        );
+        assert_eq!(got_tokens, want_tokens, "greedy tokens, stage {stage}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel(g, w);
+            assert!(e <= 1e-3, "stage {stage}, step {i}: logits rel err {e}");
+        }
     }
 }
 
@@ -127,6 +131,7 @@ fn offloading_engine_generates_like_the_resident_one_and_reports() {
     assert!(r.sparse.hits > 0 && r.sparse.misses > 0 && r.sparse.evictions > 0, "{r:?}");
     assert!(r.mask.hits > 0 && r.mask.inserts > 0, "{r:?}");
     assert!(r.host_bytes > 0 && r.gpu_cache_bytes > 0);
+    assert!(r.prefill_staged_bytes > 0, "prefill chunks were staged: {r:?}");
 
     // Offloading needs HiP (dense has nothing sparse to cache).
     let model = Model::from_gguf(smollm2(), &dev).unwrap();

@@ -5,14 +5,15 @@
 #include "common.cuh"
 
 // dst_k[rows[i]] = src_k[i] and dst_v[rows[i]] = src_v[i] for the n rows of `chunks` 16-byte
-// chunks each (a row is every KV head of one token).
+// chunks each (a row is every KV head of one token); rows at or past n_rows are skipped.
 extern "C" __global__ void offload_write_rows(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
                                               uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ rows,
-                                              int n, int chunks) {
+                                              int n, int chunks, long long n_rows) {
     const long long total = (long long)n * chunks;
     for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
          x += (long long)gridDim.x * blockDim.x) {
         const long long i = x / chunks, c = x % chunks;
+        if ((long long)rows[i] >= n_rows) continue;
         const long long d = (long long)rows[i] * chunks + c;
         dst_k[d] = src_k[x];
         dst_v[d] = src_v[x];
@@ -34,6 +35,27 @@ extern "C" __global__ void offload_write_span(const uint4* __restrict__ src_k, c
         const long long d = row * chunks + x % chunks;
         dst_k[d] = src_k[x];
         dst_v[d] = src_v[x];
+    }
+}
+
+// The reverse of offload_write_span: dst row i = the store row of position start + i, for the n
+// positions (a row at or past n_rows reads as zeros). Staging a sequence's rows on the GPU.
+extern "C" __global__ void offload_read_span(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
+                                             uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ table,
+                                             int page, int start, int n, int chunks, long long n_rows) {
+    const long long total = (long long)n * chunks;
+    for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
+         x += (long long)gridDim.x * blockDim.x) {
+        const int p = start + (int)(x / chunks);
+        const long long row = (long long)table[p / page] * page + p % page;
+        if (row >= n_rows) {
+            dst_k[x] = make_uint4(0, 0, 0, 0);
+            dst_v[x] = make_uint4(0, 0, 0, 0);
+            continue;
+        }
+        const long long s = row * chunks + x % chunks;
+        dst_k[x] = src_k[s];
+        dst_v[x] = src_v[s];
     }
 }
 

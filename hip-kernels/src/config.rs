@@ -179,6 +179,17 @@ impl HipConfig {
         self.dense_layers.contains(&layer)
     }
 
+    /// For each of `num_layers` layers, whether it runs HiP (not dense) attention: the layers
+    /// KV-cache offloading moves to the host.
+    ///
+    /// ```
+    /// let cfg = hip_kernels::HipConfig::paper(); // layers 0-2 dense
+    /// assert_eq!(cfg.hip_layers(5), [false, false, false, true, true]);
+    /// ```
+    pub fn hip_layers(&self, num_layers: usize) -> Vec<bool> {
+        (0..num_layers).map(|l| !self.is_dense_layer(l)).collect()
+    }
+
     /// Checks every field and combination.
     ///
     /// # Errors

@@ -88,10 +88,33 @@ fn host_store_holds_what_was_written() {
         assert_eq!(hv, cpu(&v.get(i).unwrap()), "span V position {p}");
     }
     assert!(other.write_span(&tw.table, tw.bs, tw.store.rows(), &k, &v).is_err(), "span past the table");
+    // Staging reads the span back through the same table, bit for bit.
+    let (sk, sv) = other.read_span(&tw.table, tw.bs, 3, 37).unwrap();
+    assert_eq!((max_diff(&sk, &k), max_diff(&sv, &v)), (0.0, 0.0), "read_span = what write_span wrote");
+    let (sk, _) = tw.store.read_span(&tw.table, tw.bs, 0, 0).unwrap();
+    assert_eq!(sk.dims(), [0, 2, 64]);
+    assert!(other.read_span(&tw.table, tw.bs, 1, tw.store.rows()).is_err(), "span past the table");
+    // A table naming a block past the store reads zeros there instead of out of bounds.
+    let past = Tensor::from_slice(&[0u32, (tw.store.rows() / tw.bs) as u32], 2, &dev).unwrap();
+    let (sk, sv) = tw.store.read_span(&past, tw.bs, 0, 2 * tw.bs).unwrap();
+    let tail = |t: &Tensor| t.narrow(0, tw.bs, tw.bs).unwrap().abs().unwrap().sum_all().unwrap();
+    let zero = |t: &Tensor| tail(t).to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!((zero(&sk), zero(&sv)), (0.0, 0.0));
+    assert_eq!(max_diff(&sk.narrow(0, 0, tw.bs).unwrap(), &tw.k.narrow(0, 0, tw.bs).unwrap()), 0.0);
     let bad = Tensor::from_slice(&[tw.store.rows() as u32], 1, &dev).unwrap();
     let row = tw.k.narrow(0, 0, 1).unwrap();
     let mut store = tw.store;
     assert!(matches!(store.write_rows(&bad, &row, &row), Err(Error::InvalidArgument { name: "rows", .. })));
+    // With the rows on the host too: checked there; the device list must have as many.
+    let past = [store.rows() as u32];
+    assert!(matches!(
+        store.write_rows_listed(&bad, &past, &row, &row),
+        Err(Error::InvalidArgument { name: "rows", .. })
+    ));
+    assert!(store.write_rows_listed(&bad, &[0, 1], &row, &row).is_err(), "lengths differ");
+    let one = Tensor::from_slice(&[5u32], 1, &dev).unwrap();
+    store.write_rows_listed(&one, &[5], &row, &row).unwrap();
+    assert_eq!(store.read_row(5).unwrap().0, cpu(&row.get(0).unwrap()));
 }
 
 #[test]
@@ -107,16 +130,30 @@ fn prefill_and_dense_match_the_resident_cache() {
         let want = dense_attn_paged_cuda(&q, &tw.paged(t_k), 0.088).unwrap();
         let got = dense_attn_offload_cuda(&q, &tw.offloaded(t_k), 0.088).unwrap();
         assert_eq!(max_diff(&got, &want), 0.0, "{what}: dense");
-        let offload = Offload::default().with_gpu_cache_tokens(256).with_mask_cache_tokens(512);
-        let mut caches = LayerCaches::new(&dev, &offload, hkv, d, DType::BF16, t_k).unwrap();
-        for cfg in [cfg.clone(), cfg.clone().with_prefill_tail(7, 1)] {
-            let want = hip_attn_paged_cuda(&q, &tw.paged(t_k), &cfg, 0.088).unwrap();
-            let got = hip_attn_offload_cuda(&q, &tw.offloaded(t_k), &mut caches, &cfg, 0.088).unwrap();
-            assert_eq!(max_diff(&got, &want), 0.0, "{what}: hip, tail {}", cfg.tail_queries);
+        // Read in place over the bus (no staging budget), and staged on the GPU first.
+        for stage in [0, 2 << 30] {
+            let offload = Offload::default()
+                .with_gpu_cache_tokens(256)
+                .with_mask_cache_tokens(512)
+                .with_prefill_stage_bytes(stage);
+            let mut caches = LayerCaches::new(&dev, &offload, hkv, d, DType::BF16, t_k).unwrap();
+            for cfg in [cfg.clone(), cfg.clone().with_prefill_tail(7, 1)] {
+                let want = hip_attn_paged_cuda(&q, &tw.paged(t_k), &cfg, 0.088).unwrap();
+                let got = hip_attn_offload_cuda(&q, &tw.offloaded(t_k), &mut caches, &cfg, 0.088).unwrap();
+                assert_eq!(
+                    max_diff(&got, &want),
+                    0.0,
+                    "{what}: hip, tail {}, stage {stage}",
+                    cfg.tail_queries
+                );
+            }
+            // Prefill reads are not recorded: nothing became resident.
+            let st = caches.sparse.stats().unwrap();
+            assert_eq!(st.hits + st.misses, 0, "{what}");
+            let rows = t_k.div_ceil(bs) * bs;
+            let staged = if stage == 0 { 0 } else { 2 * (rows * hkv * d * 2 * 2) as u64 };
+            assert_eq!(caches.staged_bytes(), staged, "{what}: stage {stage}");
         }
-        // Prefill reads are not recorded: nothing became resident.
-        let st = caches.sparse.stats().unwrap();
-        assert_eq!(st.hits + st.misses, 0, "{what}");
     }
 }
 

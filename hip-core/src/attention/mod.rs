@@ -63,6 +63,20 @@ struct OffloadState {
     caches: HashMap<(SeqId, usize), hip_kernels::cuda::LayerCaches>,
 }
 
+/// What the offload caches of every sequence and layer did ([`AttentionState::offload_stats`]).
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffloadTotals {
+    /// The mask-estimation caches' counters.
+    pub mask: hip_kernels::offload::OffloadStats,
+    /// The sparse-attention caches' counters.
+    pub sparse: hip_kernels::offload::OffloadStats,
+    /// GPU bytes of the caches.
+    pub gpu_bytes: u64,
+    /// Bytes prefill chunks staged from the host store to the GPU.
+    pub staged_bytes: u64,
+}
+
 impl AttentionState {
     /// A state for `backend`.
     ///
@@ -329,23 +343,22 @@ impl AttentionState {
         Ok(())
     }
 
-    /// Counters and GPU bytes of the offload caches of every sequence and layer, by cache kind:
-    /// `(mask, sparse attention, GPU bytes)`; `None` without offloading. Waits for the device.
+    /// Counters and GPU bytes of the offload caches of every sequence and layer, by cache kind;
+    /// `None` without offloading. Waits for the device.
     ///
     /// # Errors
     /// Driver errors.
     #[cfg(feature = "cuda")]
-    pub fn offload_stats(
-        &self,
-    ) -> Result<Option<(hip_kernels::offload::OffloadStats, hip_kernels::offload::OffloadStats, u64)>> {
+    pub fn offload_stats(&self) -> Result<Option<OffloadTotals>> {
         let Some(o) = self.offload.as_ref() else { return Ok(None) };
-        let (mut mask, mut sparse, mut bytes) = (Default::default(), Default::default(), 0);
+        let mut t = OffloadTotals::default();
         for c in o.caches.values() {
-            hip_kernels::offload::OffloadStats::merge(&mut mask, &c.mask.stats()?);
-            hip_kernels::offload::OffloadStats::merge(&mut sparse, &c.sparse.stats()?);
-            bytes += c.gpu_bytes();
+            hip_kernels::offload::OffloadStats::merge(&mut t.mask, &c.mask.stats()?);
+            hip_kernels::offload::OffloadStats::merge(&mut t.sparse, &c.sparse.stats()?);
+            t.gpu_bytes += c.gpu_bytes();
+            t.staged_bytes += c.staged_bytes();
         }
-        Ok(Some((mask, sparse, bytes)))
+        Ok(Some(t))
     }
 
     /// Gives `child` copies of `parent`'s cached masks (after a fork).

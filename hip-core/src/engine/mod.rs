@@ -62,6 +62,9 @@ pub struct OffloadReport {
     pub gpu_cache_bytes: u64,
     /// Pinned host bytes holding the offloaded layers' K/V.
     pub host_bytes: u64,
+    /// Bytes of K/V that prefill chunks copied from the host store to the GPU before attending
+    /// ([`Offload::prefill_stage_bytes`](hip_kernels::offload::Offload::prefill_stage_bytes)).
+    pub prefill_staged_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -257,7 +260,7 @@ impl Engine {
                 ))
             }
         };
-        let flags: Vec<bool> = (0..kv_cfg.num_layers).map(|l| !hip.is_dense_layer(l)).collect();
+        let flags = hip.hip_layers(kv_cfg.num_layers);
         let layers = flags.iter().filter(|&&f| f).count();
         let host = (kv_cfg.num_blocks * kv_cfg.block_size * kv_cfg.row_len() * 2 * 2 * layers) as u64;
         if o.host_budget_bytes > 0 && host > o.host_budget_bytes {
@@ -290,11 +293,12 @@ impl Engine {
     pub fn offload_report(&self) -> Result<Option<OffloadReport>> {
         #[cfg(feature = "cuda")]
         {
-            Ok(self.attn.offload_stats()?.map(|(mask, sparse, gpu_cache_bytes)| OffloadReport {
-                mask,
-                sparse,
-                gpu_cache_bytes,
+            Ok(self.attn.offload_stats()?.map(|t| OffloadReport {
+                mask: t.mask,
+                sparse: t.sparse,
+                gpu_cache_bytes: t.gpu_bytes,
                 host_bytes: self.kv.host_bytes(),
+                prefill_staged_bytes: t.staged_bytes,
             }))
         }
         #[cfg(not(feature = "cuda"))]

@@ -69,6 +69,10 @@ pub struct PagedKvCache {
     /// `device`, laid out the same way.
     #[cfg(feature = "cuda")]
     host: Vec<Option<hip_kernels::cuda::HostKvStore>>,
+    /// With offloaded layers: the rows [`pending_rows`](Self::pending_rows) named last, on the
+    /// host (checked there) and as a u32 tensor on the device, for writes through to the stores.
+    #[cfg(feature = "cuda")]
+    pending: Option<(Vec<u32>, Tensor)>,
     /// Bytes of one K or V element: 4 on the host (f32), the dtype's size on a device.
     elem_bytes: usize,
     pool: BlockPool,
@@ -132,6 +136,8 @@ impl PagedKvCache {
             device: None,
             #[cfg(feature = "cuda")]
             host: Vec::new(),
+            #[cfg(feature = "cuda")]
+            pending: None,
             elem_bytes: 4,
             pool,
             seqs: BTreeMap::new(),
@@ -168,6 +174,8 @@ impl PagedKvCache {
             device: Some(layers),
             #[cfg(feature = "cuda")]
             host: Vec::new(),
+            #[cfg(feature = "cuda")]
+            pending: None,
             elem_bytes: dtype.size_in_bytes(),
             pool,
             seqs: BTreeMap::new(),
@@ -228,6 +236,7 @@ impl PagedKvCache {
             layers: Vec::new(),
             device: Some(device_layers),
             host,
+            pending: None,
             elem_bytes: dtype.size_in_bytes(),
             pool,
             seqs: BTreeMap::new(),
@@ -584,6 +593,11 @@ impl PagedKvCache {
                 st.dev_table = Some(Tensor::from_slice(&st.table, st.table.len(), &device)?);
             }
         }
+        #[cfg(feature = "cuda")]
+        if self.host.iter().any(Option::is_some) {
+            let dev_rows = Tensor::from_slice(&rows, rows.len(), &device)?;
+            self.pending = Some((rows.clone(), dev_rows));
+        }
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let per = h * d;
         let idx: Vec<u32> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, per)).collect();
@@ -614,10 +628,16 @@ impl PagedKvCache {
         let v = v.to_device(vs.device())?.to_dtype(vs.dtype())?.contiguous()?;
         #[cfg(feature = "cuda")]
         if let Some(store) = self.host.get_mut(layer).and_then(Option::as_mut) {
-            // One pool row per token: the first element of each token's index block.
             let n = rows.dim(0)?;
-            let rows = rows.narrow(1, 0, 1)?.narrow(2, 0, 1)?.reshape(n)?.contiguous()?;
-            store.write_rows(&rows, &k, &v)?;
+            match &self.pending {
+                // The rows of the last pending_rows, checked on the host: nothing read back.
+                Some((host, dev)) if host.len() == n => store.write_rows_listed(dev, host, &k, &v)?,
+                _ => {
+                    // One pool row per token: the first element of each token's index block.
+                    let rows = rows.narrow(1, 0, 1)?.narrow(2, 0, 1)?.reshape(n)?.contiguous()?;
+                    store.write_rows(&rows, &k, &v)?;
+                }
+            }
             return Ok(());
         }
         ks.scatter_set(rows, &k, 0)?;

@@ -820,23 +820,9 @@ impl CudaPagedKv<'_> {
         if self.v.dims() != self.k.dims() {
             return Err(Error::shape("v", format!("the shape of k, {:?}", self.k.dims()), self.v.dims()));
         }
-        let bs = self.block_size;
-        if bs == 0 || nk % bs != 0 || self.len == 0 || self.len > nk {
-            return Err(Error::arg(
-                "paged kv",
-                format!("block_size {bs}, len {}, {nk} rows", self.len),
-                "block_size must divide the rows and 0 < len <= rows",
-            ));
-        }
-        let needed = self.len.div_ceil(bs);
-        if self.block_table.dtype() != DType::U32 || self.block_table.elem_count() < needed {
-            return Err(Error::arg(
-                "block_table",
-                format!("{:?} with {} entries", self.block_table.dtype(), self.block_table.elem_count()),
-                format!("must be u32 with at least {needed} entries"),
-            ));
-        }
+        let dims = paged_dims(nk, hkv, d, self.block_size, self.len, self.block_table, q)?;
         if cfg!(debug_assertions) {
+            let (bs, needed) = (self.block_size, self.len.div_ceil(self.block_size));
             let table = self.block_table.flatten_all()?.to_vec1::<u32>()?;
             if let Some(&bad) = table[..needed].iter().find(|&&b| b as usize >= nk / bs) {
                 return Err(Error::arg(
@@ -846,21 +832,53 @@ impl CudaPagedKv<'_> {
                 ));
             }
         }
-        let (b, t_q, heads_q, qd) =
-            q.dims4().map_err(|_| Error::shape("q", "[1, t_q, heads_q, head_dim]", q.dims()))?;
-        if b != 1 || qd != d || heads_q % hkv != 0 || t_q == 0 || t_q > self.len {
-            return Err(Error::shape(
-                "q",
-                format!("[1, t_q <= {}, a multiple of {hkv} heads, {d}]", self.len),
-                q.dims(),
-            ));
-        }
-        Ok(AttnDims { batch: 1, t_q, t_k: self.len, heads_q, heads_kv: hkv, head_dim: d })
+        Ok(dims)
     }
 
     fn paged(&self) -> Paged<'_> {
         Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: None }
     }
+}
+
+/// The checks a paged view of `rows` rows of `heads_kv × head_dim` shares, whatever holds the
+/// rows (a device pool or an offloaded host store): the block size divides the rows, `0 < len
+/// <= rows`, the u32 table covers `len`, and `q` is `[1, t_q <= len, a multiple of heads_kv,
+/// head_dim]`.
+pub(crate) fn paged_dims(
+    rows: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    block_size: usize,
+    len: usize,
+    table: &Tensor,
+    q: &Tensor,
+) -> Result<AttnDims> {
+    let bs = block_size;
+    if bs == 0 || rows % bs != 0 || len == 0 || len > rows {
+        return Err(Error::arg(
+            "paged kv",
+            format!("block_size {bs}, len {len}, {rows} rows"),
+            "block_size must divide the rows and 0 < len <= rows",
+        ));
+    }
+    let needed = len.div_ceil(bs);
+    if table.dtype() != DType::U32 || table.elem_count() < needed {
+        return Err(Error::arg(
+            "block_table",
+            format!("{:?} with {} entries", table.dtype(), table.elem_count()),
+            format!("must be u32 with at least {needed} entries"),
+        ));
+    }
+    let (b, t_q, heads_q, qd) =
+        q.dims4().map_err(|_| Error::shape("q", "[1, t_q, heads_q, head_dim]", q.dims()))?;
+    if b != 1 || qd != head_dim || heads_kv == 0 || heads_q % heads_kv != 0 || t_q == 0 || t_q > len {
+        return Err(Error::shape(
+            "q",
+            format!("[1, t_q <= {len}, a multiple of {heads_kv} heads, {head_dim}]"),
+            q.dims(),
+        ));
+    }
+    Ok(AttnDims { batch: 1, t_q, t_k: len, heads_q, heads_kv, head_dim })
 }
 
 /// Dense causal attention over a paged cache on CUDA (see [`crate::dense_attn`]).

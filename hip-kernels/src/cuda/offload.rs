@@ -137,6 +137,14 @@ pub struct HostKvStore {
     dev: CudaDevice,
 }
 
+impl Drop for HostKvStore {
+    fn drop(&mut self) {
+        // Kernels on any stream (a cache's side-stream update included) may still read the
+        // pinned memory: let them finish before it is freed.
+        let _ = self.dev.cuda_stream().context().synchronize();
+    }
+}
+
 impl std::fmt::Debug for HostKvStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostKvStore")
@@ -201,32 +209,56 @@ impl HostKvStore {
     ///
     /// # Errors
     /// Shapes, dtypes or devices that do not match the store; a row index past the store is
-    /// checked on the host (the indices are read back: this is the write-through path of a
-    /// prefill chunk or a decode step, not a hot loop).
+    /// checked on the host (the indices are read back, a wait for the device: hot loops use
+    /// [`write_rows_listed`](Self::write_rows_listed) or [`write_span`](Self::write_span)).
     pub fn write_rows(&mut self, rows: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
-        let n = rows.elem_count();
-        self.check_rows(n, k, v)?;
         if rows.dtype() != DType::U32 {
             return Err(Error::DType { name: "rows", expected: "u32".into(), got: rows.dtype() });
+        }
+        let host_rows = rows.flatten_all()?.to_vec1::<u32>()?;
+        self.write_rows_listed(rows, &host_rows, k, v)
+    }
+
+    /// [`write_rows`](Self::write_rows) when the caller has the rows on the host too
+    /// (`host_rows`, the content of `rows`): they are checked there, so nothing is read back
+    /// from the device (a batched decode step writes every layer this way). Should `rows`
+    /// differ from `host_rows`, a row past the store is still skipped on the device, never
+    /// written out of bounds.
+    ///
+    /// # Errors
+    /// As [`write_rows`](Self::write_rows); `rows` and `host_rows` of different lengths.
+    pub fn write_rows_listed(
+        &mut self,
+        rows: &Tensor,
+        host_rows: &[u32],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let n = host_rows.len();
+        self.check_rows(n, k, v)?;
+        if rows.dtype() != DType::U32 || rows.elem_count() != n {
+            return Err(Error::arg(
+                "rows",
+                format!("{:?} with {} entries", rows.dtype(), rows.elem_count()),
+                format!("must be u32 with the {n} entries of host_rows"),
+            ));
+        }
+        if let Some(&bad) = host_rows.iter().find(|&&r| r as usize >= self.rows) {
+            return Err(Error::arg("rows", bad, format!("past the store's {} rows", self.rows)));
         }
         if n == 0 {
             return Ok(());
         }
-        let host_rows = rows.flatten_all()?.to_vec1::<u32>()?;
-        if let Some(&bad) = host_rows.iter().find(|&&r| r as usize >= self.rows) {
-            return Err(Error::arg("rows", bad, format!("past the store's {} rows", self.rows)));
-        }
         let (k, v, rows) = (k.contiguous()?, v.contiguous()?, rows.contiguous()?);
         let (kp, vp, rp) =
             (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?, super::u32_ptr(&rows, &self.dev)?);
-        let chunks = (self.heads_kv * self.head_dim / 8) as i32;
-        let n_i = n as i32;
+        let (chunks, n_i, n_rows) = ((self.heads_kv * self.head_dim / 8) as i32, n as i32, self.rows as i64);
         let f = func(&self.dev, OFF, OFF_MODULE, "offload_write_rows")?;
         let stream = self.dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&kp).arg(&vp).arg(&self.k.dev).arg(&self.v.dev).arg(&rp).arg(&n_i).arg(&chunks);
-        // SAFETY: argument list matches `offload_write_rows`; sources hold n rows, every row index
-        // was checked against the store above.
+        b.arg(&kp).arg(&vp).arg(&self.k.dev).arg(&self.v.dev).arg(&rp).arg(&n_i).arg(&chunks).arg(&n_rows);
+        // SAFETY: argument list matches `offload_write_rows`; sources hold n rows, rows past the
+        // store are skipped by the kernel.
         unsafe { b.launch(grid(n * chunks as usize)) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -300,31 +332,104 @@ impl HostKvStore {
     ) -> Result<()> {
         let n = k.dim(0)?;
         self.check_rows(n, k, v)?;
+        self.check_span(block_table, block_size, start, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let (kp, vp) = (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?);
+        // SAFETY: the sources hold n rows (checked), the destination is the store.
+        unsafe {
+            self.span_kernel(
+                "offload_write_span",
+                block_table,
+                block_size,
+                start,
+                n,
+                [kp, vp, self.k.dev, self.v.dev],
+            )
+        }
+    }
+
+    /// Copies the rows of positions `start..start + n` of a sequence (found through
+    /// `block_table` as in [`write_span`](Self::write_span)) into new device tensors `[n,
+    /// heads_kv, head_dim]` of K and of V, in stream order: one coalesced pass over the bus.
+    /// This stages a sequence's rows on the GPU (an offloaded prefill chunk attends there). A
+    /// row past the store reads as zeros.
+    ///
+    /// # Errors
+    /// A table that is not u32 or too short for the span; device memory running out.
+    pub fn read_span(
+        &self,
+        block_table: &Tensor,
+        block_size: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check_span(block_table, block_size, start, n)?;
+        let device = Device::Cuda(self.dev.clone());
+        let shape = (n, self.heads_kv, self.head_dim);
+        let (k, v) = (Tensor::zeros(shape, self.dtype, &device)?, Tensor::zeros(shape, self.dtype, &device)?);
+        if n > 0 {
+            let (kp, vp) = (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?);
+            // SAFETY: the destinations are fresh tensors of n rows, the sources the store.
+            unsafe {
+                self.span_kernel(
+                    "offload_read_span",
+                    block_table,
+                    block_size,
+                    start,
+                    n,
+                    [self.k.dev, self.v.dev, kp, vp],
+                )
+            }?;
+        }
+        Ok((k, v))
+    }
+
+    /// Checks a block table covers positions `start..start + n`.
+    fn check_span(&self, block_table: &Tensor, block_size: usize, start: usize, n: usize) -> Result<()> {
+        let covered = block_table.elem_count().checked_mul(block_size);
         if block_size == 0
             || block_table.dtype() != DType::U32
-            || block_table.elem_count() * block_size < start + n
+            || covered.is_none_or(|c| start.checked_add(n).is_none_or(|e| c < e))
+            || start + n > i32::MAX as usize
         {
             return Err(Error::arg(
                 "block_table",
                 format!("{} entries of {block_size} tokens", block_table.elem_count()),
-                format!("must be u32 and cover positions {start}..{}", start + n),
+                format!("must be u32 and cover positions {start}..{}", start.saturating_add(n)),
             ));
         }
-        if n == 0 {
-            return Ok(());
-        }
-        let (k, v, table) = (k.contiguous()?, v.contiguous()?, block_table.contiguous()?);
-        let (kp, vp, tp) =
-            (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?, super::u32_ptr(&table, &self.dev)?);
+        Ok(())
+    }
+
+    /// Launches `offload_write_span` or `offload_read_span` over `n` positions from `start`;
+    /// `ptrs` = source K, source V, destination K, destination V.
+    ///
+    /// # Safety
+    /// The device side of `ptrs` (not the store) must hold `n` rows; the span was checked.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn span_kernel(
+        &self,
+        name: &str,
+        block_table: &Tensor,
+        block_size: usize,
+        start: usize,
+        n: usize,
+        ptrs: [u64; 4],
+    ) -> Result<()> {
+        let table = block_table.contiguous()?;
+        let tp = super::u32_ptr(&table, &self.dev)?;
         let chunks = (self.heads_kv * self.head_dim / 8) as i32;
         let (page, start_i, n_i, n_rows) = (block_size as i32, start as i32, n as i32, self.rows as i64);
-        let f = func(&self.dev, OFF, OFF_MODULE, "offload_write_span")?;
+        let f = func(&self.dev, OFF, OFF_MODULE, name)?;
         let stream = self.dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&kp).arg(&vp).arg(&self.k.dev).arg(&self.v.dev).arg(&tp);
+        b.arg(&ptrs[0]).arg(&ptrs[1]).arg(&ptrs[2]).arg(&ptrs[3]).arg(&tp);
         b.arg(&page).arg(&start_i).arg(&n_i).arg(&chunks).arg(&n_rows);
-        // SAFETY: argument list matches `offload_write_span`; sources hold n rows, the table
-        // covers the span (checked) and rows past the store are skipped by the kernel.
+        // SAFETY: the argument list matches both kernels; the table covers the span (checked by
+        // the caller) and rows past the store are skipped (write) or read as zeros (read).
         unsafe { b.launch(grid(n * chunks as usize)) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -401,31 +506,15 @@ impl OffloadedKv<'_> {
     /// [`Error::Shape`] / [`Error::InvalidArgument`] naming what does not fit.
     pub fn dims(&self, q: &Tensor) -> Result<AttnDims> {
         let s = self.store;
-        let bs = self.block_size;
-        if bs == 0 || s.rows % bs != 0 || self.len == 0 || self.len > s.rows {
-            return Err(Error::arg(
-                "offloaded kv",
-                format!("block_size {bs}, len {}, {} rows", self.len, s.rows),
-                "block_size must divide the rows and 0 < len <= rows",
-            ));
-        }
-        let needed = self.len.div_ceil(bs);
-        if self.block_table.dtype() != DType::U32 || self.block_table.elem_count() < needed {
-            return Err(Error::arg(
-                "block_table",
-                format!("{:?} with {} entries", self.block_table.dtype(), self.block_table.elem_count()),
-                format!("must be u32 with at least {needed} entries"),
-            ));
-        }
-        let (b, t_q, heads_q, qd) =
-            q.dims4().map_err(|_| Error::shape("q", "[1, t_q, heads_q, head_dim]", q.dims()))?;
-        if b != 1 || qd != s.head_dim || heads_q % s.heads_kv != 0 || t_q == 0 || t_q > self.len {
-            return Err(Error::shape(
-                "q",
-                format!("[1, t_q <= {}, a multiple of {} heads, {}]", self.len, s.heads_kv, s.head_dim),
-                q.dims(),
-            ));
-        }
+        let dims = super::paged_dims(
+            s.rows,
+            s.heads_kv,
+            s.head_dim,
+            self.block_size,
+            self.len,
+            self.block_table,
+            q,
+        )?;
         if q.dtype() != s.dtype {
             return Err(Error::DType {
                 name: "q",
@@ -433,12 +522,40 @@ impl OffloadedKv<'_> {
                 got: q.dtype(),
             });
         }
-        Ok(AttnDims { batch: 1, t_q, t_k: self.len, heads_q, heads_kv: s.heads_kv, head_dim: s.head_dim })
+        Ok(dims)
     }
 
     fn paged(&self, r: Residency) -> Paged<'_> {
         Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: Some(r) }
     }
+}
+
+/// The side stream of `dev`'s context (one per context, shared by every mask cache), created
+/// with the driver directly and wrapped as a borrowed stream. A stream made through cudarc
+/// (`CudaContext::new_stream`, `CudaStream::fork`) switches the whole context into cudarc's
+/// multi-stream mode, in which every use of every device buffer records CUDA events (each of
+/// candle's launches, for every argument): that made every decode step of a whole model about
+/// 4 ms slower (Qwen2.5-1.5B shapes on the H200, whatever the context length). The ordering
+/// between the streams is the caches' own ([`GpuCache`]: joins before and after each update).
+/// The stream lives as long as the process, like the loaded modules (it holds the context).
+fn side_stream(dev: &CudaDevice) -> Result<Arc<CudaStream>> {
+    use candle_core::cuda_backend::cudarc::driver::result::stream;
+    type Streams = std::collections::HashMap<usize, Arc<CudaStream>>;
+    static SIDE: std::sync::OnceLock<std::sync::Mutex<Streams>> = std::sync::OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let key = Arc::as_ptr(&ctx) as usize;
+    let mut map =
+        SIDE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(s) = map.get(&key) {
+        return Ok(Arc::clone(s));
+    }
+    ctx.bind_to_thread().map_err(cuda_err)?;
+    let raw = stream::create(stream::StreamKind::NonBlocking).map_err(cuda_err)?;
+    // SAFETY: `raw` is a stream of this context that is never destroyed; the caches order their
+    // work on it against the main stream themselves.
+    let side = unsafe { ctx.wrap_borrowed_stream(raw) };
+    map.insert(key, Arc::clone(&side));
+    Ok(side)
 }
 
 /// `LruArgs` of `offload.cu`.
@@ -509,6 +626,10 @@ pub struct GpuCache {
     side: Option<Arc<CudaStream>>,
     /// An update was queued on `side` that the main stream has not waited for yet.
     side_pending: std::sync::atomic::AtomicBool,
+    /// The block table the last side-stream update reads: a copy made on the main stream, so
+    /// that the sequence's own table may be replaced (and freed on the main stream) while the
+    /// update runs; dropped only after the main stream waited for the update.
+    side_table: Option<Tensor>,
     head_dim: usize,
     dev: CudaDevice,
 }
@@ -611,10 +732,11 @@ impl GpuCache {
                 .is_some_and(|v| v == "1")
                 .then_some(Default::default()),
             side: match kind {
-                CacheKind::Mask => Some(stream.fork().map_err(e)?),
+                CacheKind::Mask => Some(side_stream(&dev)?),
                 CacheKind::SparseAttn => None,
             },
             side_pending: Default::default(),
+            side_table: None,
             head_dim,
             dev,
         })
@@ -768,7 +890,9 @@ impl GpuCache {
         self.ready()?;
         let stream = self.update_stream();
         if self.side.is_some() {
-            // After the step that recorded the list.
+            // The previous copy is freed here, after the main stream waited for its reader.
+            self.side_table = Some(kv.block_table.copy()?);
+            // After the step that recorded the list (and the copy).
             stream.join(&self.dev.cuda_stream()).map_err(cuda_err)?;
             self.side_pending.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -814,10 +938,8 @@ impl GpuCache {
         unsafe { b.launch(cfg) }.map_err(e)?;
         let d_chunks = (self.head_dim / 8) as i32;
         let mut kva = KvArgs::contiguous(kv.store.k.dev, kv.store.v.dev, &self.kv_dims(kv));
-        kva.page(
-            &Paged { table: kv.block_table, page: kv.block_size, t_k: kv.len, offload: None },
-            &self.dev,
-        )?;
+        let table = self.side_table.as_ref().unwrap_or(kv.block_table);
+        kva.page(&Paged { table, page: kv.block_size, t_k: kv.len, offload: None }, &self.dev)?;
         let bk = half_ptr(&self.bank_k, &self.dev)?;
         let bv = match &self.bank_v {
             Some(t) => half_ptr(t, &self.dev)?,
@@ -917,6 +1039,10 @@ pub struct LayerCaches {
     pub mask: GpuCache,
     /// Keys and values read by block-sparse attention.
     pub sparse: GpuCache,
+    /// [`Offload::prefill_stage_bytes`].
+    stage_bytes: u64,
+    /// Bytes prefill chunks staged so far.
+    staged: u64,
 }
 
 impl LayerCaches {
@@ -945,7 +1071,18 @@ impl LayerCaches {
                 cfg.slots_per_head(kind, max_tokens),
             )
         };
-        Ok(LayerCaches { mask: make(CacheKind::Mask)?, sparse: make(CacheKind::SparseAttn)? })
+        Ok(LayerCaches {
+            mask: make(CacheKind::Mask)?,
+            sparse: make(CacheKind::SparseAttn)?,
+            stage_bytes: cfg.prefill_stage_bytes,
+            staged: 0,
+        })
+    }
+
+    /// Bytes of K/V that prefill chunks copied from the host store to the GPU before attending
+    /// ([`Offload::prefill_stage_bytes`]).
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged
     }
 
     /// Device bytes of both caches.
@@ -1005,8 +1142,15 @@ pub fn hip_attn_decode_offload_cuda(
 }
 
 /// HiP attention of a prefill chunk over an offloaded sequence (mask, then block-sparse
-/// attention, with the prefill tail of `cfg`): resident rows come from the caches' banks, the
-/// rest from the host store. Prefill reads are not recorded (they would flood the caches with
+/// attention, with the prefill tail of `cfg`).
+///
+/// When the sequence's rows of this layer (K and V, rounded up to whole blocks) take at most
+/// [`Offload::prefill_stage_bytes`], they are first copied to the GPU in one coalesced pass
+/// ([`HostKvStore::read_span`]) and the chunk attends there like a resident cache: a chunk's
+/// search and attention read keys all over the context, many of them several times, which over
+/// the bus costs far more than one copy. A longer sequence is attended in place: resident rows
+/// come from the caches' banks, the rest from the host store. Either way the outputs are the
+/// resident path's, and prefill reads are not recorded (they would flood the caches with
 /// one-off reads).
 ///
 /// # Errors
@@ -1021,6 +1165,17 @@ pub fn hip_attn_offload_cuda(
     let dims = kv.dims(q)?;
     crate::layout::check_scale(scale)?;
     caches.check(kv)?;
+    let blocks = kv.len.div_ceil(kv.block_size);
+    let rows = blocks * kv.block_size;
+    let bytes = (rows * dims.heads_kv * dims.head_dim * 2 * 2) as u64;
+    if bytes <= caches.stage_bytes {
+        let (k, v) = kv.store.read_span(kv.block_table, kv.block_size, 0, rows)?;
+        caches.staged += bytes;
+        let table = Tensor::arange(0u32, blocks as u32, q.device())?;
+        let view =
+            super::CudaPagedKv { k: &k, v: &v, block_table: &table, block_size: kv.block_size, len: kv.len };
+        return super::hip_attn_paged_cuda(q, &view, cfg, scale);
+    }
     caches.mask.ready()?;
     let (mres, sres) = (caches.mask.residency(kv.store, false), caches.sparse.residency(kv.store, false));
     let (mbank, sk) = (&caches.mask.bank_k, &caches.sparse.bank_k);

@@ -87,12 +87,18 @@ pub struct GpuFootprint {
     pub sa_cache: u64,
     /// The int32 page tables, two per layer.
     pub page_tables: u64,
+    /// The transient buffer a prefill chunk stages one layer's K/V in
+    /// ([`Offload::prefill_stage_bytes`]; freed after each layer, reused by the next).
+    pub prefill_stage: u64,
 }
 
 impl GpuFootprint {
-    /// The sum of the three parts (saturating).
+    /// The sum of the parts (saturating).
     pub fn total(&self) -> u64 {
-        self.mask_cache.saturating_add(self.sa_cache).saturating_add(self.page_tables)
+        self.mask_cache
+            .saturating_add(self.sa_cache)
+            .saturating_add(self.page_tables)
+            .saturating_add(self.prefill_stage)
     }
 }
 
@@ -111,12 +117,14 @@ impl GpuFootprint {
 /// |---|---|---|
 /// | `gpu_cache_tokens` | 8192 | InfiniteHiP's documented SA cache sizes are 5000 (1×L40S, Llama-3.1-8B, 2M context), 8000 (TP=2 A100-40GB) and 32768 (R1-Distill-Qwen-32B, TP=4). One decode step of [`HipConfig::paper`](crate::HipConfig::paper) reads `k + sink + window` = 784 tokens per head; 8192 (the A100 figure rounded to a power of two) holds about ten steps' worth, which the temporal locality of HiP's masks turns into high hit ratios (InfiniteHiP reports 88.6–99.8% SA hits with its stage caches on, 51–59% without) |
 /// | `mask_cache_tokens` | 65536 | the documented mask cache sizes are 64000 (L40S), 128000 (A100 TP=2) and 131072 (32B TP=4). The tree search touches ≈ `(k/b_sk)·log T` keys per head per refresh (§3; roughly 5,000–10,000 at 1M tokens with the paper config), and a decode step refreshes the mask only every `refresh_interval` steps, so 65536 (the L40S figure rounded up) holds several refreshes' worth |
+/// | `prefill_stage_bytes` | 2 GiB | a prefill chunk's mask search and attention read keys all over the context, each many times and uncached (prefill reads would flood the LRU caches), so reading them over the bus made offloaded prefill 5–6× slower than resident (H200, Qwen2.5-1.5B shapes). Copying the sequence's rows of one layer into a GPU buffer first (one coalesced pass over the bus) and attending there costs `tokens × row bytes` of PCIe traffic per layer and chunk instead. 2 GiB stages 512k tokens of a Llama-3.1-8B layer (2M of Qwen2.5-1.5B); longer sequences are read in place. 0 never stages |
 /// | `host_budget_bytes` | 0 = unlimited | the host store is ordinary (pinned under CUDA) host memory whose limit depends on the machine and what else runs on it, so no fixed number is right; the paper's RTX 4090 runs capped CPU KV at 32 GB. Set it to refuse a context before the machine swaps |
 ///
 /// At the defaults, Llama-3.1-8B (32 layers, 8 KV heads, head dim 128) with a bf16 cache takes
 /// 4 GiB of mask-cache banks and 1 GiB of SA-cache banks, plus 2 KiB of page tables per token
 /// of context (2 GiB at 1M tokens; trap 13 of hip-algorithm.md: the tables are O(T)), against
-/// 128 GiB for the full KV cache at 1M tokens.
+/// 128 GiB for the full KV cache at 1M tokens; prefill chunks borrow up to 2 GiB more for
+/// staging one layer at a time.
 ///
 /// ```
 /// use hip_kernels::offload::{KvShape, Offload};
@@ -143,11 +151,20 @@ pub struct Offload {
     pub mask_cache_tokens: usize,
     /// Most bytes the host KV store may take; 0 means unlimited.
     pub host_budget_bytes: u64,
+    /// Most bytes of one layer's K/V a prefill chunk copies to the GPU before attending (a
+    /// transient buffer, reused layer after layer); a longer sequence is attended in place over
+    /// the bus. 0 never stages.
+    pub prefill_stage_bytes: u64,
 }
 
 impl Default for Offload {
     fn default() -> Self {
-        Offload { gpu_cache_tokens: 8192, mask_cache_tokens: 65536, host_budget_bytes: 0 }
+        Offload {
+            gpu_cache_tokens: 8192,
+            mask_cache_tokens: 65536,
+            host_budget_bytes: 0,
+            prefill_stage_bytes: 2 << 30,
+        }
     }
 }
 
@@ -166,6 +183,16 @@ impl Offload {
     pub fn with_host_budget_bytes(mut self, bytes: u64) -> Self {
         self.host_budget_bytes = bytes;
         self
+    }
+    /// Sets the prefill staging budget in bytes (0: never stage).
+    pub fn with_prefill_stage_bytes(mut self, bytes: u64) -> Self {
+        self.prefill_stage_bytes = bytes;
+        self
+    }
+
+    /// Whether a prefill chunk over a sequence whose layer K/V takes `layer_bytes` stages it.
+    pub fn stages(&self, layer_bytes: u64) -> bool {
+        layer_bytes <= self.prefill_stage_bytes
     }
 
     /// Tokens per KV head of the cache of `kind`.
@@ -204,7 +231,9 @@ impl Offload {
 
     /// The GPU memory of the caches of every layer for contexts up to `max_tokens`, by part:
     /// per layer, the mask bank holds `slots × num_kv_heads` keys, the SA bank as many keys and
-    /// values, and the two page tables `4 × num_kv_heads × max_tokens` bytes each. The LRU
+    /// values, and the two page tables `4 × num_kv_heads × max_tokens` bytes each; once, the
+    /// prefill staging buffer (one layer's K/V for `max_tokens`, at most
+    /// [`prefill_stage_bytes`](Offload::prefill_stage_bytes)). The LRU
     /// bookkeeping ([`TokenCache`](super::TokenCache)) lives in host memory and is not counted.
     pub fn gpu_footprint(&self, shape: &KvShape, max_tokens: usize) -> GpuFootprint {
         let (layers, heads) = (shape.num_layers as u64, shape.num_kv_heads as u64);
@@ -217,6 +246,13 @@ impl Offload {
             mask_cache: bank(CacheKind::Mask),
             sa_cache: bank(CacheKind::SparseAttn),
             page_tables: product(&[layers, 2, 4, heads, max_tokens as u64]),
+            prefill_stage: self.prefill_stage_bytes.min(product(&[
+                heads,
+                max_tokens as u64,
+                shape.head_dim as u64,
+                shape.elem_bytes as u64,
+                2,
+            ])),
         }
     }
 
@@ -229,7 +265,7 @@ impl Offload {
     /// returns the bytes they need.
     ///
     /// # Errors
-    /// [`Error::GpuCachesTooLarge`] naming the need, the free bytes and the three parts.
+    /// [`Error::GpuCachesTooLarge`] naming the need, the free bytes and the parts.
     pub fn check_fits(&self, shape: &KvShape, max_tokens: usize, free_gpu_bytes: u64) -> Result<u64> {
         let f = self.gpu_footprint(shape, max_tokens);
         let need = f.total();
@@ -240,6 +276,7 @@ impl Offload {
                 mask_cache: f.mask_cache,
                 sa_cache: f.sa_cache,
                 page_tables: f.page_tables,
+                prefill_stage: f.prefill_stage,
             });
         }
         Ok(need)
@@ -279,6 +316,8 @@ mod tests {
         let d = Offload::default();
         d.validate().unwrap();
         assert_eq!((d.gpu_cache_tokens, d.mask_cache_tokens, d.host_budget_bytes), (8192, 65536, 0));
+        assert_eq!(d.prefill_stage_bytes, 2 << 30);
+        assert!(d.stages(2 << 30) && !d.stages((2 << 30) + 1) && !d.with_prefill_stage_bytes(0).stages(1));
     }
 
     #[test]
@@ -307,7 +346,10 @@ mod tests {
         assert_eq!(f.mask_cache, 3 * 40 * 2 * 8 * 2);
         assert_eq!(f.sa_cache, 3 * 10 * 2 * 8 * 2 * 2);
         assert_eq!(f.page_tables, 3 * 2 * 4 * 2 * 100);
-        assert_eq!(cfg.gpu_bytes(&shape, 100), f.mask_cache + f.sa_cache + f.page_tables);
+        assert_eq!(f.prefill_stage, 2 * 100 * 8 * 2 * 2); // one layer's K/V, under the budget
+        assert_eq!(cfg.gpu_bytes(&shape, 100), f.mask_cache + f.sa_cache + f.page_tables + f.prefill_stage);
+        let capped = cfg.clone().with_prefill_stage_bytes(100).gpu_footprint(&shape, 100);
+        assert_eq!(capped.prefill_stage, 100);
         // A context shorter than the caches: the banks shrink to it.
         let f = cfg.gpu_footprint(&shape, 20);
         assert_eq!(f.mask_cache, 3 * 20 * 2 * 8 * 2);
@@ -316,7 +358,8 @@ mod tests {
         let llama = KvShape::new(32, 8, 128, 2);
         let f = Offload::default().gpu_footprint(&llama, 1 << 20);
         assert_eq!((f.mask_cache, f.sa_cache, f.page_tables), (4 << 30, 1 << 30, 2 << 30));
-        // Absurd sizes saturate instead of overflowing.
+        assert_eq!(f.prefill_stage, 2 << 30); // capped: a 1M-token layer is 4 GiB
+                                              // Absurd sizes saturate instead of overflowing.
         let huge = KvShape::new(usize::MAX, usize::MAX, usize::MAX, 8);
         assert_eq!(Offload::default().gpu_bytes(&huge, usize::MAX), u64::MAX);
     }
@@ -329,11 +372,19 @@ mod tests {
         assert_eq!(cfg.check_fits(&shape, 16, need).unwrap(), need);
         match cfg.check_fits(&shape, 16, need - 1) {
             Err(e @ Error::GpuCachesTooLarge { .. }) => {
-                let Error::GpuCachesTooLarge { need: n, free, mask_cache, sa_cache, page_tables } = e else {
+                let Error::GpuCachesTooLarge {
+                    need: n,
+                    free,
+                    mask_cache,
+                    sa_cache,
+                    page_tables,
+                    prefill_stage,
+                } = e
+                else {
                     unreachable!()
                 };
                 assert_eq!((n, free), (need, need - 1));
-                assert_eq!(mask_cache + sa_cache + page_tables, need);
+                assert_eq!(mask_cache + sa_cache + page_tables + prefill_stage, need);
                 let msg = e.to_string();
                 assert!(msg.contains(&need.to_string()) && msg.contains("free"), "{msg}");
             }

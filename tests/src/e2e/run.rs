@@ -151,7 +151,7 @@ pub fn new_offloaded_cache(
     offload.validate().map_err(|e| e.to_string())?;
     let c = model.config();
     let cfg = cache_config(model, tokens, block_size);
-    let flags: Vec<bool> = (0..c.layers).map(|l| !hip.is_dense_layer(l)).collect();
+    let flags = hip.hip_layers(c.layers);
     #[cfg(feature = "cuda")]
     {
         PagedKvCache::new_on_device_offloaded(cfg, model.device(), DType::BF16, &flags)
@@ -279,6 +279,19 @@ pub fn decode(
         kv_bytes += kv.seq_bytes(s).map_err(e)?;
     }
     let kv_bytes_in_use = kv.bytes_in_use();
+    // The decoding sequences' offload caches go with them: report them first.
+    #[cfg(feature = "cuda")]
+    if let Some(t) = attn.offload_stats().map_err(e)? {
+        let pct = |s: &hip_core::OffloadStats| 100.0 * s.hits as f64 / (s.hits + s.misses).max(1) as f64;
+        eprintln!(
+            "offload, batch {batch}: mask hits {:.1}% ({:?}); sparse hits {:.1}% ({:?}); GPU caches {:.1} MB",
+            pct(&t.mask),
+            t.mask,
+            pct(&t.sparse),
+            t.sparse,
+            t.gpu_bytes as f64 / 1e6
+        );
+    }
     for s in seqs {
         kv.remove_sequence(s).map_err(e)?;
         attn.forget(s);
@@ -322,6 +335,10 @@ pub fn run(
     let prefix = if spec.offload.is_some() { PrefixMode::Fork } else { spec.prefix };
     let tokens = prompt(spec.context, model.config().vocab_size, spec.seed);
     let (template, first, pre) = prefill(model, &mut kv, &mut attn, &tokens, spec.chunk)?;
+    #[cfg(feature = "cuda")]
+    if let Some(t) = attn.offload_stats().map_err(|e| e.to_string())? {
+        eprintln!("offload, prefill: {:.2} GB staged on the GPU", t.staged_bytes as f64 / 1e9);
+    }
     let mut decodes = Vec::with_capacity(spec.batches.len());
     for &b in &spec.batches {
         decodes.push(decode(

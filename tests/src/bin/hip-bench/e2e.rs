@@ -6,7 +6,8 @@
 //! ```text
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
-//!               [--methods dense,hip,hip-offload] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
+//!               [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES]
+//!               [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
 //! ```
 //!
 //! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
@@ -23,7 +24,8 @@
 //! Prints a markdown row per (T, method, batch) as it finishes, writes JSON lines (`--json`), and
 //! ends with a summary of HiP over dense. `hip-offload` is HiP with the HiP layers' KV offloaded
 //! to pinned host memory (default `Offload` caches; the prompt's KV is forked into the decoding
-//! sequences). `--tiny` swaps in a 2-layer model for a quick check of
+//! sequences); `hip-offload-inplace` the same with prefill chunks attending over the bus instead
+//! of staging each layer's rows on the GPU first (`prefill_stage_bytes` 0). `--tiny` swaps in a 2-layer model for a quick check of
 //! the whole pipeline.
 
 use std::io::Write;
@@ -41,7 +43,8 @@ use crate::R;
 /// Usage of the subcommand.
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
-[--methods dense,hip,hip-offload] [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]";
+[--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES] [--prefix copy|fork] \
+[--seed 0] [--tiny] [--write-only]";
 
 struct Args {
     contexts: Vec<usize>,
@@ -58,6 +61,8 @@ struct Args {
     tiny: bool,
     /// Only write (or check) the model folder.
     write_only: bool,
+    /// The offload caches of the `hip-offload*` methods.
+    offload: hip_core::Offload,
 }
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -75,6 +80,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         seed: 0,
         tiny: false,
         write_only: false,
+        offload: hip_core::Offload::default(),
     };
     let list = |flag: &str, s: &str| -> Result<Vec<usize>, String> {
         s.split(',')
@@ -99,15 +105,33 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--json" => a.json = Some(val.into()),
             "--dir" => a.dir = Some(val.into()),
             "--hip-config" => a.hip = e2e::parse_hip_config(&val)?,
+            "--offload" => {
+                for kv in val.split(',') {
+                    let (k, v) =
+                        kv.split_once('=').ok_or_else(|| format!("--offload: {kv:?} is not key=value"))?;
+                    let n = num("--offload", v)?;
+                    a.offload = match k.trim() {
+                        "sa" => a.offload.with_gpu_cache_tokens(n),
+                        "mask" => a.offload.with_mask_cache_tokens(n),
+                        "stage" => a.offload.with_prefill_stage_bytes(n as u64),
+                        other => return Err(format!("--offload: unknown key {other:?} (sa, mask, stage)")),
+                    };
+                }
+                a.offload.validate().map_err(|e| format!("--offload: {e}"))?;
+            }
             "--seed" => {
                 a.seed = val.trim().parse().map_err(|_| format!("--seed: {val:?} is not a number"))?
             }
             "--methods" => {
                 a.methods = val.split(',').map(|m| m.trim().to_string()).collect();
-                if let Some(bad) =
-                    a.methods.iter().find(|m| !["dense", "hip", "hip-offload"].contains(&m.as_str()))
+                if let Some(bad) = a
+                    .methods
+                    .iter()
+                    .find(|m| !["dense", "hip", "hip-offload", "hip-offload-inplace"].contains(&m.as_str()))
                 {
-                    return Err(format!("--methods: {bad:?} (known: dense, hip, hip-offload)"));
+                    return Err(format!(
+                        "--methods: {bad:?} (known: dense, hip, hip-offload, hip-offload-inplace)"
+                    ));
                 }
             }
             "--prefix" => {
@@ -192,7 +216,11 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         prefix: a.prefix,
         block_size: 16,
         seed: a.seed ^ context as u64,
-        offload: (m == "hip-offload").then(hip_core::Offload::default),
+        offload: match m {
+            "hip-offload" => Some(a.offload.clone()),
+            "hip-offload-inplace" => Some(a.offload.clone().with_prefill_stage_bytes(0)),
+            _ => None,
+        },
     };
     for m in &a.methods {
         let t = Instant::now();
@@ -245,7 +273,11 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
                             decode_steps: d.steps,
                             kv_bytes: d.kv_bytes,
                             kv_bytes_in_use: d.kv_bytes_in_use,
-                            prefix: if m == "hip-offload" { "fork".into() } else { a.prefix.name().into() },
+                            prefix: if m.starts_with("hip-offload") {
+                                "fork".into()
+                            } else {
+                                a.prefix.name().into()
+                            },
                         };
                         println!("{}", row.markdown());
                         if let Some(f) = json.as_mut() {

@@ -1,5 +1,5 @@
 //! `hip-bench offload`: HiP decode attention of one layer at Llama-3.1-8B shapes (32 query heads,
-//! 8 KV heads, head dim 128, bf16) with the KV cache offloaded to pinned host memory (GPU caches
+//! 8 KV heads, head dim 128, bf16; `--heads 12,2` for Qwen2.5-1.5B's) with the KV cache offloaded to pinned host memory (GPU caches
 //! of `--sa-cache` / `--mask-cache` tokens per KV head) against the same decode over a
 //! GPU-resident cache, in the same process. The sequence grows by one token a step; the mask is
 //! refreshed every 8 steps (HipConfig::default()). Times are wall-clock per step over `--steps`
@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! hip-bench offload [--t 131072,524288,1048576] [--steps 64] [--warm 24] [--query drift|random]
-//!                   [--sigma 0.5] [--sa-cache 8192] [--mask-cache 65536] [--json out.jsonl]
+//!                   [--sigma 0.5] [--sa-cache 8192] [--mask-cache 65536] [--heads 32,8]
+//!                   [--json out.jsonl]
 //! ```
 
 use std::io::Write;
@@ -26,8 +27,6 @@ use hip_kernels::{HipConfig, MaskCache};
 
 use crate::R;
 
-const HQ: usize = 32;
-const HKV: usize = 8;
 const D: usize = 128;
 const BLOCK: usize = 64;
 
@@ -39,13 +38,15 @@ struct Args {
     sigma: f64,
     sa: usize,
     mask: usize,
+    /// Query and KV heads (`--heads 32,8`: Llama-3.1-8B; `12,2`: Qwen2.5-1.5B).
+    heads: (usize, usize),
     json: Option<String>,
 }
 
 /// Usage of the subcommand.
 pub const USAGE: &str =
     "hip-bench offload [--t LIST] [--steps N] [--warm N] [--query drift|random] [--sigma X] \
-                         [--sa-cache N] [--mask-cache N] [--json FILE]";
+                         [--sa-cache N] [--mask-cache N] [--heads 32,8] [--json FILE]";
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut a = Args {
@@ -56,6 +57,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         sigma: 0.5,
         sa: Offload::default().gpu_cache_tokens,
         mask: Offload::default().mask_cache_tokens,
+        heads: (32, 8),
         json: None,
     };
     let num = |f: &str, v: &str| v.parse::<usize>().map_err(|e| format!("{f}: {e}"));
@@ -81,6 +83,13 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--sa-cache" => a.sa = num(&flag, &val)?,
             "--mask-cache" => a.mask = num(&flag, &val)?,
             "--json" => a.json = Some(val),
+            "--heads" => {
+                let h = val.split_once(',').and_then(|(q, k)| Some((q.parse().ok()?, k.parse().ok()?)));
+                match h {
+                    Some((q, k)) if k > 0 && q % k == 0 => a.heads = (q, k),
+                    _ => return Err(format!("--heads: QUERY,KV with KV dividing QUERY, got {val:?}")),
+                }
+            }
             _ => return Err(format!("unknown flag {flag} (usage: {USAGE})")),
         }
     }
@@ -103,6 +112,7 @@ fn diff(a: OffloadStats, b: OffloadStats) -> OffloadStats {
 /// Runs `hip-bench offload` with the arguments after the subcommand.
 pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     let a = parse(args)?;
+    let (hq, hkv) = a.heads;
     let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
     let Device::Cuda(cd) = &dev else { unreachable!() };
     let stream = cd.cuda_stream();
@@ -115,7 +125,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     let offload = Offload::default().with_gpu_cache_tokens(a.sa).with_mask_cache_tokens(a.mask);
     let query = if a.random { "random".to_string() } else { format!("drift sigma {}", a.sigma) };
     println!(
-        "offload decode, one layer (32 q / 8 KV heads, d 128, bf16), k {}, refresh {}, queries {query}",
+        "offload decode, one layer ({hq} q / {hkv} KV heads, d 128, bf16), k {}, refresh {}, queries {query}",
         cfg.k, cfg.refresh_interval
     );
     println!("| T | resident ms/step | offloaded ms/step | offloaded / resident throughput | SA hit % | mask hit % | GPU cache MiB | full KV MiB | GPU / full |");
@@ -128,7 +138,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
             let parts = (0..rows.div_ceil(65_536))
                 .map(|i| {
                     let n = 65_536.min(rows - i * 65_536);
-                    Tensor::randn(seed as f32 * 1e-3, 1.0, (n, HKV, D), &dev)?.to_dtype(DType::BF16)
+                    Tensor::randn(seed as f32 * 1e-3, 1.0, (n, hkv, D), &dev)?.to_dtype(DType::BF16)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts, 0)?)
@@ -137,7 +147,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         let order: Vec<u32> = (0..n_blocks as u32).collect();
         let table = Tensor::from_slice(&order, n_blocks, &dev)?;
         let t0 = Instant::now();
-        let mut store = HostKvStore::new(&dev, rows, HKV, D, DType::BF16)?;
+        let mut store = HostKvStore::new(&dev, rows, hkv, D, DType::BF16)?;
         let pin_s = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         for i in 0..rows.div_ceil(65_536) {
@@ -154,17 +164,17 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
             full_bytes as f64 / (1u64 << 30) as f64,
             full_bytes as f64 / write_s / 1e9
         );
-        let base = Tensor::randn(0f32, 1.0, (1, 1, HQ, D), &dev)?;
+        let base = Tensor::randn(0f32, 1.0, (1, 1, hq, D), &dev)?;
         let total = a.warm + a.steps;
         let qs = (0..total)
             .map(|_| {
-                let noise = Tensor::randn(0f32, 1.0, (1, 1, HQ, D), &dev)?;
+                let noise = Tensor::randn(0f32, 1.0, (1, 1, hq, D), &dev)?;
                 let q = if a.random { noise } else { (&base + (noise * a.sigma)?)? };
                 q.to_dtype(DType::BF16)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let start = t - total;
-        let mut caches = LayerCaches::new(&dev, &offload, HKV, D, DType::BF16, t)?;
+        let mut caches = LayerCaches::new(&dev, &offload, hkv, D, DType::BF16, t)?;
         // The resident run first, then the offloaded one (alternating steps would let the
         // offloaded side-stream updates overlap the resident steps).
         let (mut m_res, mut m_off) = (MaskCache::new(), MaskCache::new());
@@ -247,7 +257,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         if let Some(f) = json.as_mut() {
             writeln!(
                 f,
-                "{{\"t\":{t},\"query\":\"{query}\",\"k\":{},\"sa_cache\":{},\"mask_cache\":{},\"resident_ms\":{ms_res},\"offload_ms\":{ms_off},\"sa_hit\":{},\"mask_hit\":{},\"sa_bytes_moved\":{},\"mask_bytes_moved\":{},\"gpu_cache_bytes\":{gpu},\"full_kv_bytes\":{full_bytes},\"pin_s\":{pin_s},\"write_s\":{write_s}}}",
+                "{{\"t\":{t},\"heads_q\":{hq},\"heads_kv\":{hkv},\"query\":\"{query}\",\"k\":{},\"sa_cache\":{},\"mask_cache\":{},\"resident_ms\":{ms_res},\"offload_ms\":{ms_off},\"sa_hit\":{},\"mask_hit\":{},\"sa_bytes_moved\":{},\"mask_bytes_moved\":{},\"gpu_cache_bytes\":{gpu},\"full_kv_bytes\":{full_bytes},\"pin_s\":{pin_s},\"write_s\":{write_s}}}",
                 cfg.k,
                 a.sa,
                 a.mask,
