@@ -51,14 +51,24 @@ __device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {
 // host store), or, when the offload page table says the row is resident, -2 - (its element
 // offset in the bank). -1 is left for "no row". With `rec`, the first read of the entry in this
 // epoch appends it to the access list (one thread per row read should pass `rec`).
+// Records a read of (head hk, token j) in the access list when it is the entry's first in this
+// epoch (nothing without offloading or recording). Its atomics wait for their results, so the
+// decode kernels call it apart from their row loads (after them, or in a pass of its own) rather
+// than through `kv_loc`'s `rec`, which would put that wait before every load.
+__device__ __forceinline__ void kv_record(const KvArgs& a, int j, int hk) {
+    if (a.res == nullptr || a.seen == nullptr) return;
+    const long long idx = (long long)hk * a.res_stride + j;
+    if (a.seen[idx] != a.epoch && atomicExch(&a.seen[idx], a.epoch) != a.epoch) {
+        const unsigned p = atomicAdd(a.list_n, 1u);
+        if (p < (unsigned)a.list_cap) a.list[p] = (unsigned)idx;
+    }
+}
+
 template <int D>
 __device__ __forceinline__ long long kv_loc(const KvArgs& a, int b, int j, int hk, bool rec) {
     if (a.res != nullptr) {
         const long long idx = (long long)hk * a.res_stride + j;
-        if (rec && a.seen != nullptr && a.seen[idx] != a.epoch && atomicExch(&a.seen[idx], a.epoch) != a.epoch) {
-            const unsigned p = atomicAdd(a.list_n, 1u);
-            if (p < (unsigned)a.list_cap) a.list[p] = (unsigned)idx;
-        }
+        if (rec) kv_record(a, j, hk);
         const int s = a.res[idx];
         if (s >= 0) return -2 - (long long)s * D;
     }

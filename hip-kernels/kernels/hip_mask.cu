@@ -466,7 +466,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
                     if (j >= 0) br[u] = bi;
                 }
-                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, lk == 0)) + lk * 8)
+                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, false)) + lk * 8)
                                : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
@@ -486,6 +486,16 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     }
                 }
                 if (lk == 0 && br[u] >= 0) atomicMax(&su[br[u]], ordered(best * scale));
+            }
+        }
+        // Offloading: record this iteration's reads, one slot per thread (apart from the loads
+        // above: the recording's atomics would otherwise stall every pass of them).
+        if (kv.seen != nullptr) {
+            for (int c = tid; c < slots; c += NT) {
+                const int bi = c / kpb, r = c - bi * kpb;
+                const int center = gs[bi] + (ge[bi] - gs[bi]) / 2;
+                const int j = sa.sink + center * sa.block_k + r * sa.stride_k;
+                if (j < search_end && j < sa.sink + (center + 1) * sa.block_k) kv_record(kv, j, hk);
             }
         }
         __syncthreads();

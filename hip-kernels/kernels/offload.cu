@@ -20,42 +20,31 @@ extern "C" __global__ void offload_write_rows(const uint4* __restrict__ src_k, c
     }
 }
 
-// The same for the n tokens at positions start.. of a sequence: token p goes to row
-// table[p / page] * page + p % page (rows at or past n_rows are skipped: the block table is
-// trusted, the host memory is not written out of bounds).
-extern "C" __global__ void offload_write_span(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
-                                              uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ table,
-                                              int page, int start, int n, int chunks, long long n_rows) {
+// Copies between a sequence's span of positions start..start + n and the store: position p
+// lives in store row table[p / page] * page + p % page. With `to_store` (writing a span through)
+// src row i goes to that row, rows at or past n_rows skipped (the block table is trusted, the
+// host memory is not written out of bounds); else (staging a span on the GPU) that row goes to
+// dst row i, zeros for a row at or past n_rows.
+extern "C" __global__ void offload_span(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
+                                        uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ table, int page,
+                                        int start, int n, int chunks, long long n_rows, int to_store) {
     const long long total = (long long)n * chunks;
     for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
          x += (long long)gridDim.x * blockDim.x) {
         const int p = start + (int)(x / chunks);
         const long long row = (long long)table[p / page] * page + p % page;
-        if (row >= n_rows) continue;
-        const long long d = row * chunks + x % chunks;
-        dst_k[d] = src_k[x];
-        dst_v[d] = src_v[x];
-    }
-}
-
-// The reverse of offload_write_span: dst row i = the store row of position start + i, for the n
-// positions (a row at or past n_rows reads as zeros). Staging a sequence's rows on the GPU.
-extern "C" __global__ void offload_read_span(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
-                                             uint4* dst_k, uint4* dst_v, const unsigned* __restrict__ table,
-                                             int page, int start, int n, int chunks, long long n_rows) {
-    const long long total = (long long)n * chunks;
-    for (long long x = blockIdx.x * (long long)blockDim.x + threadIdx.x; x < total;
-         x += (long long)gridDim.x * blockDim.x) {
-        const int p = start + (int)(x / chunks);
-        const long long row = (long long)table[p / page] * page + p % page;
-        if (row >= n_rows) {
+        const long long y = row * chunks + x % chunks;
+        if (to_store) {
+            if (row >= n_rows) continue;
+            dst_k[y] = src_k[x];
+            dst_v[y] = src_v[x];
+        } else if (row >= n_rows) {
             dst_k[x] = make_uint4(0, 0, 0, 0);
             dst_v[x] = make_uint4(0, 0, 0, 0);
-            continue;
+        } else {
+            dst_k[x] = src_k[y];
+            dst_v[x] = src_v[y];
         }
-        const long long s = row * chunks + x % chunks;
-        dst_k[x] = src_k[s];
-        dst_v[x] = src_v[s];
     }
 }
 

@@ -333,7 +333,7 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
             int seg = -1, j = -1;
             if (pos0 + u < end) j = keys.at(pos0 + u, &seg);
             ok[u] = j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window);
-            const long long loc = ok[u] ? kv_loc<D>(kv, b, j, hk, lane == 0) : 0;
+            const long long loc = ok[u] ? kv_loc<D>(kv, b, j, hk, false) : 0;
             const T* kr = kv_at<T>(K, kv.bank_k, loc) + lane * E;
             const T* vr = kv_at<T>(V, kv.bank_v, loc) + lane * E;
 #pragma unroll
@@ -356,6 +356,15 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
 #pragma unroll
             for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + pe * vf[u][e];
             m = m_new;
+        }
+    }
+    // Offloading: record the split's reads, one key per thread (after the attention, so that
+    // the recording's atomics never stall a row load).
+    if (kv.seen != nullptr) {
+        for (int pos = start + (int)threadIdx.x; pos < end; pos += 32 * WARPS) {
+            int seg = -1;
+            const int j = keys.at(pos, &seg);
+            if (j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window)) kv_record(kv, j, hk);
         }
     }
     if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }

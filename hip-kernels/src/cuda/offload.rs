@@ -339,16 +339,7 @@ impl HostKvStore {
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let (kp, vp) = (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?);
         // SAFETY: the sources hold n rows (checked), the destination is the store.
-        unsafe {
-            self.span_kernel(
-                "offload_write_span",
-                block_table,
-                block_size,
-                start,
-                n,
-                [kp, vp, self.k.dev, self.v.dev],
-            )
-        }
+        unsafe { self.span_kernel(true, block_table, block_size, start, n, [kp, vp, self.k.dev, self.v.dev]) }
     }
 
     /// Copies the rows of positions `start..start + n` of a sequence (found through
@@ -374,14 +365,7 @@ impl HostKvStore {
             let (kp, vp) = (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?);
             // SAFETY: the destinations are fresh tensors of n rows, the sources the store.
             unsafe {
-                self.span_kernel(
-                    "offload_read_span",
-                    block_table,
-                    block_size,
-                    start,
-                    n,
-                    [self.k.dev, self.v.dev, kp, vp],
-                )
+                self.span_kernel(false, block_table, block_size, start, n, [self.k.dev, self.v.dev, kp, vp])
             }?;
         }
         Ok((k, v))
@@ -404,15 +388,15 @@ impl HostKvStore {
         Ok(())
     }
 
-    /// Launches `offload_write_span` or `offload_read_span` over `n` positions from `start`;
-    /// `ptrs` = source K, source V, destination K, destination V.
+    /// Launches `offload_span` over `n` positions from `start`, into the store (`to_store`) or
+    /// out of it; `ptrs` = source K, source V, destination K, destination V.
     ///
     /// # Safety
     /// The device side of `ptrs` (not the store) must hold `n` rows; the span was checked.
     #[allow(clippy::too_many_arguments)]
     unsafe fn span_kernel(
         &self,
-        name: &str,
+        to_store: bool,
         block_table: &Tensor,
         block_size: usize,
         start: usize,
@@ -423,12 +407,13 @@ impl HostKvStore {
         let tp = super::u32_ptr(&table, &self.dev)?;
         let chunks = (self.heads_kv * self.head_dim / 8) as i32;
         let (page, start_i, n_i, n_rows) = (block_size as i32, start as i32, n as i32, self.rows as i64);
-        let f = func(&self.dev, OFF, OFF_MODULE, name)?;
+        let dir = i32::from(to_store);
+        let f = func(&self.dev, OFF, OFF_MODULE, "offload_span")?;
         let stream = self.dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&ptrs[0]).arg(&ptrs[1]).arg(&ptrs[2]).arg(&ptrs[3]).arg(&tp);
-        b.arg(&page).arg(&start_i).arg(&n_i).arg(&chunks).arg(&n_rows);
-        // SAFETY: the argument list matches both kernels; the table covers the span (checked by
+        b.arg(&page).arg(&start_i).arg(&n_i).arg(&chunks).arg(&n_rows).arg(&dir);
+        // SAFETY: the argument list matches the kernel; the table covers the span (checked by
         // the caller) and rows past the store are skipped (write) or read as zeros (read).
         unsafe { b.launch(grid(n * chunks as usize)) }.map_err(cuda_err)?;
         Ok(())
