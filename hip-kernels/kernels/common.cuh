@@ -47,10 +47,6 @@ __device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {
     return (long long)b * a.kv_b + (long long)j * a.kv_t;
 }
 
-// Where the row of head `hk` of token `j` is: an element offset >= 0 from `k`/`v` (the pool or
-// host store), or, when the offload page table says the row is resident, -2 - (its element
-// offset in the bank). -1 is left for "no row". With `rec`, the first read of the entry in this
-// epoch appends it to the access list (one thread per row read should pass `rec`).
 // Records a read of (head hk, token j) in the access list when it is the entry's first in this
 // epoch (nothing without offloading or recording). Its atomics wait for their results, so the
 // decode kernels call it apart from their row loads (after them, or in a pass of its own) rather
@@ -64,6 +60,10 @@ __device__ __forceinline__ void kv_record(const KvArgs& a, int j, int hk) {
     }
 }
 
+// Where the row of head `hk` of token `j` is: an element offset >= 0 from `k`/`v` (the pool or
+// host store), or, when the offload page table says the row is resident, -2 - (its element
+// offset in the bank). -1 is left for "no row". With `rec`, the first read of the entry in this
+// epoch appends it to the access list (one thread per row read should pass `rec`).
 template <int D>
 __device__ __forceinline__ long long kv_loc(const KvArgs& a, int b, int j, int hk, bool rec) {
     if (a.res != nullptr) {

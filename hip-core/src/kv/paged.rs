@@ -70,9 +70,11 @@ pub struct PagedKvCache {
     #[cfg(feature = "cuda")]
     host: Vec<Option<hip_kernels::cuda::HostKvStore>>,
     /// With offloaded layers: the rows [`pending_rows`](Self::pending_rows) named last, on the
-    /// host (checked there) and as a u32 tensor on the device, for writes through to the stores.
+    /// host (checked there) and as a u32 tensor on the device, for writes through to the stores,
+    /// with the id of the index tensor it returned (writes with another index fall back to
+    /// reading it).
     #[cfg(feature = "cuda")]
-    pending: Option<(Vec<u32>, Tensor)>,
+    pending: Option<(candle_core::TensorId, Vec<u32>, Tensor)>,
     /// Bytes of one K or V element: 4 on the host (f32), the dtype's size on a device.
     elem_bytes: usize,
     pool: BlockPool,
@@ -593,15 +595,16 @@ impl PagedKvCache {
                 st.dev_table = Some(Tensor::from_slice(&st.table, st.table.len(), &device)?);
             }
         }
-        #[cfg(feature = "cuda")]
-        if self.host.iter().any(Option::is_some) {
-            let dev_rows = Tensor::from_slice(&rows, rows.len(), &device)?;
-            self.pending = Some((rows.clone(), dev_rows));
-        }
         let (h, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let per = h * d;
         let idx: Vec<u32> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, per)).collect();
-        Ok(Tensor::from_vec(idx, (rows.len(), h, d), &device)?)
+        let idx = Tensor::from_vec(idx, (rows.len(), h, d), &device)?;
+        #[cfg(feature = "cuda")]
+        if self.host.iter().any(Option::is_some) {
+            let dev_rows = Tensor::from_slice(&rows, rows.len(), &device)?;
+            self.pending = Some((idx.id(), rows, dev_rows));
+        }
+        Ok(idx)
     }
 
     /// Writes `layer`'s K and V rows of the tokens [`pending_rows`](Self::pending_rows) named:
@@ -631,7 +634,7 @@ impl PagedKvCache {
             let n = rows.dim(0)?;
             match &self.pending {
                 // The rows of the last pending_rows, checked on the host: nothing read back.
-                Some((host, dev)) if host.len() == n => store.write_rows_listed(dev, host, &k, &v)?,
+                Some((id, host, dev)) if *id == rows.id() => store.write_rows_listed(dev, host, &k, &v)?,
                 _ => {
                     // One pool row per token: the first element of each token's index block.
                     let rows = rows.narrow(1, 0, 1)?.narrow(2, 0, 1)?.reshape(n)?.contiguous()?;

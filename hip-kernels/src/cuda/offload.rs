@@ -360,7 +360,10 @@ impl HostKvStore {
         self.check_span(block_table, block_size, start, n)?;
         let device = Device::Cuda(self.dev.clone());
         let shape = (n, self.heads_kv, self.head_dim);
-        let (k, v) = (Tensor::zeros(shape, self.dtype, &device)?, Tensor::zeros(shape, self.dtype, &device)?);
+        // SAFETY: `offload_span` writes every element of both (zeros for rows past the store).
+        let (k, v) = unsafe {
+            (Tensor::empty(shape, self.dtype, &device)?, Tensor::empty(shape, self.dtype, &device)?)
+        };
         if n > 0 {
             let (kp, vp) = (half_ptr(&k, &self.dev)?, half_ptr(&v, &self.dev)?);
             // SAFETY: the destinations are fresh tensors of n rows, the sources the store.
@@ -1024,8 +1027,8 @@ pub struct LayerCaches {
     pub mask: GpuCache,
     /// Keys and values read by block-sparse attention.
     pub sparse: GpuCache,
-    /// [`Offload::prefill_stage_bytes`].
-    stage_bytes: u64,
+    /// Whether a prefill chunk stages ([`Offload::stages`]).
+    cfg: Offload,
     /// Bytes prefill chunks staged so far.
     staged: u64,
 }
@@ -1059,7 +1062,7 @@ impl LayerCaches {
         Ok(LayerCaches {
             mask: make(CacheKind::Mask)?,
             sparse: make(CacheKind::SparseAttn)?,
-            stage_bytes: cfg.prefill_stage_bytes,
+            cfg: cfg.clone(),
             staged: 0,
         })
     }
@@ -1153,7 +1156,7 @@ pub fn hip_attn_offload_cuda(
     let blocks = kv.len.div_ceil(kv.block_size);
     let rows = blocks * kv.block_size;
     let bytes = (rows * dims.heads_kv * dims.head_dim * 2 * 2) as u64;
-    if bytes <= caches.stage_bytes {
+    if caches.cfg.stages(bytes) {
         let (k, v) = kv.store.read_span(kv.block_table, kv.block_size, 0, rows)?;
         caches.staged += bytes;
         let table = Tensor::arange(0u32, blocks as u32, q.device())?;

@@ -359,7 +359,8 @@ mod tests {
         let f = Offload::default().gpu_footprint(&llama, 1 << 20);
         assert_eq!((f.mask_cache, f.sa_cache, f.page_tables), (4 << 30, 1 << 30, 2 << 30));
         assert_eq!(f.prefill_stage, 2 << 30); // capped: a 1M-token layer is 4 GiB
-                                              // Absurd sizes saturate instead of overflowing.
+
+        // Absurd sizes saturate instead of overflowing.
         let huge = KvShape::new(usize::MAX, usize::MAX, usize::MAX, 8);
         assert_eq!(Offload::default().gpu_bytes(&huge, usize::MAX), u64::MAX);
     }

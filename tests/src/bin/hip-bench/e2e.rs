@@ -25,8 +25,8 @@
 //! ends with a summary of HiP over dense. `hip-offload` is HiP with the HiP layers' KV offloaded
 //! to pinned host memory (default `Offload` caches; the prompt's KV is forked into the decoding
 //! sequences); `hip-offload-inplace` the same with prefill chunks attending over the bus instead
-//! of staging each layer's rows on the GPU first (`prefill_stage_bytes` 0). `--tiny` swaps in a 2-layer model for a quick check of
-//! the whole pipeline.
+//! of staging each layer's rows on the GPU first (`prefill_stage_bytes` 0). `--tiny` swaps in a
+//! 2-layer model for a quick check of the whole pipeline.
 
 use std::io::Write;
 use std::path::PathBuf;
