@@ -41,6 +41,15 @@ pub struct Row {
     pub kv_bytes_in_use: usize,
     /// `copy` or `fork` (how the batch got the prompt's KV).
     pub prefix: String,
+    /// The model's shape (`qwen2.5-1.5b`, `llama3.1-8b`, `tiny`).
+    pub model: String,
+    /// `forward` (a real prefill) or `fill` (the prompt's KV written from random values; the
+    /// prefill numbers are then the fill's).
+    pub prefill: String,
+    /// `f32` or `tf32` (the precision of f32 matrix products on the GPU).
+    pub matmul: String,
+    /// Rounds of a paired decode (two methods alternating), 0 when decoded alone.
+    pub paired_rounds: usize,
 }
 
 impl Row {
@@ -50,7 +59,8 @@ impl Row {
             "{{\"bench\":\"e2e\",\"engine\":\"{}\",\"method\":\"{}\",\"context\":{},\"batch\":{},\
              \"prefill_tok_s\":{:.3},\"prefill_s\":{:.4},\"prefill_batch\":1,\"prefill_chunk\":{},\
              \"decode_tok_s\":{:.3},\"decode_ms_per_step\":{:.4},\"decode_steps\":{},\"kv_bytes\":{},\
-             \"kv_bytes_in_use\":{},\"prefix\":\"{}\",\"weights_dtype\":\"f32\",\"kv_dtype\":\"bf16\"}}",
+             \"kv_bytes_in_use\":{},\"prefix\":\"{}\",\"model\":\"{}\",\"prefill\":\"{}\",\"matmul\":\"{}\",\
+             \"paired_rounds\":{},\"weights_dtype\":\"f32\",\"kv_dtype\":\"bf16\"}}",
             self.engine,
             self.method,
             self.context,
@@ -63,7 +73,11 @@ impl Row {
             self.decode_steps,
             self.kv_bytes,
             self.kv_bytes_in_use,
-            self.prefix
+            self.prefix,
+            self.model,
+            self.prefill,
+            self.matmul,
+            self.paired_rounds
         )
     }
 

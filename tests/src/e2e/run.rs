@@ -13,6 +13,11 @@
 //!   `decode_warmup` untimed steps run (a multiple of HiP's mask refresh interval keeps the timed
 //!   window at the same share of refreshes as a long generation).
 //!
+//! With [`RunSpec::fill`] the prompt's KV is written from random values ([`fill`]) instead of
+//! prefilled: for decode at contexts whose prefill would take minutes (decode speed does not
+//! depend on the values). [`paired`] decodes two methods side by side in alternating rounds, for
+//! ratios that the machine's drift between separate runs does not move.
+//!
 //! The batch's sequences are not prefilled one by one (16 × 128k tokens would take most of the
 //! run): the prefilled sequence is a template whose cache is **copied** into each decoding
 //! sequence ([`PrefixMode::Copy`]: separate blocks, the memory and traffic of `batch` independent
@@ -67,6 +72,9 @@ pub struct RunSpec {
     /// KV-cache offloading of the HiP layers (CUDA builds; the prompt's KV is then forked into
     /// the decoding sequences, whatever `prefix` says).
     pub offload: Option<hip_core::Offload>,
+    /// Write the prompt's KV from seeded random values ([`fill`]) instead of running the
+    /// prefill: for decode measurements at contexts whose prefill would take minutes.
+    pub fill: bool,
 }
 
 /// The prefill of one (context, method).
@@ -221,6 +229,170 @@ pub fn prefill(
     Ok((seq, first, Prefill { seconds, tok_s: tokens.len() as f64 / seconds }))
 }
 
+/// Writes `n` tokens of random K/V (standard normal, seeded on a GPU, in the cache's dtype) into a new
+/// sequence of `kv`, `chunk` tokens at a time through the cache's own write path (write-through
+/// to the host store for offloaded layers), without running the model. Decode speed does not
+/// depend on the values: this stands in for a prefill at contexts where one would take minutes.
+/// Returns the sequence and the time taken (`tok_s` is the fill rate, not a prefill rate).
+pub fn fill(
+    model: &Model,
+    kv: &mut PagedKvCache,
+    n: usize,
+    chunk: usize,
+    seed: u64,
+) -> Result<(SeqId, Prefill), String> {
+    if n == 0 || chunk == 0 {
+        return Err("fill needs at least one token and a chunk of at least one".into());
+    }
+    let e = |e: hip_core::Error| format!("fill: {e}");
+    let ce = |e: candle_core::Error| format!("fill: {e}");
+    let c = model.config();
+    let dev = model.device();
+    // candle's CPU generator cannot be seeded; the values do not matter there either.
+    if dev.is_cuda() {
+        dev.set_seed(seed).map_err(ce)?;
+    }
+    let seq = kv.add_sequence();
+    kv.reserve(seq, n).map_err(e)?;
+    sync(dev)?;
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let m = chunk.min(n - done);
+        for layer in 0..c.layers {
+            let k = Tensor::randn(0f32, 1.0, (m, c.kv_heads, c.head_dim), dev).map_err(ce)?;
+            let v = Tensor::randn(0f32, 1.0, (m, c.kv_heads, c.head_dim), dev).map_err(ce)?;
+            kv.write_tensor(seq, layer, &k, &v).map_err(e)?;
+        }
+        kv.commit(seq, m).map_err(e)?;
+        done += m;
+    }
+    sync(dev)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok((seq, Prefill { seconds, tok_s: n as f64 / seconds }))
+}
+
+/// `batch` sequences made from a template (copied or forked), decoding together; see
+/// [`decode`]. [`steps`](Self::steps) may be called many times (the paired runs interleave two
+/// of these); [`finish`](Self::finish) reports and removes the sequences.
+#[derive(Debug)]
+pub struct Decoding {
+    seqs: Vec<SeqId>,
+    toks: Vec<u32>,
+    steps: usize,
+    seconds: f64,
+}
+
+impl Decoding {
+    /// Makes the `batch` sequences from `template`; `first` is the template's next token (each
+    /// sequence starts from a different one, so they do not stay identical).
+    pub fn start(
+        model: &Model,
+        kv: &mut PagedKvCache,
+        attn: &mut AttentionState,
+        template: SeqId,
+        first: u32,
+        batch: usize,
+        prefix: PrefixMode,
+    ) -> Result<Self, String> {
+        if batch == 0 {
+            return Err("decode needs a batch of at least one".into());
+        }
+        let e = |e: hip_core::Error| format!("decode: {e}");
+        let vocab = model.config().vocab_size as u32;
+        let mut seqs = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let s = match prefix {
+                PrefixMode::Copy => copy_sequence(kv, template)?,
+                PrefixMode::Fork => {
+                    let s = kv.fork(template).map_err(e)?;
+                    attn.fork(template, s);
+                    s
+                }
+            };
+            seqs.push(s);
+        }
+        let toks = (0..batch as u32).map(|i| (first + i) % vocab).collect();
+        Ok(Decoding { seqs, toks, steps: 0, seconds: 0.0 })
+    }
+
+    /// Runs `n` greedy steps; when `timed`, they count towards the result (the device is
+    /// synchronised before and after). Returns the seconds of these steps.
+    pub fn steps(
+        &mut self,
+        model: &Model,
+        kv: &mut PagedKvCache,
+        attn: &mut AttentionState,
+        n: usize,
+        timed: bool,
+    ) -> Result<f64, String> {
+        let e = |e: hip_core::Error| format!("decode: {e}");
+        sync(model.device())?;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let chunks: Vec<SeqChunk<'_>> = self
+                .seqs
+                .iter()
+                .zip(self.toks.iter())
+                .map(|(&seq, t)| SeqChunk {
+                    seq,
+                    tokens: std::slice::from_ref(t),
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            let out = model.forward(&chunks, kv, attn).map_err(e)?;
+            drop(chunks);
+            self.toks = greedy(&out)?;
+        }
+        sync(model.device())?;
+        let seconds = t0.elapsed().as_secs_f64();
+        if timed {
+            self.steps += n;
+            self.seconds += seconds;
+        }
+        Ok(seconds)
+    }
+
+    /// The measurement of the timed steps; removes the sequences (and their offload caches,
+    /// whose hit ratios are printed first).
+    pub fn finish(self, kv: &mut PagedKvCache, attn: &mut AttentionState) -> Result<Decode, String> {
+        let e = |e: hip_core::Error| format!("decode: {e}");
+        if self.steps == 0 {
+            return Err("no timed decode steps".into());
+        }
+        let batch = self.seqs.len();
+        let mut kv_bytes = 0;
+        for &s in &self.seqs {
+            kv_bytes += kv.seq_bytes(s).map_err(e)?;
+        }
+        let kv_bytes_in_use = kv.bytes_in_use();
+        #[cfg(feature = "cuda")]
+        if let Some(t) = attn.offload_stats().map_err(e)? {
+            let pct = |s: &hip_core::OffloadStats| 100.0 * s.hits as f64 / (s.hits + s.misses).max(1) as f64;
+            eprintln!(
+                "offload, batch {batch}: mask hits {:.1}% ({:?}); sparse hits {:.1}% ({:?}); GPU caches {:.1} MB",
+                pct(&t.mask),
+                t.mask,
+                pct(&t.sparse),
+                t.sparse,
+                t.gpu_bytes as f64 / 1e6
+            );
+        }
+        for s in self.seqs {
+            kv.remove_sequence(s).map_err(e)?;
+            attn.forget(s);
+        }
+        Ok(Decode {
+            batch,
+            steps: self.steps,
+            seconds: self.seconds,
+            tok_s: (batch * self.steps) as f64 / self.seconds,
+            kv_bytes,
+            kv_bytes_in_use,
+        })
+    }
+}
+
 /// Decodes `batch` sequences made from `template` (copied or forked) together: `warmup`
 /// untimed steps, then `steps` timed ones. The sequences are removed afterwards.
 pub fn decode(
@@ -234,69 +406,13 @@ pub fn decode(
     steps: usize,
     prefix: PrefixMode,
 ) -> Result<Decode, String> {
-    if batch == 0 || steps == 0 {
-        return Err("decode needs a batch and a step count of at least one".into());
+    if steps == 0 {
+        return Err("decode needs a step count of at least one".into());
     }
-    let e = |e: hip_core::Error| format!("decode: {e}");
-    let vocab = model.config().vocab_size as u32;
-    let mut seqs = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let s = match prefix {
-            PrefixMode::Copy => copy_sequence(kv, template)?,
-            PrefixMode::Fork => {
-                let s = kv.fork(template).map_err(e)?;
-                attn.fork(template, s);
-                s
-            }
-        };
-        seqs.push(s);
-    }
-    // Different first tokens, so the sequences do not stay identical.
-    let mut toks: Vec<u32> = (0..batch as u32).map(|i| (first + i) % vocab).collect();
-    let mut step = |toks: &mut Vec<u32>| -> Result<(), String> {
-        let chunks: Vec<SeqChunk<'_>> = seqs
-            .iter()
-            .zip(toks.iter())
-            .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), logits: LogitsWanted::Last })
-            .collect();
-        let out = model.forward(&chunks, kv, attn).map_err(e)?;
-        drop(chunks);
-        *toks = greedy(&out)?;
-        Ok(())
-    };
-    for _ in 0..warmup {
-        step(&mut toks)?;
-    }
-    sync(model.device())?;
-    let t0 = Instant::now();
-    for _ in 0..steps {
-        step(&mut toks)?;
-    }
-    sync(model.device())?;
-    let seconds = t0.elapsed().as_secs_f64();
-    let mut kv_bytes = 0;
-    for &s in &seqs {
-        kv_bytes += kv.seq_bytes(s).map_err(e)?;
-    }
-    let kv_bytes_in_use = kv.bytes_in_use();
-    // The decoding sequences' offload caches go with them: report them first.
-    #[cfg(feature = "cuda")]
-    if let Some(t) = attn.offload_stats().map_err(e)? {
-        let pct = |s: &hip_core::OffloadStats| 100.0 * s.hits as f64 / (s.hits + s.misses).max(1) as f64;
-        eprintln!(
-            "offload, batch {batch}: mask hits {:.1}% ({:?}); sparse hits {:.1}% ({:?}); GPU caches {:.1} MB",
-            pct(&t.mask),
-            t.mask,
-            pct(&t.sparse),
-            t.sparse,
-            t.gpu_bytes as f64 / 1e6
-        );
-    }
-    for s in seqs {
-        kv.remove_sequence(s).map_err(e)?;
-        attn.forget(s);
-    }
-    Ok(Decode { batch, steps, seconds, tok_s: (batch * steps) as f64 / seconds, kv_bytes, kv_bytes_in_use })
+    let mut d = Decoding::start(model, kv, attn, template, first, batch, prefix)?;
+    d.steps(model, kv, attn, warmup, false)?;
+    d.steps(model, kv, attn, steps, true)?;
+    d.finish(kv, attn)
 }
 
 /// Blocks the whole measurement of `spec` needs: the template, plus for the largest batch its
@@ -314,13 +430,19 @@ pub fn cache_tokens(spec: &RunSpec) -> usize {
     spec.context.div_ceil(bs) * bs + bmax * per_seq
 }
 
-/// Prefill, then decode at every batch size of `spec`, with `backend`. A fresh cache (sized by
-/// [`cache_tokens`]) is allocated for the run and freed at its end.
-pub fn run(
-    model: &Model,
-    backend: AttentionBackend,
-    spec: &RunSpec,
-) -> Result<(Prefill, Vec<Decode>), String> {
+/// A cache, attention state and prompt KV for one (context, method): the template sequence,
+/// its next token, the prefill (or fill) timing, and how decoding sequences get the prompt.
+struct Setup {
+    kv: PagedKvCache,
+    attn: AttentionState,
+    template: SeqId,
+    first: u32,
+    pre: Prefill,
+    prefix: PrefixMode,
+}
+
+/// Allocates a fresh cache sized by [`cache_tokens`] and prefills (or fills) the prompt.
+fn setup(model: &Model, backend: AttentionBackend, spec: &RunSpec) -> Result<Setup, String> {
     let mut kv = match &spec.offload {
         Some(o) => new_offloaded_cache(model, &backend, o, cache_tokens(spec), spec.block_size)?,
         None => new_cache(model, cache_tokens(spec), spec.block_size)?,
@@ -334,24 +456,98 @@ pub fn run(
     // Offloaded layers cannot be copied on the device: their sequences fork the prompt.
     let prefix = if spec.offload.is_some() { PrefixMode::Fork } else { spec.prefix };
     let tokens = prompt(spec.context, model.config().vocab_size, spec.seed);
-    let (template, first, pre) = prefill(model, &mut kv, &mut attn, &tokens, spec.chunk)?;
+    let (template, first, pre) = if spec.fill {
+        let (seq, pre) = fill(model, &mut kv, spec.context, spec.chunk, spec.seed)?;
+        (seq, tokens[tokens.len() - 1], pre)
+    } else {
+        prefill(model, &mut kv, &mut attn, &tokens, spec.chunk)?
+    };
     #[cfg(feature = "cuda")]
     if let Some(t) = attn.offload_stats().map_err(|e| e.to_string())? {
-        eprintln!("offload, prefill: {:.2} GB staged on the GPU", t.staged_bytes as f64 / 1e9);
+        eprintln!(
+            "offload, prefill: {:.2} GB staged on the GPU; host store {:.1} GB",
+            t.staged_bytes as f64 / 1e9,
+            kv.host_bytes() as f64 / 1e9
+        );
     }
+    Ok(Setup { kv, attn, template, first, pre, prefix })
+}
+
+/// Prefill, then decode at every batch size of `spec`, with `backend`. A fresh cache (sized by
+/// [`cache_tokens`]) is allocated for the run and freed at its end.
+pub fn run(
+    model: &Model,
+    backend: AttentionBackend,
+    spec: &RunSpec,
+) -> Result<(Prefill, Vec<Decode>), String> {
+    let mut s = setup(model, backend, spec)?;
     let mut decodes = Vec::with_capacity(spec.batches.len());
     for &b in &spec.batches {
         decodes.push(decode(
             model,
-            &mut kv,
-            &mut attn,
-            template,
-            first,
+            &mut s.kv,
+            &mut s.attn,
+            s.template,
+            s.first,
             b,
             spec.decode_warmup,
             spec.decode,
-            prefix,
+            s.prefix,
         )?);
     }
-    Ok((pre, decodes))
+    Ok((s.pre, decodes))
+}
+
+/// Two methods decoding side by side, for a ratio that slow drifts of the machine do not move.
+#[derive(Debug, Clone)]
+pub struct Paired {
+    /// The first method's prefill and decodes (one per batch size).
+    pub a: (Prefill, Vec<Decode>),
+    /// The second method's.
+    pub b: (Prefill, Vec<Decode>),
+    /// Per batch size, the second method's decode rate over the first's in each round.
+    pub round_ratios: Vec<Vec<f64>>,
+}
+
+/// Prefills (or fills) the prompt of `spec_a` and of `spec_b` into two caches that stay
+/// allocated together, then for each batch size decodes both in `rounds` rounds of
+/// `spec_a.decode / rounds` timed steps each, alternating which goes first (A B, B A, A B, ...),
+/// after `spec_a.decode_warmup` untimed steps each. The decode results sum every round.
+pub fn paired(
+    model: &Model,
+    (backend_a, spec_a): (AttentionBackend, &RunSpec),
+    (backend_b, spec_b): (AttentionBackend, &RunSpec),
+    rounds: usize,
+) -> Result<Paired, String> {
+    if rounds == 0 || spec_a.decode == 0 || spec_a.decode % rounds != 0 {
+        return Err(format!(
+            "paired decode: {} timed steps do not split into {rounds} equal rounds",
+            spec_a.decode
+        ));
+    }
+    let n = spec_a.decode / rounds;
+    let mut a = setup(model, backend_a, spec_a)?;
+    let mut b = setup(model, backend_b, spec_b)?;
+    let (mut da, mut db, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for &batch in &spec_a.batches {
+        let mut xa = Decoding::start(model, &mut a.kv, &mut a.attn, a.template, a.first, batch, a.prefix)?;
+        let mut xb = Decoding::start(model, &mut b.kv, &mut b.attn, b.template, b.first, batch, b.prefix)?;
+        xa.steps(model, &mut a.kv, &mut a.attn, spec_a.decode_warmup, false)?;
+        xb.steps(model, &mut b.kv, &mut b.attn, spec_a.decode_warmup, false)?;
+        let mut r = Vec::with_capacity(rounds);
+        for i in 0..rounds {
+            let (ta, tb) = if i % 2 == 0 {
+                let ta = xa.steps(model, &mut a.kv, &mut a.attn, n, true)?;
+                (ta, xb.steps(model, &mut b.kv, &mut b.attn, n, true)?)
+            } else {
+                let tb = xb.steps(model, &mut b.kv, &mut b.attn, n, true)?;
+                (xa.steps(model, &mut a.kv, &mut a.attn, n, true)?, tb)
+            };
+            r.push(ta / tb);
+        }
+        da.push(xa.finish(&mut a.kv, &mut a.attn)?);
+        db.push(xb.finish(&mut b.kv, &mut b.attn)?);
+        ratios.push(r);
+    }
+    Ok(Paired { a: (a.pre, da), b: (b.pre, db), round_ratios: ratios })
 }

@@ -63,6 +63,7 @@ fn runner_measures_dense_and_hip_with_copies_and_forks() {
             block_size: 16,
             seed: 9,
             offload: None,
+            fill: false,
         };
         for backend in [AttentionBackend::Dense, AttentionBackend::Hip(sparse())] {
             let (pre, decs) = run::run(&m, backend, &spec).unwrap();
@@ -84,6 +85,47 @@ fn runner_measures_dense_and_hip_with_copies_and_forks() {
             }
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn filled_prompts_decode_and_paired_runs_alternate() {
+    let dir = tmp_dir("fill");
+    write_model_dir(&dir, &QwenShape::tiny(), 5).unwrap();
+    let m = Model::from_hf_dir(&dir, &Device::Cpu).unwrap();
+    // The fill writes the whole context into a sequence of its own, without the model.
+    let mut kv = run::new_cache(&m, 512, 16).unwrap();
+    let (seq, f) = run::fill(&m, &mut kv, 300, 128, 4).unwrap();
+    assert_eq!(kv.len(seq).unwrap(), 300);
+    assert!(f.seconds > 0.0);
+    let (k, v) = kv.gather_layer(seq, 1, 300).unwrap();
+    assert!(k.iter().chain(&v).all(|x| x.is_finite()));
+    let mean_sq = k.iter().map(|x| x * x).sum::<f32>() / k.len() as f32;
+    assert!((0.8..1.2).contains(&mean_sq), "standard normal values: {mean_sq}");
+    assert!(run::fill(&m, &mut kv, 0, 128, 4).is_err());
+    // Paired: dense and HiP over filled prompts, 3 rounds of 2 steps, each side summing them.
+    let spec = RunSpec {
+        context: 300,
+        batches: vec![1, 2],
+        decode: 6,
+        decode_warmup: 1,
+        chunk: 128,
+        prefix: PrefixMode::Fork,
+        block_size: 16,
+        seed: 9,
+        offload: None,
+        fill: true,
+    };
+    let p = run::paired(&m, (AttentionBackend::Dense, &spec), (AttentionBackend::Hip(sparse()), &spec), 3)
+        .unwrap();
+    for (side, (pre, decs)) in [&p.a, &p.b].into_iter().enumerate() {
+        assert!(pre.tok_s > 0.0, "side {side}");
+        assert_eq!(decs.iter().map(|d| (d.batch, d.steps)).collect::<Vec<_>>(), [(1, 6), (2, 6)]);
+        assert!(decs.iter().all(|d| d.tok_s > 0.0 && d.seconds > 0.0));
+    }
+    assert_eq!(p.round_ratios.len(), 2);
+    assert!(p.round_ratios.iter().all(|r| r.len() == 3 && r.iter().all(|x| x.is_finite() && *x > 0.0)));
+    assert!(run::paired(&m, (AttentionBackend::Dense, &spec), (AttentionBackend::Dense, &spec), 4).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -146,8 +188,18 @@ fn rows_serialise() {
         kv_bytes: 2_000_000_000,
         kv_bytes_in_use: 2_100_000_000,
         prefix: "copy".into(),
+        model: "qwen2.5-1.5b".into(),
+        prefill: "forward".into(),
+        matmul: "f32".into(),
+        paired_rounds: 0,
     };
     let j = r.json();
+    assert!(
+        j.contains(
+            "\"model\":\"qwen2.5-1.5b\",\"prefill\":\"forward\",\"matmul\":\"f32\",\"paired_rounds\":0,"
+        ),
+        "{j}"
+    );
     assert!(j.starts_with(
         "{\"bench\":\"e2e\",\"engine\":\"hip-core\",\"method\":\"hip\",\"context\":4096,\"batch\":16,"
     ));

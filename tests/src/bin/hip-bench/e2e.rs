@@ -1,5 +1,6 @@
-//! `hip-bench e2e`: end-to-end prefill and decode speed of a Qwen2.5-1.5B-shaped model with
-//! seeded random weights (speed does not depend on the values), HiP vs dense, through
+//! `hip-bench e2e`: end-to-end prefill and decode speed of a Qwen2.5-1.5B-shaped (or
+//! Llama-3.1-8B-shaped) model with seeded random weights (speed does not depend on the values),
+//! HiP vs dense, through
 //! `hip_core::model::Model` with the KV cache on the GPU (bf16 blocks; the weights are computed in
 //! f32, as `Model::from_hf_dir` loads them).
 //!
@@ -7,7 +8,8 @@
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
 //!               [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES]
-//!               [--prefix copy|fork] [--seed 0] [--tiny] [--write-only]
+//!               [--prefix copy|fork] [--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny]
+//!               [--tf32] [--fill] [--paired ROUNDS] [--write-only]
 //! ```
 //!
 //! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
@@ -26,7 +28,18 @@
 //! to pinned host memory (default `Offload` caches; the prompt's KV is forked into the decoding
 //! sequences); `hip-offload-inplace` the same with prefill chunks attending over the bus instead
 //! of staging each layer's rows on the GPU first (`prefill_stage_bytes` 0). `--tiny` swaps in a
-//! 2-layer model for a quick check of the whole pipeline.
+//! 2-layer model for a quick check of the whole pipeline (`--shape tiny`); `--shape llama8b` a
+//! model with Llama-3.1-8B's dimensions (32 layers, 32/8 heads of 128: 128 KiB of bf16 KV per
+//! token, 30 GB of f32 weights on the GPU).
+//!
+//! `--tf32` lets candle's f32 matrix products use TF32 tensor cores (both methods alike).
+//! `--fill` writes the prompt's KV from seeded random values through the cache's write path
+//! instead of running the prefill (decode speed does not depend on the values; an 8B-shaped
+//! prefill of 512k tokens would take minutes): the prefill columns then time the fill.
+//! `--paired ROUNDS` (exactly two methods) keeps both methods' caches allocated and decodes them
+//! in alternating rounds of `--decode / ROUNDS` steps (A B, B A, ...): the batch-1 decode rate of
+//! the lent machine drifts by ±20% between runs seconds apart, which a ratio of separate runs
+//! cannot tell from a real difference. Prints each round's B/A rate ratio.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,7 +57,7 @@ use crate::R;
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
 [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES] [--prefix copy|fork] \
-[--seed 0] [--tiny] [--write-only]";
+[--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny] [--tf32] [--fill] [--paired ROUNDS] [--write-only]";
 
 struct Args {
     contexts: Vec<usize>,
@@ -58,7 +71,10 @@ struct Args {
     methods: Vec<String>,
     prefix: PrefixMode,
     seed: u64,
-    tiny: bool,
+    shape: String,
+    tf32: bool,
+    fill: bool,
+    paired: usize,
     /// Only write (or check) the model folder.
     write_only: bool,
     /// The offload caches of the `hip-offload*` methods.
@@ -78,7 +94,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         methods: vec!["dense".into(), "hip".into()],
         prefix: PrefixMode::Copy,
         seed: 0,
-        tiny: false,
+        shape: "qwen1.5b".into(),
+        tf32: false,
+        fill: false,
+        paired: 0,
         write_only: false,
         offload: hip_core::Offload::default(),
     };
@@ -90,9 +109,14 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let num =
         |flag: &str, s: &str| s.trim().parse::<usize>().map_err(|_| format!("{flag}: {s:?} is not a number"));
     while let Some(flag) = it.next() {
-        if flag == "--tiny" || flag == "--write-only" {
-            a.tiny |= flag == "--tiny";
-            a.write_only |= flag == "--write-only";
+        match flag.as_str() {
+            "--tiny" => a.shape = "tiny".into(),
+            "--write-only" => a.write_only = true,
+            "--tf32" => a.tf32 = true,
+            "--fill" => a.fill = true,
+            _ => {}
+        }
+        if ["--tiny", "--write-only", "--tf32", "--fill"].contains(&flag.as_str()) {
             continue;
         }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value (usage: {USAGE})"))?;
@@ -119,6 +143,11 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
                 a.offload.validate().map_err(|e| format!("--offload: {e}"))?;
             }
+            "--shape" => {
+                shape_of(&val)?;
+                a.shape = val
+            }
+            "--paired" => a.paired = num(&flag, &val)?,
             "--seed" => {
                 a.seed = val.trim().parse().map_err(|_| format!("--seed: {val:?} is not a number"))?
             }
@@ -153,7 +182,34 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     if a.methods.is_empty() {
         return Err("--methods is empty".into());
     }
+    if a.paired > 0 && (a.methods.len() != 2 || !a.decode.is_multiple_of(a.paired)) {
+        return Err(format!(
+            "--paired {} needs exactly two methods (got {}) and --decode a multiple of it (got {})",
+            a.paired,
+            a.methods.len(),
+            a.decode
+        ));
+    }
     Ok(a)
+}
+
+/// The model name recorded in the rows for `--shape`.
+fn shape_name(shape: &str) -> &'static str {
+    match shape {
+        "llama8b" => "llama3.1-8b-shape",
+        "tiny" => "qwen2-tiny",
+        _ => "qwen2.5-1.5b",
+    }
+}
+
+/// The model of `--shape`, and its default folder.
+fn shape_of(name: &str) -> Result<(QwenShape, &'static str), String> {
+    match name {
+        "qwen1.5b" => Ok((QwenShape::qwen25_1_5b(), "/tmp/hip-e2e-qwen2.5-1.5b")),
+        "llama8b" => Ok((QwenShape::llama31_8b(), "/tmp/hip-e2e-llama3.1-8b-shape")),
+        "tiny" => Ok((QwenShape::tiny(), "/tmp/hip-e2e-qwen2-tiny")),
+        other => Err(format!("--shape: {other:?} (known: qwen1.5b, llama8b, tiny)")),
+    }
 }
 
 /// Free and total device memory, in bytes.
@@ -169,10 +225,8 @@ const HEADROOM: usize = 6 << 30;
 /// Runs `hip-bench e2e` with the arguments after the subcommand.
 pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     let a = parse(args)?;
-    let shape = if a.tiny { QwenShape::tiny() } else { QwenShape::qwen25_1_5b() };
-    let dir = a.dir.clone().unwrap_or_else(|| {
-        PathBuf::from(if a.tiny { "/tmp/hip-e2e-qwen2-tiny" } else { "/tmp/hip-e2e-qwen2.5-1.5b" })
-    });
+    let (shape, default_dir) = shape_of(&a.shape)?;
+    let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(default_dir));
     let t = Instant::now();
     let reused = e2e::write_model_dir(&dir, &shape, a.seed)?;
     println!(
@@ -187,6 +241,8 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         return Ok(());
     }
     let dev = Device::new_cuda(0).map_err(|e| format!("no CUDA device: {e}"))?;
+    #[cfg(feature = "cuda")]
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(a.tf32);
     let t = Instant::now();
     let model = Model::from_hf_dir(&dir, &dev).map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let (free, total) = mem_info(&dev)?;
@@ -216,6 +272,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         prefix: a.prefix,
         block_size: 16,
         seed: a.seed ^ context as u64,
+        fill: a.fill,
         offload: match m {
             "hip-offload" => Some(a.offload.clone()),
             "hip-offload-inplace" => Some(a.offload.clone().with_prefill_stage_bytes(0)),
@@ -232,23 +289,87 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         println!("HiP config: {c:?}");
     }
     println!(
-        "prefill: one sequence, chunks of {}; decode: {} timed steps after {} untimed, prompt KV {} into each sequence\n",
+        "prefill: one sequence, chunks of {}{}; decode: {} timed steps after {} untimed{}, prompt KV {} into each sequence; matmul {}\n",
         a.chunk,
+        if a.fill { " (KV filled from random values, no forward)" } else { "" },
         a.decode,
         a.decode_warmup,
-        if a.prefix == PrefixMode::Copy { "copied" } else { "forked" }
+        if a.paired > 0 { format!(" in {} alternating rounds", a.paired) } else { String::new() },
+        if a.prefix == PrefixMode::Copy { "copied" } else { "forked" },
+        if a.tf32 { "tf32" } else { "f32" }
     );
     println!("{}", Row::markdown_header());
     let mut rows = Vec::new();
     let mut failures = Vec::new();
+    let row = |m: &str, context: usize, pre: &run::Prefill, d: &run::Decode| Row {
+        engine: "hip-core".into(),
+        method: m.to_string(),
+        context,
+        batch: d.batch,
+        prefill_tok_s: pre.tok_s,
+        prefill_s: pre.seconds,
+        prefill_chunk: a.chunk.min(context),
+        decode_tok_s: d.tok_s,
+        decode_ms_per_step: d.seconds * 1e3 / d.steps as f64,
+        decode_steps: d.steps,
+        kv_bytes: d.kv_bytes,
+        kv_bytes_in_use: d.kv_bytes_in_use,
+        prefix: if m.starts_with("hip-offload") { "fork".into() } else { a.prefix.name().into() },
+        model: shape_name(&a.shape).into(),
+        prefill: if a.fill { "fill" } else { "forward" }.into(),
+        matmul: if a.tf32 { "tf32" } else { "f32" }.into(),
+        paired_rounds: a.paired,
+    };
+    let mut emit = |r: Row, rows: &mut Vec<Row>| -> R<()> {
+        println!("{}", r.markdown());
+        if let Some(f) = json.as_mut() {
+            writeln!(f, "{}", r.json())?;
+            f.flush()?;
+        }
+        rows.push(r);
+        Ok(())
+    };
     for &context in &a.contexts {
+        if a.paired > 0 {
+            let (ma, mb) = (&a.methods[0], &a.methods[1]);
+            let (sa, sb) = (
+                spec(ma, context, a.batches.clone(), a.decode, a.decode_warmup),
+                spec(mb, context, a.batches.clone(), a.decode, a.decode_warmup),
+            );
+            let t = Instant::now();
+            match run::paired(&model, (backend(ma), &sa), (backend(mb), &sb), a.paired) {
+                Ok(p) => {
+                    for (i, (da, db)) in p.a.1.iter().zip(&p.b.1).enumerate() {
+                        emit(row(ma, context, &p.a.0, da), &mut rows)?;
+                        emit(row(mb, context, &p.b.0, db), &mut rows)?;
+                        let mut r = p.round_ratios[i].clone();
+                        r.sort_by(f64::total_cmp);
+                        println!(
+                            "paired T={context} batch {}: {mb} / {ma} decode = {:.3} (rounds: median {:.3}, min {:.3}, max {:.3})",
+                            da.batch,
+                            db.tok_s / da.tok_s,
+                            r[r.len() / 2],
+                            r[0],
+                            r[r.len() - 1]
+                        );
+                    }
+                    eprintln!("(T={context} paired: {:.1} s in all)", t.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    let msg = format!("T={context} paired {ma},{mb}: {e}");
+                    eprintln!("{msg}");
+                    failures.push(msg);
+                }
+            }
+            continue;
+        }
         for m in &a.methods {
             let s = spec(m, context, a.batches.clone(), a.decode, a.decode_warmup);
             let need = run::cache_tokens(&s) * shape.kv_bytes_per_token(2);
             // Freed blocks of the previous run go back to the driver at a synchronisation.
             dev.synchronize()?;
             let (free, _) = mem_info(&dev)?;
-            if need + HEADROOM > free {
+            if need + HEADROOM > free && s.offload.is_none() {
                 eprintln!(
                     "warning: T={context} {m}: the KV cache needs {:.1} GB (+{:.0} GB headroom), {:.1} GB free",
                     need as f64 / 1e9,
@@ -259,32 +380,8 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
             let t = Instant::now();
             match run::run(&model, backend(m), &s) {
                 Ok((pre, decs)) => {
-                    for d in decs {
-                        let row = Row {
-                            engine: "hip-core".into(),
-                            method: m.clone(),
-                            context,
-                            batch: d.batch,
-                            prefill_tok_s: pre.tok_s,
-                            prefill_s: pre.seconds,
-                            prefill_chunk: a.chunk.min(context),
-                            decode_tok_s: d.tok_s,
-                            decode_ms_per_step: d.seconds * 1e3 / d.steps as f64,
-                            decode_steps: d.steps,
-                            kv_bytes: d.kv_bytes,
-                            kv_bytes_in_use: d.kv_bytes_in_use,
-                            prefix: if m.starts_with("hip-offload") {
-                                "fork".into()
-                            } else {
-                                a.prefix.name().into()
-                            },
-                        };
-                        println!("{}", row.markdown());
-                        if let Some(f) = json.as_mut() {
-                            writeln!(f, "{}", row.json())?;
-                            f.flush()?;
-                        }
-                        rows.push(row);
+                    for d in &decs {
+                        emit(row(m, context, &pre, d), &mut rows)?;
                     }
                     eprintln!(
                         "(T={context} {m}: {:.1} s in all, KV cache of {:.1} GB)",
