@@ -133,6 +133,17 @@ fn offloading_engine_generates_like_the_resident_one_and_reports() {
     assert!(r.host_bytes > 0 && r.gpu_cache_bytes > 0);
     assert!(r.prefill_staged_bytes > 0, "prefill chunks were staged: {r:?}");
 
+    // Ten HiP layers kept on the GPU: the same tokens, a smaller host store.
+    let mut partly = make(Some(small_caches().with_resident_layers(10))).unwrap();
+    assert_eq!(generate(&mut partly), want, "greedy tokens, 10 HiP layers resident");
+    let p = partly.offload_report().unwrap().expect("still offloading");
+    assert!(p.host_bytes > 0 && p.host_bytes < r.host_bytes, "{p:?} vs {r:?}");
+    // Every HiP layer resident leaves nothing to offload: refused.
+    assert!(matches!(
+        make(Some(small_caches().with_resident_layers(1000))),
+        Err(Error::InvalidArgument { name: "offload.resident_layers", .. })
+    ));
+
     // Offloading needs HiP (dense has nothing sparse to cache).
     let model = Model::from_gguf(smollm2(), &dev).unwrap();
     let cfg = EngineConfig::default().with_offload(small_caches());

@@ -260,8 +260,15 @@ impl Engine {
                 ))
             }
         };
-        let flags = hip.hip_layers(kv_cfg.num_layers);
+        let flags = o.offloaded_layers(&hip.hip_layers(kv_cfg.num_layers));
         let layers = flags.iter().filter(|&&f| f).count();
+        if layers == 0 {
+            return Err(Error::arg(
+                "offload.resident_layers",
+                o.resident_layers,
+                "leaves no HiP layer to offload (lower it, or do not offload)",
+            ));
+        }
         let host = (kv_cfg.num_blocks * kv_cfg.block_size * kv_cfg.row_len() * 2 * 2 * layers) as u64;
         if o.host_budget_bytes > 0 && host > o.host_budget_bytes {
             return Err(hip_kernels::Error::HostBudgetExceeded {

@@ -118,6 +118,7 @@ impl GpuFootprint {
 /// | `gpu_cache_tokens` | 8192 | InfiniteHiP's documented SA cache sizes are 5000 (1×L40S, Llama-3.1-8B, 2M context), 8000 (TP=2 A100-40GB) and 32768 (R1-Distill-Qwen-32B, TP=4). One decode step of [`HipConfig::paper`](crate::HipConfig::paper) reads `k + sink + window` = 784 tokens per head; 8192 (the A100 figure rounded to a power of two) holds about ten steps' worth, which the temporal locality of HiP's masks turns into high hit ratios (InfiniteHiP reports 88.6–99.8% SA hits with its stage caches on, 51–59% without) |
 /// | `mask_cache_tokens` | 65536 | the documented mask cache sizes are 64000 (L40S), 128000 (A100 TP=2) and 131072 (32B TP=4). The tree search touches ≈ `(k/b_sk)·log T` keys per head per refresh (§3; roughly 5,000–10,000 at 1M tokens with the paper config), and a decode step refreshes the mask only every `refresh_interval` steps, so 65536 (the L40S figure rounded up) holds several refreshes' worth |
 /// | `prefill_stage_bytes` | 2 GiB | a prefill chunk's mask search and attention read keys all over the context, each many times and uncached (prefill reads would flood the LRU caches), so reading them over the bus made offloaded prefill 5–6× slower than resident (H200, Qwen2.5-1.5B shapes). Copying the sequence's rows of one layer into a GPU buffer first (one coalesced pass over the bus) and attending there costs `tokens × row bytes` of PCIe traffic per layer and chunk instead. 2 GiB stages 512k tokens of a Llama-3.1-8B layer (2M of Qwen2.5-1.5B); longer sequences are read in place. 0 never stages |
+/// | `resident_layers` | 0 | every HiP layer offloaded: the smallest GPU footprint. Raise it to spend spare GPU memory on speed, or to hold a context whose full KV exceeds host memory (a 1M-token Llama-3.1-8B-shaped context needs 116 GiB of host memory with every HiP layer offloaded) |
 /// | `host_budget_bytes` | 0 = unlimited | the host store is ordinary (pinned under CUDA) host memory whose limit depends on the machine and what else runs on it, so no fixed number is right; the paper's RTX 4090 runs capped CPU KV at 32 GB. Set it to refuse a context before the machine swaps |
 ///
 /// At the defaults, Llama-3.1-8B (32 layers, 8 KV heads, head dim 128) with a bf16 cache takes
@@ -155,6 +156,12 @@ pub struct Offload {
     /// transient buffer, reused layer after layer); a longer sequence is attended in place over
     /// the bus. 0 never stages.
     pub prefill_stage_bytes: u64,
+    /// HiP layers that keep their K/V on the GPU like the dense layers do: the first
+    /// `resident_layers` of them (in layer order); the others are offloaded. Spare GPU memory
+    /// buys decode speed this way (a resident layer reads nothing over the bus), and a context
+    /// whose full KV exceeds host memory can still be held. 0 (the default) offloads every HiP
+    /// layer; see [`offloaded_layers`](Offload::offloaded_layers).
+    pub resident_layers: usize,
 }
 
 impl Default for Offload {
@@ -164,6 +171,7 @@ impl Default for Offload {
             mask_cache_tokens: 65536,
             host_budget_bytes: 0,
             prefill_stage_bytes: 2 << 30,
+            resident_layers: 0,
         }
     }
 }
@@ -188,6 +196,37 @@ impl Offload {
     pub fn with_prefill_stage_bytes(mut self, bytes: u64) -> Self {
         self.prefill_stage_bytes = bytes;
         self
+    }
+
+    /// Sets how many HiP layers (the first ones) stay on the GPU.
+    pub fn with_resident_layers(mut self, layers: usize) -> Self {
+        self.resident_layers = layers;
+        self
+    }
+
+    /// Which layers to offload, given which layers run HiP (`hip_layers[l]`): the HiP layers
+    /// after the first [`resident_layers`](Offload::resident_layers) of them.
+    ///
+    /// ```
+    /// use hip_kernels::offload::Offload;
+    /// let hip = [false, false, true, true, true, true];
+    /// assert_eq!(Offload::default().offloaded_layers(&hip), hip);
+    /// let two = Offload::default().with_resident_layers(2).offloaded_layers(&hip);
+    /// assert_eq!(two, [false, false, false, false, true, true]);
+    /// ```
+    pub fn offloaded_layers(&self, hip_layers: &[bool]) -> Vec<bool> {
+        let mut kept = 0;
+        hip_layers
+            .iter()
+            .map(|&h| {
+                if h && kept < self.resident_layers {
+                    kept += 1;
+                    false
+                } else {
+                    h
+                }
+            })
+            .collect()
     }
 
     /// Whether a prefill chunk over a sequence whose layer K/V takes `layer_bytes` stages it.

@@ -159,7 +159,7 @@ pub fn new_offloaded_cache(
     offload.validate().map_err(|e| e.to_string())?;
     let c = model.config();
     let cfg = cache_config(model, tokens, block_size);
-    let flags = hip.hip_layers(c.layers);
+    let flags = offload.offloaded_layers(&hip.hip_layers(c.layers));
     #[cfg(feature = "cuda")]
     {
         PagedKvCache::new_on_device_offloaded(cfg, model.device(), DType::BF16, &flags)
