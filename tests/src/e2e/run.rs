@@ -160,6 +160,12 @@ pub fn new_offloaded_cache(
     let c = model.config();
     let cfg = cache_config(model, tokens, block_size);
     let flags = offload.offloaded_layers(&hip.hip_layers(c.layers));
+    if !flags.contains(&true) {
+        return Err(format!(
+            "offload resident_layers {} leaves no HiP layer to offload",
+            offload.resident_layers
+        ));
+    }
     #[cfg(feature = "cuda")]
     {
         PagedKvCache::new_on_device_offloaded(cfg, model.device(), DType::BF16, &flags)

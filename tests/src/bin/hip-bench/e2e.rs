@@ -109,15 +109,25 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let num =
         |flag: &str, s: &str| s.trim().parse::<usize>().map_err(|_| format!("{flag}: {s:?} is not a number"));
     while let Some(flag) = it.next() {
+        // Flags without a value.
         match flag.as_str() {
-            "--tiny" => a.shape = "tiny".into(),
-            "--write-only" => a.write_only = true,
-            "--tf32" => a.tf32 = true,
-            "--fill" => a.fill = true,
-            _ => {}
-        }
-        if ["--tiny", "--write-only", "--tf32", "--fill"].contains(&flag.as_str()) {
-            continue;
+            "--tiny" => {
+                a.shape = "tiny".into();
+                continue;
+            }
+            "--write-only" => {
+                a.write_only = true;
+                continue;
+            }
+            "--tf32" => {
+                a.tf32 = true;
+                continue;
+            }
+            "--fill" => {
+                a.fill = true;
+                continue;
+            }
+            _ => (),
         }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value (usage: {USAGE})"))?;
         match flag.as_str() {
@@ -198,21 +208,12 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(a)
 }
 
-/// The model name recorded in the rows for `--shape`.
-fn shape_name(shape: &str) -> &'static str {
-    match shape {
-        "llama8b" => "llama3.1-8b-shape",
-        "tiny" => "qwen2-tiny",
-        _ => "qwen2.5-1.5b",
-    }
-}
-
-/// The model of `--shape`, and its default folder.
-fn shape_of(name: &str) -> Result<(QwenShape, &'static str), String> {
+/// The model of `--shape`, the name its rows record, and its default folder.
+fn shape_of(name: &str) -> Result<(QwenShape, &'static str, &'static str), String> {
     match name {
-        "qwen1.5b" => Ok((QwenShape::qwen25_1_5b(), "/tmp/hip-e2e-qwen2.5-1.5b")),
-        "llama8b" => Ok((QwenShape::llama31_8b(), "/tmp/hip-e2e-llama3.1-8b-shape")),
-        "tiny" => Ok((QwenShape::tiny(), "/tmp/hip-e2e-qwen2-tiny")),
+        "qwen1.5b" => Ok((QwenShape::qwen25_1_5b(), "qwen2.5-1.5b", "/tmp/hip-e2e-qwen2.5-1.5b")),
+        "llama8b" => Ok((QwenShape::llama31_8b(), "llama3.1-8b-shape", "/tmp/hip-e2e-llama3.1-8b-shape")),
+        "tiny" => Ok((QwenShape::tiny(), "qwen2-tiny", "/tmp/hip-e2e-qwen2-tiny")),
         other => Err(format!("--shape: {other:?} (known: qwen1.5b, llama8b, tiny)")),
     }
 }
@@ -230,7 +231,7 @@ const HEADROOM: usize = 6 << 30;
 /// Runs `hip-bench e2e` with the arguments after the subcommand.
 pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     let a = parse(args)?;
-    let (shape, default_dir) = shape_of(&a.shape)?;
+    let (shape, model_name, default_dir) = shape_of(&a.shape)?;
     let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(default_dir));
     let t = Instant::now();
     let reused = e2e::write_model_dir(&dir, &shape, a.seed)?;
@@ -320,7 +321,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         kv_bytes: d.kv_bytes,
         kv_bytes_in_use: d.kv_bytes_in_use,
         prefix: if m.starts_with("hip-offload") { "fork".into() } else { a.prefix.name().into() },
-        model: shape_name(&a.shape).into(),
+        model: model_name.into(),
         prefill: if a.fill { "fill" } else { "forward" }.into(),
         matmul: if a.tf32 { "tf32" } else { "f32" }.into(),
         paired_rounds: a.paired,
