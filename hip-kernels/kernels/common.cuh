@@ -36,7 +36,34 @@ struct KvArgs {
     long long res_stride;  // tokens per head in `res` / `seen`
     int epoch;
     int list_cap;
+    // Staging of missed rows (null without; only while recording): a decode kernel that read a
+    // row from the host store leaves it in place `kv_stage_place` of these, so that the cache
+    // update copies it from there instead of over the bus again.
+    void* stage_k;                  // [1 << stage_bits, head_dim]
+    void* stage_v;                  // (null for a key-only cache)
+    unsigned long long* stage_tag;  // per place: (epoch << 32) | entry of the row it holds
+    int stage_bits;
 };
+
+// The staging place of entry `idx` (head * res_stride + token) among 1 << bits (bits >= 1):
+// Fibonacci hashing, so that the entries of a tree level or a mask block spread out.
+__device__ __forceinline__ unsigned kv_stage_place(unsigned idx, int bits) {
+    return (idx * 0x9E3779B1u) >> (32 - bits);
+}
+
+// Claims the staging place of (head hk, token j) for the caller to write the row into: the
+// place when it holds nothing of this epoch, else -1 (the entry is there already, or another
+// entry of this epoch took the place: its update reads that one over the bus again). One
+// thread per row claims; rows are written before the update that reads them runs (stream order).
+__device__ __forceinline__ int kv_stage_claim(const KvArgs& a, int j, int hk) {
+    if (a.stage_tag == nullptr || a.seen == nullptr) return -1;
+    const unsigned idx = (unsigned)((long long)hk * a.res_stride + j);
+    const unsigned s = kv_stage_place(idx, a.stage_bits);
+    const unsigned long long cur = *(volatile unsigned long long*)&a.stage_tag[s];
+    if ((unsigned)(cur >> 32) == (unsigned)a.epoch) return -1;
+    const unsigned long long key = ((unsigned long long)(unsigned)a.epoch << 32) | idx;
+    return atomicCAS(&a.stage_tag[s], cur, key) == cur ? (int)s : -1;
+}
 
 // Element offset of token `j`'s row of batch entry `b`.
 __device__ __forceinline__ long long kv_row(const KvArgs& a, int b, int j) {

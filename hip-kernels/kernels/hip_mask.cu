@@ -441,6 +441,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch
     const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
     const T* K = static_cast<const T*>(kv.k);
+    const bool staging = kv.stage_tag != nullptr && kv.seen != nullptr;
     unsigned* su = reinterpret_cast<unsigned*>(score);
     for (;;) {
         int more;
@@ -453,6 +454,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         for (int base = warp * KPW * UNROLL; base < slots; base += WARPS * KPW * UNROLL) {
             uint4 kr[UNROLL];
             int br[UNROLL];
+            int miss_j[UNROLL];  // staging: the key of a row read from the host store, else -1
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int c = base + u * KPW + sub;
@@ -466,8 +468,21 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
                     if (j >= 0) br[u] = bi;
                 }
-                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, false)) + lk * 8)
+                const long long loc = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : 0;
+                miss_j[u] = j >= 0 && loc >= 0 ? j : -1;
+                kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, loc) + lk * 8)
                                : make_uint4(0, 0, 0, 0);
+            }
+            if (staging) {
+                // Offloading: leave the rows read over the bus where the cache update finds
+                // them (the group's first lane claims the place, every lane writes its chunk).
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++) {
+                    int place = lk == 0 && miss_j[u] >= 0 ? kv_stage_claim(kv, miss_j[u], hk) : -1;
+                    place = __shfl_sync(0xffffffffu, place, (int)(threadIdx.x % 32) - lk);
+                    if (place >= 0)
+                        reinterpret_cast<uint4*>(static_cast<T*>(kv.stage_k) + (long long)place * D)[lk] = kr[u];
+                }
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {

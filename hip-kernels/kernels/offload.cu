@@ -54,12 +54,16 @@ extern "C" __global__ void offload_set_table(int* table, const long long* __rest
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) table[idx[i]] = val[i];
 }
 
-// For each of the *n_ins insertions (head, token, slot) of `ins`: bank row `slot` = the
-// host-store row of that head and token (K, and V when `bank_v` is not null). `kv` addresses the
-// host store (paged, one sequence); `d_chunks` = head_dim / 8. The count is read on the device
-// (the LRU kernels produce it), so the grid is fixed and grid-strided.
+// For each of the *n_ins insertions (head, token, slot) of `ins`: bank row `slot` = the row of
+// that head and token (K, and V when `bank_v` is not null), from the staging area when the
+// epoch's kernels left it there (`kv.stage_tag` not null: the tag of its place is this epoch's
+// and this entry's), else from the host store over the bus. `kv` addresses the host store
+// (paged, one sequence) and carries the epoch and staging area; `d_chunks` = head_dim / 8.
+// The count is read on the device (the LRU kernels produce it), so the grid is fixed and
+// grid-strided. `staged` counts the rows copied from the staging area.
 extern "C" __global__ void offload_fill(KvArgs kv, uint4* bank_k, uint4* bank_v, const int* __restrict__ ins,
-                                        const unsigned* __restrict__ n_ins, int d_chunks) {
+                                        const unsigned* __restrict__ n_ins, int d_chunks,
+                                        unsigned long long* staged) {
     const long long total = (long long)*n_ins * d_chunks;
     const uint4* hk = static_cast<const uint4*>(kv.k);
     const uint4* hv = static_cast<const uint4*>(kv.v);
@@ -67,8 +71,22 @@ extern "C" __global__ void offload_fill(KvArgs kv, uint4* bank_k, uint4* bank_v,
          x += (long long)gridDim.x * blockDim.x) {
         const long long i = x / d_chunks, c = x % d_chunks;
         const int head = ins[3 * i], token = ins[3 * i + 1], slot = ins[3 * i + 2];
-        const long long src = (kv_row(kv, 0, token) + (long long)head * d_chunks * 8) / 8 + c;
         const long long dst = (long long)slot * d_chunks + c;
+        if (kv.stage_tag != nullptr) {
+            const unsigned idx = (unsigned)((long long)head * kv.res_stride + token);
+            const unsigned s = kv_stage_place(idx, kv.stage_bits);
+            if (kv.stage_tag[s] == (((unsigned long long)(unsigned)kv.epoch << 32) | idx)) {
+                const long long src = (long long)s * d_chunks + c;
+                bank_k[dst] = static_cast<const uint4*>(kv.stage_k)[src];
+                if (bank_v != nullptr) bank_v[dst] = static_cast<const uint4*>(kv.stage_v)[src];
+                // One atomic per converged group of lanes, not per row.
+                const unsigned act = __activemask();
+                const unsigned rows = __popc(__ballot_sync(act, c == 0));
+                if (rows > 0 && (threadIdx.x % 32) == (unsigned)(__ffs(act) - 1)) atomicAdd(staged, (unsigned long long)rows);
+                continue;
+            }
+        }
+        const long long src = (kv_row(kv, 0, token) + (long long)head * d_chunks * 8) / 8 + c;
         bank_k[dst] = hk[src];
         if (bank_v != nullptr) bank_v[dst] = hv[src];
     }

@@ -322,24 +322,44 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
 
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
+    const bool staging = kv.stage_tag != nullptr && kv.seen != nullptr;
     // Each warp takes runs of U consecutive keys and loads all of their K and V rows before
     // using any, so that U row fetches are in flight at once.
     constexpr int U = 4;
     for (int pos0 = start + warp * U; pos0 < end; pos0 += WARPS * U) {
         float kf[U][E], vf[U][E];
         bool ok[U];
+        int miss_j[U];  // staging: the token of a row read from the host store, else -1
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int seg = -1, j = -1;
             if (pos0 + u < end) j = keys.at(pos0 + u, &seg);
             ok[u] = j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window);
             const long long loc = ok[u] ? kv_loc<D>(kv, b, j, hk, false) : 0;
+            miss_j[u] = ok[u] && loc >= 0 ? j : -1;
             const T* kr = kv_at<T>(K, kv.bank_k, loc) + lane * E;
             const T* vr = kv_at<T>(V, kv.bank_v, loc) + lane * E;
 #pragma unroll
             for (int e = 0; e < E; e++) {
                 kf[u][e] = ok[u] ? to_f(kr[e]) : 0.f;
                 vf[u][e] = ok[u] ? to_f(vr[e]) : 0.f;
+            }
+        }
+        if (staging) {
+            // Offloading: leave the rows read over the bus where the cache update finds them.
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (miss_j[u] < 0) continue;  // the same for every lane of the warp
+                int place = lane == 0 ? kv_stage_claim(kv, miss_j[u], hk) : -1;
+                place = __shfl_sync(0xffffffffu, place, 0);
+                if (place < 0) continue;
+                T* sk = static_cast<T*>(kv.stage_k) + (long long)place * D + lane * E;
+                T* sv = static_cast<T*>(kv.stage_v) + (long long)place * D + lane * E;
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    sk[e] = from_f<T>(kf[u][e]);  // exact: the values came from T
+                    sv[e] = from_f<T>(vf[u][e]);
+                }
             }
         }
 #pragma unroll

@@ -63,8 +63,8 @@ pub enum Error {
     /// memory. Every size is in bytes.
     #[error(
         "offload GPU caches need {need} bytes (mask-estimation cache {mask_cache}, sparse-attention \
-         cache {sa_cache}, page tables {page_tables}, prefill staging {prefill_stage}) but only {free} \
-         are free"
+         cache {sa_cache}, page tables {page_tables}, miss staging {miss_staging}, prefill staging \
+         {prefill_stage}) but only {free} are free"
     )]
     GpuCachesTooLarge {
         /// Bytes the caches need in all.
@@ -77,6 +77,8 @@ pub enum Error {
         sa_cache: u64,
         /// Of `need`: the page tables of every layer.
         page_tables: u64,
+        /// Of `need`: the staging areas of missed rows of every layer.
+        miss_staging: u64,
         /// Of `need`: the transient buffer a prefill chunk stages one layer's rows in.
         prefill_stage: u64,
     },

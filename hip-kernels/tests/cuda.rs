@@ -287,7 +287,7 @@ fn decode_keeps_the_mask_on_the_device() {
 /// Dynamic RoPE on CUDA (mask from the CUDA search, tiles on the device) against the CPU path on
 /// the same bf16 values: with a covering budget (identical masks) the outputs agree everywhere;
 /// with a sparse budget the bf16 and f32 searches may pick different blocks for a few near-tie
-/// rows, so 90% of the query rows must agree. Decode steps through the mask cache too.
+/// rows, so 80% of the query rows must agree. Decode steps through the mask cache too.
 #[test]
 fn dynamic_rope_matches_cpu() {
     use hip_kernels::{
@@ -338,9 +338,12 @@ fn dynamic_rope_matches_cpu() {
                 good += 1;
             }
         }
-        // Sparse budget: random keys make near-ties common; on the H200 94.5-95.5% of the rows
-        // agree at k 64, t_q 97, t_k 1000 (runs of 2026-12-02), so 90% is asked.
-        let need = if k_budget >= t_k { t_q * hq } else { (t_q * hq * 90).div_ceil(100) };
+        // Sparse budget: random keys make near-ties common, and a block whose mask differs
+        // moves ~24 rows at once. On the H200, at k 64, t_q 97, t_k 1000, 84.9-95.5% of the
+        // rows agreed over eight runs of 2026-12-02 (fresh inputs each), so 80% is asked (a
+        // broken path agrees on almost none); at t_k 4099 all of them did.
+        let need = if k_budget >= t_k { t_q * hq } else { (t_q * hq * 80).div_ceil(100) };
+        eprintln!("dynamic rope, {what}: {good} of {} rows agree", t_q * hq);
         assert!(good >= need, "{what}: {good} of {} rows agree", t_q * hq);
         let e = rel_err(&got, &want);
         assert!(k_budget < t_k || e <= 1e-2, "{what}: rel err {e}");

@@ -15,7 +15,10 @@
 //!    device, then the inserted rows copied from the host store into the bank) and starts a
 //!    new epoch. The sparse-attention list of an epoch holds what the steps since the previous
 //!    refresh read; the mask list what the refresh's search read. Nothing waits for the device:
-//!    an update is four kernel launches queued behind the step.
+//!    an update is four kernel launches queued on a side stream behind the step, and the main
+//!    stream waits for it only where the cache is read next (the sparse-attention cache at this
+//!    layer's next step, the mask cache at the next refresh), so the row copies overlap the
+//!    other layers' work.
 //!
 //! Access lists are **distinct** entries per epoch (first reads only), so the policy sees every
 //! missed entry once: its "most missed first" order reduces to token order, and the hit and
@@ -26,7 +29,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    sys, CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -518,20 +521,24 @@ impl OffloadedKv<'_> {
     }
 }
 
-/// The side stream of `dev`'s context (one per context, shared by every mask cache), created
-/// with the driver directly and wrapped as a borrowed stream. A stream made through cudarc
+/// The side stream of `dev`'s context for the updates of caches of `kind` (one per context and
+/// kind, shared by every layer's cache of that kind), created with the driver directly and
+/// wrapped as a borrowed stream. One per kind: the sparse-attention caches' updates, waited for
+/// at each layer's next step, must not queue behind the mask caches' (their LRU plan is the
+/// slow part of an update: one CTA per KV head over 65,536 slots), which are waited for only
+/// at the next refresh. A stream made through cudarc
 /// (`CudaContext::new_stream`, `CudaStream::fork`) switches the whole context into cudarc's
 /// multi-stream mode, in which every use of every device buffer records CUDA events (each of
 /// candle's launches, for every argument): that made every decode step of a whole model about
 /// 4 ms slower (Qwen2.5-1.5B shapes on the H200, whatever the context length). The ordering
 /// between the streams is the caches' own ([`GpuCache`]: joins before and after each update).
 /// The stream lives as long as the process, like the loaded modules (it holds the context).
-fn side_stream(dev: &CudaDevice) -> Result<Arc<CudaStream>> {
+fn side_stream(dev: &CudaDevice, kind: CacheKind) -> Result<Arc<CudaStream>> {
     use candle_core::cuda_backend::cudarc::driver::result::stream;
-    type Streams = std::collections::HashMap<usize, Arc<CudaStream>>;
+    type Streams = std::collections::HashMap<(usize, bool), Arc<CudaStream>>;
     static SIDE: std::sync::OnceLock<std::sync::Mutex<Streams>> = std::sync::OnceLock::new();
     let ctx = dev.cuda_stream().context().clone();
-    let key = Arc::as_ptr(&ctx) as usize;
+    let key = (Arc::as_ptr(&ctx) as usize, kind == CacheKind::Mask);
     let mut map =
         SIDE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(s) = map.get(&key) {
@@ -598,8 +605,10 @@ pub struct GpuCache {
     scratch: CudaSlice<i32>,
     ins: CudaSlice<i32>,
     ins_n: CudaSlice<u32>,
-    /// hits, misses, inserts, evictions, dropped.
+    /// hits, misses, inserts, evictions, dropped, staged.
     stats: CudaSlice<u64>,
+    /// Staging area of missed rows ([`GpuCache::with_miss_staging`]; `None`: none).
+    staging: Option<Staging>,
     /// Per entry: the epoch of its last recorded read.
     seen: CudaSlice<i32>,
     list: CudaSlice<u32>,
@@ -609,9 +618,15 @@ pub struct GpuCache {
     /// `HIP_OFFLOAD_TIMING=1`: each update waits for the device before and after, and its wall
     /// time is summed here (diagnostics for benchmarks; it stalls the pipeline).
     timing: Option<std::time::Duration>,
-    /// The mask cache updates on a side stream: its bank and table are read only at the next
-    /// refresh, so the update (mostly row copies over the bus) overlaps the steps in between.
+    /// Updates run on a side stream: the mask cache's bank and table are read only at the next
+    /// refresh, the sparse-attention cache's at this layer's next step, so the update (mostly
+    /// row copies over the bus) overlaps the other layers' work in between. `None` (the
+    /// `HIP_OFFLOAD_SPARSE_SIDE=0` diagnostic, sparse-attention cache only) updates in stream
+    /// order.
     side: Option<Arc<CudaStream>>,
+    /// Recorded on `side` after each update: the main stream waits for this cache's own update,
+    /// not for the other layers' queued after it.
+    side_done: Option<CudaEvent>,
     /// An update was queued on `side` that the main stream has not waited for yet.
     side_pending: std::sync::atomic::AtomicBool,
     /// The block table the last side-stream update reads: a copy made on the main stream, so
@@ -622,13 +637,33 @@ pub struct GpuCache {
     dev: CudaDevice,
 }
 
+/// Where a decode kernel leaves the rows it read over the bus, for the next update's inserts:
+/// `1 << bits` places, each a key row (and a value row) tagged `(epoch << 32) | entry`.
+struct Staging {
+    k: Tensor,
+    v: Option<Tensor>,
+    /// Device pointers of `k` and `v` (0 for none).
+    ptrs: (u64, u64),
+    tag: CudaSlice<u64>,
+    bits: i32,
+}
+
+impl Residency {
+    /// The same, with `staging`'s area (none for `None`).
+    fn staged(mut self, staging: Option<&Staging>, dev: &CudaDevice) -> Residency {
+        if let Some(s) = staging {
+            (self.stage_k, self.stage_v) = s.ptrs;
+            self.stage_tag = s.tag.device_ptr(&dev.cuda_stream()).0;
+            self.stage_bits = s.bits;
+        }
+        self
+    }
+}
+
 impl Drop for GpuCache {
     fn drop(&mut self) {
-        // The buffers are freed in the main stream's order: let it wait for the side stream.
-        if let (Some(side), true) = (&self.side, self.side_pending.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            let _ = self.dev.cuda_stream().join(side);
-        }
+        // The buffers are freed in the main stream's order: let it wait for the last update.
+        let _ = self.ready();
     }
 }
 
@@ -691,6 +726,14 @@ impl GpuCache {
         let table = stream.clone_htod(&vec![-1i32; kv_heads * max_tokens]).map_err(e)?;
         let owner = stream.clone_htod(&vec![-1i32; slots]).map_err(e)?;
         let words = max_tokens.div_ceil(32);
+        let side = match kind {
+            CacheKind::SparseAttn
+                if std::env::var_os("HIP_OFFLOAD_SPARSE_SIDE").is_some_and(|v| v == "0") =>
+            {
+                None
+            }
+            _ => Some(side_stream(&dev, kind)?),
+        };
         // A list holds an epoch's distinct reads: at least twice the bank, at least 4096 a head.
         let cap = (2 * kv_heads * slots_per_head).max(4096 * kv_heads);
         Ok(GpuCache {
@@ -710,7 +753,8 @@ impl GpuCache {
             scratch: stream.alloc_zeros::<i32>(slots).map_err(e)?,
             ins: stream.alloc_zeros::<i32>(3 * slots).map_err(e)?,
             ins_n: stream.alloc_zeros::<u32>(1).map_err(e)?,
-            stats: stream.alloc_zeros::<u64>(5).map_err(e)?,
+            stats: stream.alloc_zeros::<u64>(6).map_err(e)?,
+            staging: None,
             seen: stream.alloc_zeros::<i32>(kv_heads * max_tokens).map_err(e)?,
             list: stream.alloc_zeros::<u32>(cap).map_err(e)?,
             list_n: stream.alloc_zeros::<u32>(1).map_err(e)?,
@@ -719,15 +763,55 @@ impl GpuCache {
             timing: std::env::var_os("HIP_OFFLOAD_TIMING")
                 .is_some_and(|v| v == "1")
                 .then_some(Default::default()),
-            side: match kind {
-                CacheKind::Mask => Some(side_stream(&dev)?),
-                CacheKind::SparseAttn => None,
+            side_done: match &side {
+                Some(_) => Some(stream.context().new_event(None).map_err(e)?),
+                None => None,
             },
+            side,
             side_pending: Default::default(),
             side_table: None,
             head_dim,
             dev,
         })
+    }
+
+    /// Gives the cache a staging area of `rows` places (rounded up to a power of two; 0: none):
+    /// a decode kernel that reads a row over the bus leaves it there (hash-placed, first come
+    /// first served), and the next update copies its inserts from there instead of from the
+    /// host store ([`OffloadStats::staged`] counts them). Sized by
+    /// [`Offload::miss_stage_rows`]; the outputs do not depend on it.
+    ///
+    /// # Errors
+    /// candle errors when device memory runs out; more than 2^31 places.
+    pub fn with_miss_staging(mut self, rows: usize) -> Result<Self> {
+        if rows == 0 {
+            self.staging = None;
+            return Ok(self);
+        }
+        let places = rows
+            .max(2)
+            .checked_next_power_of_two()
+            .filter(|&p| p <= 1 << 31)
+            .ok_or_else(|| Error::arg("miss staging rows", rows, "at most 2^31 places"))?;
+        let (dtype, device) = (self.bank_k.dtype(), self.bank_k.device().clone());
+        let row = |_| Tensor::zeros((places, self.head_dim), dtype, &device);
+        let k = row(())?;
+        let v = match self.kind {
+            CacheKind::SparseAttn => Some(row(())?),
+            CacheKind::Mask => None,
+        };
+        let tag = self.dev.cuda_stream().alloc_zeros::<u64>(places).map_err(cuda_err)?;
+        let ptrs = (
+            half_ptr(&k, &self.dev)?,
+            match &v {
+                Some(v) => half_ptr(v, &self.dev)?,
+                None => 0,
+            },
+        );
+        // At least two places: the hash takes at least one bit.
+        let bits = places.trailing_zeros() as i32;
+        self.staging = Some(Staging { k, v, ptrs, tag, bits });
+        Ok(self)
     }
 
     /// Which cache this is.
@@ -763,7 +847,8 @@ impl GpuCache {
             misses: v[1],
             inserts: v[2],
             evictions: v[3],
-            bytes_moved: (v[1] + v[2]).saturating_mul(self.entry_bytes),
+            bytes_moved: (v[1] + v[2]).saturating_sub(v[5]).saturating_mul(self.entry_bytes),
+            staged: v[5],
         })
     }
 
@@ -800,9 +885,14 @@ impl GpuCache {
 
     /// The bank rows `[kv_heads × slots_per_head, head_dim]`: keys, and values for the
     /// sparse-attention cache. Row `s` holds the entry of [`owners`](Self::owners)`[s]` of head
-    /// `s / slots_per_head`.
-    pub fn banks(&self) -> (&Tensor, Option<&Tensor>) {
-        (&self.bank_k, self.bank_v.as_ref())
+    /// `s / slots_per_head`. The main stream first waits for a pending update, so reading the
+    /// tensors sees its rows.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn banks(&self) -> Result<(&Tensor, Option<&Tensor>)> {
+        self.ready()?;
+        Ok((&self.bank_k, self.bank_v.as_ref()))
     }
 
     /// Device bytes of the bank, page table, policy state, recording array and access list.
@@ -816,7 +906,11 @@ impl GpuCache {
             + self.ins.len()
             + self.seen.len()
             + self.list.len();
-        bank + 4 * words as u64
+        let staging = self.staging.as_ref().map_or(0, |s| {
+            let rows = s.k.elem_count() as u64 * 2 * if s.v.is_some() { 2 } else { 1 };
+            rows + 8 * s.tag.len() as u64
+        });
+        bank + 4 * words as u64 + staging
     }
 
     fn residency(&self, store: &HostKvStore, record: bool) -> Residency {
@@ -834,7 +928,12 @@ impl GpuCache {
             stride: self.max_tokens as i64,
             epoch: self.epoch,
             list_cap: self.list.len() as i32,
+            stage_k: 0,
+            stage_v: 0,
+            stage_tag: 0,
+            stage_bits: 0,
         }
+        .staged(self.staging.as_ref(), &self.dev)
     }
 
     /// Applies the LRU update for the entries recorded since the last one (see the type docs)
@@ -865,9 +964,10 @@ impl GpuCache {
     /// Makes the main stream wait for a pending side-stream update (before anything reads the
     /// bank or the table again).
     fn ready(&self) -> Result<()> {
-        if let (Some(side), true) = (&self.side, self.side_pending.load(std::sync::atomic::Ordering::Relaxed))
+        if let (Some(done), true) =
+            (&self.side_done, self.side_pending.load(std::sync::atomic::Ordering::Relaxed))
         {
-            self.dev.cuda_stream().join(side).map_err(cuda_err)?;
+            self.dev.cuda_stream().wait(done).map_err(cuda_err)?;
             self.side_pending.store(false, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
@@ -882,7 +982,6 @@ impl GpuCache {
             self.side_table = Some(kv.block_table.copy()?);
             // After the step that recorded the list (and the copy).
             stream.join(&self.dev.cuda_stream()).map_err(cuda_err)?;
-            self.side_pending.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let e = cuda_err;
         stream.memset_zeros(&mut self.ins_n).map_err(e)?;
@@ -928,6 +1027,13 @@ impl GpuCache {
         let mut kva = KvArgs::contiguous(kv.store.k.dev, kv.store.v.dev, &self.kv_dims(kv));
         let table = self.side_table.as_ref().unwrap_or(kv.block_table);
         kva.page(&Paged { table, page: kv.block_size, t_k: kv.len, offload: None }, &self.dev)?;
+        // The epoch whose reads are applied, and where its kernels staged rows.
+        let staging = self.residency(kv.store, false);
+        kva.res_stride = staging.stride;
+        kva.epoch = staging.epoch;
+        (kva.stage_k, kva.stage_v, kva.stage_tag, kva.stage_bits) =
+            (staging.stage_k, staging.stage_v, staging.stage_tag, staging.stage_bits);
+        let staged = self.stats.device_ptr(&stream).0 + 5 * 8;
         let bk = half_ptr(&self.bank_k, &self.dev)?;
         let bv = match &self.bank_v {
             Some(t) => half_ptr(t, &self.dev)?,
@@ -935,12 +1041,16 @@ impl GpuCache {
         };
         let f = func(&self.dev, OFF, OFF_MODULE, "offload_fill")?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&kva).arg(&bk).arg(&bv).arg(&self.ins).arg(&self.ins_n).arg(&d_chunks);
+        b.arg(&kva).arg(&bk).arg(&bv).arg(&self.ins).arg(&self.ins_n).arg(&d_chunks).arg(&staged);
         // SAFETY: argument list matches `offload_fill`; the inserts name slots of the bank and
         // tokens this sequence's kernels read (below its length). The banks are private to
         // this cache.
         unsafe { b.launch(grid(self.kv_heads * self.slots_per_head * d_chunks as usize)) }.map_err(e)?;
         stream.memset_zeros(&mut self.list_n).map_err(e)?;
+        if let Some(done) = &self.side_done {
+            done.record(&stream).map_err(e)?;
+            self.side_pending.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.epoch += 1;
         Ok(())
     }
@@ -1057,7 +1167,8 @@ impl LayerCaches {
                 dtype,
                 max_tokens,
                 cfg.slots_per_head(kind, max_tokens),
-            )
+            )?
+            .with_miss_staging(cfg.miss_stage_rows(kind, kv_heads, max_tokens))
         };
         Ok(LayerCaches {
             mask: make(CacheKind::Mask)?,
@@ -1104,6 +1215,9 @@ pub fn hip_attn_decode_offload_cuda(
     crate::layout::check_scale(scale)?;
     caches.check(kv)?;
     let before = cache.refreshes();
+    // Read at every step: wait for the update queued after the last refresh (long done: the
+    // other layers ran in between).
+    caches.sparse.ready()?;
     let sres = caches.sparse.residency(kv.store, true);
     let (mbank, sk, sv) = (&caches.mask.bank_k, &caches.sparse.bank_k, caches.sparse.bank_v.as_ref());
     let sv = sv.expect("a sparse-attention cache holds values");
@@ -1165,6 +1279,7 @@ pub fn hip_attn_offload_cuda(
         return super::hip_attn_paged_cuda(q, &view, cfg, scale);
     }
     caches.mask.ready()?;
+    caches.sparse.ready()?;
     let (mres, sres) = (caches.mask.residency(kv.store, false), caches.sparse.residency(kv.store, false));
     let (mbank, sk) = (&caches.mask.bank_k, &caches.sparse.bank_k);
     let sv = caches.sparse.bank_v.as_ref().expect("a sparse-attention cache holds values");
@@ -1196,6 +1311,10 @@ pub fn dense_attn_offload_cuda(q: &Tensor, kv: &OffloadedKv<'_>, scale: f32) -> 
         stride: 0,
         epoch: 0,
         list_cap: 0,
+        stage_k: 0,
+        stage_v: 0,
+        stage_tag: 0,
+        stage_bits: 0,
     };
     // No page table: every row comes from the host store; the tensors given as the bank are
     // never read (q stands in for them).

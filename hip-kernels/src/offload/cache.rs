@@ -57,9 +57,13 @@ pub struct OffloadStats {
     /// Entries evicted from the bank.
     pub evictions: u64,
     /// Bytes moved from the host store to the GPU: every miss reads its entry over the bus
-    /// during the step, and every insert copies it into the bank after the step, so
-    /// `(misses + inserts) × entry bytes`.
+    /// during the step, and every insert not staged copies it into the bank after the step,
+    /// so `(misses + inserts - staged) × entry bytes`.
     pub bytes_moved: u64,
+    /// Inserts copied into the bank from the GPU staging area, where the step's kernel left the
+    /// row it had read over the bus, instead of from the host store (CUDA caches with
+    /// [`Offload::miss_stage_tokens`](super::Offload::miss_stage_tokens); 0 on the host policy).
+    pub staged: u64,
 }
 
 impl OffloadStats {
@@ -82,6 +86,7 @@ impl OffloadStats {
         self.inserts += other.inserts;
         self.evictions += other.evictions;
         self.bytes_moved = self.bytes_moved.saturating_add(other.bytes_moved);
+        self.staged += other.staged;
     }
 
     /// `hits / (hits + misses)`; **1.0 when there were no accesses**: nothing was read from the

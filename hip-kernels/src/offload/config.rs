@@ -87,6 +87,8 @@ pub struct GpuFootprint {
     pub sa_cache: u64,
     /// The int32 page tables, two per layer.
     pub page_tables: u64,
+    /// The staging areas of missed rows, two per layer ([`Offload::miss_stage_tokens`]).
+    pub miss_staging: u64,
     /// The transient buffer a prefill chunk stages one layer's K/V in
     /// ([`Offload::prefill_stage_bytes`]; freed after each layer, reused by the next).
     pub prefill_stage: u64,
@@ -98,6 +100,7 @@ impl GpuFootprint {
         self.mask_cache
             .saturating_add(self.sa_cache)
             .saturating_add(self.page_tables)
+            .saturating_add(self.miss_staging)
             .saturating_add(self.prefill_stage)
     }
 }
@@ -118,6 +121,7 @@ impl GpuFootprint {
 /// | `gpu_cache_tokens` | 8192 | InfiniteHiP's documented SA cache sizes are 5000 (1×L40S, Llama-3.1-8B, 2M context), 8000 (TP=2 A100-40GB) and 32768 (R1-Distill-Qwen-32B, TP=4). One decode step of [`HipConfig::paper`](crate::HipConfig::paper) reads `k + sink + window` = 784 tokens per head; 8192 (the A100 figure rounded to a power of two) holds about ten steps' worth, which the temporal locality of HiP's masks turns into high hit ratios (InfiniteHiP reports 88.6–99.8% SA hits with its stage caches on, 51–59% without) |
 /// | `mask_cache_tokens` | 65536 | the documented mask cache sizes are 64000 (L40S), 128000 (A100 TP=2) and 131072 (32B TP=4). The tree search touches ≈ `(k/b_sk)·log T` keys per head per refresh (§3; roughly 5,000–10,000 at 1M tokens with the paper config), and a decode step refreshes the mask only every `refresh_interval` steps, so 65536 (the L40S figure rounded up) holds several refreshes' worth |
 /// | `prefill_stage_bytes` | 2 GiB | a prefill chunk's mask search and attention read keys all over the context, each many times and uncached (prefill reads would flood the LRU caches), so reading them over the bus made offloaded prefill 5–6× slower than resident (H200, Qwen2.5-1.5B shapes). Copying the sequence's rows of one layer into a GPU buffer first (one coalesced pass over the bus) and attending there costs `tokens × row bytes` of PCIe traffic per layer and chunk instead. 2 GiB stages 512k tokens of a Llama-3.1-8B layer (2M of Qwen2.5-1.5B); longer sequences are read in place. 0 never stages |
+/// | `miss_stage_tokens` | 16384 | a decode kernel that reads a missed row over the bus also leaves it in a GPU staging area, from which the cache update after a refresh copies the rows it inserts instead of reading them from the host a second time: the bus is what an offloaded refresh step waits for, and the inserts are most of the misses. Each cache stages up to `min(miss_stage_tokens, slots_per_head / 2)` rows per KV head (hash-placed, so a few collide and are read again): a refresh's inserts per head are a fraction of the bank. At the defaults 48 MiB per Llama-3.1-8B layer (32 MiB of keys, 16 MiB of K/V). 0 never stages |
 /// | `resident_layers` | 0 | every HiP layer offloaded: the smallest GPU footprint. Raise it to spend spare GPU memory on speed, or to hold a context whose full KV exceeds host memory (a 1M-token Llama-3.1-8B-shaped context needs 116 GiB of host memory with every HiP layer offloaded) |
 /// | `host_budget_bytes` | 0 = unlimited | the host store is ordinary (pinned under CUDA) host memory whose limit depends on the machine and what else runs on it, so no fixed number is right; the paper's RTX 4090 runs capped CPU KV at 32 GB. Set it to refuse a context before the machine swaps |
 ///
@@ -162,6 +166,10 @@ pub struct Offload {
     /// whose full KV exceeds host memory can still be held. 0 (the default) offloads every HiP
     /// layer; see [`offloaded_layers`](Offload::offloaded_layers).
     pub resident_layers: usize,
+    /// Rows per KV head each GPU cache can stage, at most: a decode kernel leaves the rows it
+    /// read over the bus there, and the cache update copies its inserts from there instead of
+    /// from the host store ([`miss_stage_rows`](Offload::miss_stage_rows)). 0 never stages.
+    pub miss_stage_tokens: usize,
 }
 
 impl Default for Offload {
@@ -172,6 +180,7 @@ impl Default for Offload {
             host_budget_bytes: 0,
             prefill_stage_bytes: 2 << 30,
             resident_layers: 0,
+            miss_stage_tokens: 16384,
         }
     }
 }
@@ -195,6 +204,12 @@ impl Offload {
     /// Sets the prefill staging budget in bytes (0: never stage).
     pub fn with_prefill_stage_bytes(mut self, bytes: u64) -> Self {
         self.prefill_stage_bytes = bytes;
+        self
+    }
+
+    /// Sets the most rows per KV head a cache stages (0: never stage).
+    pub fn with_miss_stage_tokens(mut self, tokens: usize) -> Self {
+        self.miss_stage_tokens = tokens;
         self
     }
 
@@ -268,9 +283,31 @@ impl Offload {
         self.cache_tokens(kind).min(max_tokens)
     }
 
+    /// Rows of the staging area of one cache of `kind` with `kv_heads` heads for contexts of at
+    /// most `max_tokens` tokens: `min(miss_stage_tokens, slots_per_head / 2) × kv_heads`
+    /// rounded up to a power of two (rows are placed by a hash), or 0 (no staging).
+    ///
+    /// ```
+    /// use hip_kernels::offload::{CacheKind, Offload};
+    /// let d = Offload::default(); // 16384 rows, mask cache 65536 slots, SA cache 8192
+    /// assert_eq!(d.miss_stage_rows(CacheKind::Mask, 8, 1 << 20), 16384 * 8);
+    /// assert_eq!(d.miss_stage_rows(CacheKind::SparseAttn, 8, 1 << 20), 4096 * 8);
+    /// assert_eq!(d.miss_stage_rows(CacheKind::SparseAttn, 3, 1 << 20), 16384); // 12288 rounded up
+    /// assert_eq!(d.with_miss_stage_tokens(0).miss_stage_rows(CacheKind::Mask, 8, 1 << 20), 0);
+    /// ```
+    pub fn miss_stage_rows(&self, kind: CacheKind, kv_heads: usize, max_tokens: usize) -> usize {
+        let per_head = self.miss_stage_tokens.min(self.slots_per_head(kind, max_tokens) / 2);
+        if per_head == 0 || kv_heads == 0 {
+            return 0;
+        }
+        per_head.saturating_mul(kv_heads).checked_next_power_of_two().unwrap_or(1 << 62)
+    }
+
     /// The GPU memory of the caches of every layer for contexts up to `max_tokens`, by part:
     /// per layer, the mask bank holds `slots × num_kv_heads` keys, the SA bank as many keys and
-    /// values, and the two page tables `4 × num_kv_heads × max_tokens` bytes each; once, the
+    /// values, the two page tables `4 × num_kv_heads × max_tokens` bytes each, and the two
+    /// staging areas [`miss_stage_rows`](Offload::miss_stage_rows) entries (plus an 8-byte tag)
+    /// each; once, the
     /// prefill staging buffer (one layer's K/V for `max_tokens`, at most
     /// [`prefill_stage_bytes`](Offload::prefill_stage_bytes)). The LRU
     /// bookkeeping ([`TokenCache`](super::TokenCache)) lives in host memory and is not counted.
@@ -285,6 +322,15 @@ impl Offload {
             mask_cache: bank(CacheKind::Mask),
             sa_cache: bank(CacheKind::SparseAttn),
             page_tables: product(&[layers, 2, 4, heads, max_tokens as u64]),
+            miss_staging: [CacheKind::Mask, CacheKind::SparseAttn]
+                .into_iter()
+                .map(|kind| {
+                    let rows = self.miss_stage_rows(kind, shape.num_kv_heads, max_tokens) as u64;
+                    let entry =
+                        product(&[shape.head_dim as u64, shape.elem_bytes as u64, kind.entry_bytes(1, 1)]);
+                    product(&[layers, rows, entry.saturating_add(8)])
+                })
+                .fold(0u64, u64::saturating_add),
             prefill_stage: self.prefill_stage_bytes.min(product(&[
                 heads,
                 max_tokens as u64,
@@ -315,6 +361,7 @@ impl Offload {
                 mask_cache: f.mask_cache,
                 sa_cache: f.sa_cache,
                 page_tables: f.page_tables,
+                miss_staging: f.miss_staging,
                 prefill_stage: f.prefill_stage,
             });
         }
@@ -356,6 +403,7 @@ mod tests {
         d.validate().unwrap();
         assert_eq!((d.gpu_cache_tokens, d.mask_cache_tokens, d.host_budget_bytes), (8192, 65536, 0));
         assert_eq!(d.prefill_stage_bytes, 2 << 30);
+        assert_eq!((d.resident_layers, d.miss_stage_tokens), (0, 16384));
         assert!(d.stages(2 << 30) && !d.stages((2 << 30) + 1) && !d.with_prefill_stage_bytes(0).stages(1));
     }
 
@@ -386,7 +434,14 @@ mod tests {
         assert_eq!(f.sa_cache, 3 * 10 * 2 * 8 * 2 * 2);
         assert_eq!(f.page_tables, 3 * 2 * 4 * 2 * 100);
         assert_eq!(f.prefill_stage, 2 * 100 * 8 * 2 * 2); // one layer's K/V, under the budget
-        assert_eq!(cfg.gpu_bytes(&shape, 100), f.mask_cache + f.sa_cache + f.page_tables + f.prefill_stage);
+                                                          // Staging, per layer: mask min(16384, 40 / 2) × 2 heads = 40 → 64 rows of 16 B + tag,
+                                                          // SA min(16384, 10 / 2) × 2 = 10 → 16 rows of 32 B + tag.
+        assert_eq!(f.miss_staging, 3 * (64 * (16 + 8) + 16 * (32 + 8)));
+        assert_eq!(cfg.clone().with_miss_stage_tokens(0).gpu_footprint(&shape, 100).miss_staging, 0);
+        assert_eq!(
+            cfg.gpu_bytes(&shape, 100),
+            f.mask_cache + f.sa_cache + f.page_tables + f.miss_staging + f.prefill_stage
+        );
         let capped = cfg.clone().with_prefill_stage_bytes(100).gpu_footprint(&shape, 100);
         assert_eq!(capped.prefill_stage, 100);
         // A context shorter than the caches: the banks shrink to it.
@@ -418,13 +473,14 @@ mod tests {
                     mask_cache,
                     sa_cache,
                     page_tables,
+                    miss_staging,
                     prefill_stage,
                 } = e
                 else {
                     unreachable!()
                 };
                 assert_eq!((n, free), (need, need - 1));
-                assert_eq!(mask_cache + sa_cache + page_tables + prefill_stage, need);
+                assert_eq!(mask_cache + sa_cache + page_tables + miss_staging + prefill_stage, need);
                 let msg = e.to_string();
                 assert!(msg.contains(&need.to_string()) && msg.contains("free"), "{msg}");
             }

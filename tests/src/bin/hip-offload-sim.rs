@@ -236,18 +236,19 @@ fn footprints() -> Vec<Footprint> {
 
 fn footprint_table(f: &[Footprint]) -> String {
     let mut s = String::from(
-        "| context | SA cache tokens | mask cache tokens | SA banks GiB | mask banks GiB | page tables GiB | total GiB | full KV GiB |\n|---|---|---|---|---|---|---|---|\n",
+        "| context | SA cache tokens | mask cache tokens | SA banks GiB | mask banks GiB | page tables GiB | miss staging GiB | total GiB | full KV GiB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for x in f {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} | {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
             x.max_tokens,
             x.gpu_cache_tokens,
             x.mask_cache_tokens,
             gib(x.bytes.sa_cache),
             gib(x.bytes.mask_cache),
             gib(x.bytes.page_tables),
+            gib(x.bytes.miss_staging),
             gib(x.total),
             gib(x.full_kv)
         );

@@ -7,7 +7,7 @@
 //! ```text
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
-//!               [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS]
+//!               [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS,miss-stage=16384]
 //!               [--prefix copy|fork] [--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny]
 //!               [--tf32] [--fill] [--paired ROUNDS] [--write-only]
 //! ```
@@ -56,7 +56,7 @@ use crate::R;
 /// Usage of the subcommand.
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
-[--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS] [--prefix copy|fork] \
+[--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS,miss-stage=16384] [--prefix copy|fork] \
 [--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny] [--tf32] [--fill] [--paired ROUNDS] [--write-only]";
 
 struct Args {
@@ -149,9 +149,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                         "mask" => a.offload.with_mask_cache_tokens(n),
                         "stage" => a.offload.with_prefill_stage_bytes(n as u64),
                         "resident" => a.offload.with_resident_layers(n),
+                        "miss-stage" => a.offload.with_miss_stage_tokens(n),
                         other => {
                             return Err(format!(
-                                "--offload: unknown key {other:?} (sa, mask, stage, resident)"
+                                "--offload: unknown key {other:?} (sa, mask, stage, resident, miss-stage)"
                             ))
                         }
                     };

@@ -106,6 +106,7 @@ fn diff(a: OffloadStats, b: OffloadStats) -> OffloadStats {
         inserts: a.inserts - b.inserts,
         evictions: a.evictions - b.evictions,
         bytes_moved: a.bytes_moved - b.bytes_moved,
+        staged: a.staged - b.staged,
     }
 }
 
