@@ -14,6 +14,16 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
+// Staging of missed rows (KV-cache offloading; all null without, used only while recording): a
+// decode kernel that read a row from the host store leaves it in place `kv_stage_place` of
+// these, so that the cache update copies it from there instead of over the bus again.
+struct StageArgs {
+    void* k;                  // [1 << bits, head_dim]
+    void* v;                  // (null for a key-only cache)
+    unsigned long long* tag;  // per place: `kv_stage_key` of the row it holds
+    int bits;
+};
+
 // Where the keys and values are.
 struct KvArgs {
     const void* k;
@@ -36,13 +46,7 @@ struct KvArgs {
     long long res_stride;  // tokens per head in `res` / `seen`
     int epoch;
     int list_cap;
-    // Staging of missed rows (null without; only while recording): a decode kernel that read a
-    // row from the host store leaves it in place `kv_stage_place` of these, so that the cache
-    // update copies it from there instead of over the bus again.
-    void* stage_k;                  // [1 << stage_bits, head_dim]
-    void* stage_v;                  // (null for a key-only cache)
-    unsigned long long* stage_tag;  // per place: (epoch << 32) | entry of the row it holds
-    int stage_bits;
+    StageArgs stage;
 };
 
 // The staging place of entry `idx` (head * res_stride + token) among 1 << bits (bits >= 1):
@@ -51,18 +55,26 @@ __device__ __forceinline__ unsigned kv_stage_place(unsigned idx, int bits) {
     return (idx * 0x9E3779B1u) >> (32 - bits);
 }
 
-// Claims the staging place of (head hk, token j) for the caller to write the row into: the
-// place when it holds nothing of this epoch, else -1 (the entry is there already, or another
-// entry of this epoch took the place: its update reads that one over the bus again). One
-// thread per row claims; rows are written before the update that reads them runs (stream order).
-__device__ __forceinline__ int kv_stage_claim(const KvArgs& a, int j, int hk) {
-    if (a.stage_tag == nullptr || a.seen == nullptr) return -1;
+// Whether the decode kernels stage the rows they read over the bus (staging, while recording).
+__device__ __forceinline__ bool kv_stages(const KvArgs& a) { return a.stage.tag != nullptr && a.seen != nullptr; }
+
+// The tag of (head hk, token j) staged in `a.epoch`: (epoch << 32) | entry.
+__device__ __forceinline__ unsigned long long kv_stage_key(const KvArgs& a, int j, int hk) {
     const unsigned idx = (unsigned)((long long)hk * a.res_stride + j);
-    const unsigned s = kv_stage_place(idx, a.stage_bits);
-    const unsigned long long cur = *(volatile unsigned long long*)&a.stage_tag[s];
+    return ((unsigned long long)(unsigned)a.epoch << 32) | idx;
+}
+
+// Claims the staging place of (head hk, token j) for the caller to write the row into (only
+// when `kv_stages`): the place when it holds nothing of this epoch, else -1 (the entry is there
+// already, or another entry of this epoch took the place: its update reads that one over the
+// bus again). One thread per row claims; rows are written before the update that reads them
+// runs (stream order).
+__device__ __forceinline__ int kv_stage_claim(const KvArgs& a, int j, int hk) {
+    const unsigned long long key = kv_stage_key(a, j, hk);
+    const unsigned s = kv_stage_place((unsigned)key, a.stage.bits);
+    const unsigned long long cur = *(volatile unsigned long long*)&a.stage.tag[s];
     if ((unsigned)(cur >> 32) == (unsigned)a.epoch) return -1;
-    const unsigned long long key = ((unsigned long long)(unsigned)a.epoch << 32) | idx;
-    return atomicCAS(&a.stage_tag[s], cur, key) == cur ? (int)s : -1;
+    return atomicCAS(&a.stage.tag[s], cur, key) == cur ? (int)s : -1;
 }
 
 // Element offset of token `j`'s row of batch entry `b`.

@@ -441,7 +441,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch
     const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
     const T* K = static_cast<const T*>(kv.k);
-    const bool staging = kv.stage_tag != nullptr && kv.seen != nullptr;
+    const bool staging = kv_stages(kv);
     unsigned* su = reinterpret_cast<unsigned*>(score);
     for (;;) {
         int more;
@@ -481,7 +481,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     int place = lk == 0 && miss_j[u] >= 0 ? kv_stage_claim(kv, miss_j[u], hk) : -1;
                     place = __shfl_sync(0xffffffffu, place, (int)(threadIdx.x % 32) - lk);
                     if (place >= 0)
-                        reinterpret_cast<uint4*>(static_cast<T*>(kv.stage_k) + (long long)place * D)[lk] = kr[u];
+                        reinterpret_cast<uint4*>(static_cast<T*>(kv.stage.k) + (long long)place * D)[lk] = kr[u];
                 }
             }
 #pragma unroll

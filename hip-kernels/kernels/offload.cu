@@ -56,7 +56,7 @@ extern "C" __global__ void offload_set_table(int* table, const long long* __rest
 
 // For each of the *n_ins insertions (head, token, slot) of `ins`: bank row `slot` = the row of
 // that head and token (K, and V when `bank_v` is not null), from the staging area when the
-// epoch's kernels left it there (`kv.stage_tag` not null: the tag of its place is this epoch's
+// epoch's kernels left it there (`kv.stage.tag` not null: the tag of its place is this epoch's
 // and this entry's), else from the host store over the bus. `kv` addresses the host store
 // (paged, one sequence) and carries the epoch and staging area; `d_chunks` = head_dim / 8.
 // The count is read on the device (the LRU kernels produce it), so the grid is fixed and
@@ -72,13 +72,13 @@ extern "C" __global__ void offload_fill(KvArgs kv, uint4* bank_k, uint4* bank_v,
         const long long i = x / d_chunks, c = x % d_chunks;
         const int head = ins[3 * i], token = ins[3 * i + 1], slot = ins[3 * i + 2];
         const long long dst = (long long)slot * d_chunks + c;
-        if (kv.stage_tag != nullptr) {
-            const unsigned idx = (unsigned)((long long)head * kv.res_stride + token);
-            const unsigned s = kv_stage_place(idx, kv.stage_bits);
-            if (kv.stage_tag[s] == (((unsigned long long)(unsigned)kv.epoch << 32) | idx)) {
+        if (kv.stage.tag != nullptr) {
+            const unsigned long long key = kv_stage_key(kv, token, head);
+            const unsigned s = kv_stage_place((unsigned)key, kv.stage.bits);
+            if (kv.stage.tag[s] == key) {
                 const long long src = (long long)s * d_chunks + c;
-                bank_k[dst] = static_cast<const uint4*>(kv.stage_k)[src];
-                if (bank_v != nullptr) bank_v[dst] = static_cast<const uint4*>(kv.stage_v)[src];
+                bank_k[dst] = static_cast<const uint4*>(kv.stage.k)[src];
+                if (bank_v != nullptr) bank_v[dst] = static_cast<const uint4*>(kv.stage.v)[src];
                 // One atomic per converged group of lanes, not per row.
                 const unsigned act = __activemask();
                 const unsigned rows = __popc(__ballot_sync(act, c == 0));

@@ -322,7 +322,7 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
 
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
-    const bool staging = kv.stage_tag != nullptr && kv.seen != nullptr;
+    const bool staging = kv_stages(kv);
     // Each warp takes runs of U consecutive keys and loads all of their K and V rows before
     // using any, so that U row fetches are in flight at once.
     constexpr int U = 4;
@@ -353,8 +353,8 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
                 int place = lane == 0 ? kv_stage_claim(kv, miss_j[u], hk) : -1;
                 place = __shfl_sync(0xffffffffu, place, 0);
                 if (place < 0) continue;
-                T* sk = static_cast<T*>(kv.stage_k) + (long long)place * D + lane * E;
-                T* sv = static_cast<T*>(kv.stage_v) + (long long)place * D + lane * E;
+                T* sk = static_cast<T*>(kv.stage.k) + (long long)place * D + lane * E;
+                T* sv = static_cast<T*>(kv.stage.v) + (long long)place * D + lane * E;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
                     sk[e] = from_f<T>(kf[u][e]);  // exact: the values came from T

@@ -88,14 +88,22 @@ struct KvArgs {
     res_stride: i64,
     epoch: i32,
     list_cap: i32,
-    // Staging of missed rows (zero without): see `Residency`.
-    stage_k: u64,
-    stage_v: u64,
-    stage_tag: u64,
-    stage_bits: i32,
+    stage: StageArgs,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for KvArgs {}
+
+/// `StageArgs` of `common.cuh`: the staging area of missed rows of an offload cache (all zero:
+/// none), `1 << bits` places of a key row (and a value row), each tagged with the epoch and
+/// entry it holds.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StageArgs {
+    pub(crate) k: u64,
+    pub(crate) v: u64,
+    pub(crate) tag: u64,
+    pub(crate) bits: i32,
+}
 
 impl KvArgs {
     /// Contiguous `[batch, t_k, heads_kv, hd]` K/V at `k`/`v`, no offloading.
@@ -120,10 +128,7 @@ impl KvArgs {
             res_stride: 0,
             epoch: 0,
             list_cap: 0,
-            stage_k: 0,
-            stage_v: 0,
-            stage_tag: 0,
-            stage_bits: 0,
+            stage: StageArgs::default(),
         }
     }
 
@@ -153,10 +158,7 @@ impl KvArgs {
         self.res_stride = r.stride;
         self.epoch = r.epoch;
         self.list_cap = r.list_cap;
-        self.stage_k = r.stage_k;
-        self.stage_v = r.stage_v;
-        self.stage_tag = r.stage_tag;
-        self.stage_bits = r.stage_bits;
+        self.stage = r.stage;
     }
 }
 
@@ -253,12 +255,8 @@ pub(crate) struct Residency {
     pub(crate) stride: i64,
     pub(crate) epoch: i32,
     pub(crate) list_cap: i32,
-    /// Staging area of missed rows (`stage_tag` 0: none): `1 << stage_bits` places of a key
-    /// row (and a value row with `has_values`), each tagged with the epoch and entry it holds.
-    pub(crate) stage_k: u64,
-    pub(crate) stage_v: u64,
-    pub(crate) stage_tag: u64,
-    pub(crate) stage_bits: i32,
+    /// Staging area of missed rows (default: none).
+    pub(crate) stage: StageArgs,
 }
 
 /// Checks what the CUDA kernels support.

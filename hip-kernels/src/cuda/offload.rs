@@ -37,7 +37,9 @@ use half::{bf16, f16};
 
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 
-use super::{check_mask_fits, cuda_err, func, mask_search, span_attn, Keys, KvArgs, Paged, Residency};
+use super::{
+    check_mask_fits, cuda_err, func, mask_search, span_attn, Keys, KvArgs, Paged, Residency, StageArgs,
+};
 use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::offload::{CacheKind, Offload, OffloadStats};
@@ -642,22 +644,9 @@ pub struct GpuCache {
 struct Staging {
     k: Tensor,
     v: Option<Tensor>,
-    /// Device pointers of `k` and `v` (0 for none).
-    ptrs: (u64, u64),
     tag: CudaSlice<u64>,
-    bits: i32,
-}
-
-impl Residency {
-    /// The same, with `staging`'s area (none for `None`).
-    fn staged(mut self, staging: Option<&Staging>, dev: &CudaDevice) -> Residency {
-        if let Some(s) = staging {
-            (self.stage_k, self.stage_v) = s.ptrs;
-            self.stage_tag = s.tag.device_ptr(&dev.cuda_stream()).0;
-            self.stage_bits = s.bits;
-        }
-        self
-    }
+    /// The kernels' view of the above.
+    args: StageArgs,
 }
 
 impl Drop for GpuCache {
@@ -793,24 +782,25 @@ impl GpuCache {
             .checked_next_power_of_two()
             .filter(|&p| p <= 1 << 31)
             .ok_or_else(|| Error::arg("miss staging rows", rows, "at most 2^31 places"))?;
-        let (dtype, device) = (self.bank_k.dtype(), self.bank_k.device().clone());
-        let row = |_| Tensor::zeros((places, self.head_dim), dtype, &device);
-        let k = row(())?;
+        let rows = || Tensor::zeros((places, self.head_dim), self.bank_k.dtype(), self.bank_k.device());
+        let k = rows()?;
         let v = match self.kind {
-            CacheKind::SparseAttn => Some(row(())?),
+            CacheKind::SparseAttn => Some(rows()?),
             CacheKind::Mask => None,
         };
-        let tag = self.dev.cuda_stream().alloc_zeros::<u64>(places).map_err(cuda_err)?;
-        let ptrs = (
-            half_ptr(&k, &self.dev)?,
-            match &v {
+        let stream = self.dev.cuda_stream();
+        let tag = stream.alloc_zeros::<u64>(places).map_err(cuda_err)?;
+        let args = StageArgs {
+            k: half_ptr(&k, &self.dev)?,
+            v: match &v {
                 Some(v) => half_ptr(v, &self.dev)?,
                 None => 0,
             },
-        );
-        // At least two places: the hash takes at least one bit.
-        let bits = places.trailing_zeros() as i32;
-        self.staging = Some(Staging { k, v, ptrs, tag, bits });
+            tag: tag.device_ptr(&stream).0,
+            // At least two places: the hash takes at least one bit.
+            bits: places.trailing_zeros() as i32,
+        };
+        self.staging = Some(Staging { k, v, tag, args });
         Ok(self)
     }
 
@@ -928,12 +918,13 @@ impl GpuCache {
             stride: self.max_tokens as i64,
             epoch: self.epoch,
             list_cap: self.list.len() as i32,
-            stage_k: 0,
-            stage_v: 0,
-            stage_tag: 0,
-            stage_bits: 0,
+            stage: self.stage_args(),
         }
-        .staged(self.staging.as_ref(), &self.dev)
+    }
+
+    /// The kernels' view of the staging area (zero without).
+    fn stage_args(&self) -> StageArgs {
+        self.staging.as_ref().map_or_else(StageArgs::default, |s| s.args)
     }
 
     /// Applies the LRU update for the entries recorded since the last one (see the type docs)
@@ -1028,11 +1019,7 @@ impl GpuCache {
         let table = self.side_table.as_ref().unwrap_or(kv.block_table);
         kva.page(&Paged { table, page: kv.block_size, t_k: kv.len, offload: None }, &self.dev)?;
         // The epoch whose reads are applied, and where its kernels staged rows.
-        let staging = self.residency(kv.store, false);
-        kva.res_stride = staging.stride;
-        kva.epoch = staging.epoch;
-        (kva.stage_k, kva.stage_v, kva.stage_tag, kva.stage_bits) =
-            (staging.stage_k, staging.stage_v, staging.stage_tag, staging.stage_bits);
+        (kva.res_stride, kva.epoch, kva.stage) = (self.max_tokens as i64, self.epoch, self.stage_args());
         let staged = self.stats.device_ptr(&stream).0 + 5 * 8;
         let bk = half_ptr(&self.bank_k, &self.dev)?;
         let bv = match &self.bank_v {
@@ -1311,10 +1298,7 @@ pub fn dense_attn_offload_cuda(q: &Tensor, kv: &OffloadedKv<'_>, scale: f32) -> 
         stride: 0,
         epoch: 0,
         list_cap: 0,
-        stage_k: 0,
-        stage_v: 0,
-        stage_tag: 0,
-        stage_bits: 0,
+        stage: StageArgs::default(),
     };
     // No page table: every row comes from the host store; the tensors given as the bank are
     // never read (q stands in for them).
