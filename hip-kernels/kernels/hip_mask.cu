@@ -11,12 +11,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
 
 #include "common.cuh"
-
-using namespace nvcuda;
 
 struct SearchArgs {
     int t_q;
@@ -231,19 +228,40 @@ __device__ __forceinline__ void write_row(float* score, uint32_t* gs, uint32_t* 
     if (threadIdx.x == 0) out_counts[r.row] = n;
 }
 
+// K rows of a tile in shared memory, D halves each, the 16-byte chunk c of row r stored at chunk
+// c ^ (r % 8): the eight rows an ldmatrix reads at one chunk fall in eight distinct bank groups.
+template <int D>
+__device__ __forceinline__ int swz(int r, int chunk) {
+    return r * D + ((chunk ^ (r & 7)) << 3);
+}
+
+// Branch scores meet in shared memory through an order-preserving integer atomicMax.
+__device__ __forceinline__ unsigned ordered(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float unordered(unsigned e) {
+    return __uint_as_float((e & 0x80000000u) ? (e & 0x7fffffffu) : ~e);
+}
+
+// Prefill search, one CTA of 4 warps per mask row. The block's QR strided queries stay in
+// registers as mma A fragments; each tile of BN gathered keys is one S = Q K^T of m16n8k16 MMAs
+// (each warp 16 keys), whose per-key maxima over the queries come out of the accumulators by warp
+// shuffles and reach their branch's score through atomicMax in shared memory. Key rows stream in
+// through cp.async, double-buffered and swizzled; the per-key index lists are triple-buffered so
+// that a tile costs two barriers.
 template <typename T, int D>
 __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                 float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
     constexpr int WARPS = 4, NT = 128, BN = 64, QR = 32;  // at most QR strided queries per block
-    constexpr int LDQ = D + 8, LDK = D + 8, LDS = BN + 4;
+    constexpr int MT = QR / 16, KD = D / 16, CH = D / 8, LDQ = D + 8;
+    static_assert(BN == 16 * WARPS, "each warp scores 16 keys of a tile");
+    static_assert(QR * LDQ <= BN * D, "the queries are staged in the second key buffer");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* Qs = reinterpret_cast<T*>(smem);                 // [QR][LDQ]
-    T* Ks = Qs + QR * LDQ;                              // [2][BN][LDK] (double buffer)
-    float* Ss = reinterpret_cast<float*>(Ks + 2 * BN * LDK);  // [QR][LDS]
-    float* kmax = Ss + QR * LDS;                        // [BN]
-    int* kbranch = reinterpret_cast<int*>(kmax + BN);   // [2][BN] branch of each gathered key, -1 none
-    int* kj = kbranch + 2 * BN;                         // [2][BN] token of each gathered key, -1 none
-    float* score = reinterpret_cast<float*>(kj + 2 * BN);  // [cap]
+    T* Ks = reinterpret_cast<T*>(smem);                 // [2][BN][D] (swizzled, double buffer)
+    int* kbranch = reinterpret_cast<int*>(Ks + 2 * BN * D);  // [3][BN] branch of each gathered key, -1 none
+    int* kj = kbranch + 3 * BN;                         // [3][BN] token of each gathered key, -1 none
+    float* score = reinterpret_cast<float*>(kj + 3 * BN);  // [cap]
     uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);  // groups / branches [cap]
     uint32_t* ge = gs + sa.cap;
     uint32_t* ns = ge + sa.cap;                         // the next iteration's branches [cap]
@@ -251,7 +269,8 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     __shared__ int s_n;
     __shared__ int scan_tmp[WARPS];
 
-    const int tid = threadIdx.x, warp = tid / 32;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, tq = lane & 3;
     const int h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (sa.heads_q / kv.heads_kv);
     const SearchRow sr = search_row(kv, sa, out_starts);
@@ -259,21 +278,41 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     if (select_all_if_few(sr, sa, out_counts)) return;
 
     // Strided queries counted back from the block's last one (the newest query always scores),
-    // unscaled (the scale is applied to the max later; it is positive).
+    // unscaled (the scale is applied to the max later; it is positive), staged in the second key
+    // buffer and loaded into A fragments; rows past nq are zero and never count.
     const int nq = (i1 - i0 + sa.stride_q - 1) / sa.stride_q;
-    for (int c = tid; c < QR * (D / 8); c += NT) {
-        int r = c / (D / 8), x = (c % (D / 8)) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < nq) val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - r * sa.stride_q) * q_t + (long long)h * D + x);
-        *reinterpret_cast<uint4*>(Qs + r * LDQ + x) = val;
+    {
+        T* Qs = Ks + BN * D;
+        for (int c = tid; c < QR * CH; c += NT) {
+            int r = c / CH, x = (c % CH) * 8;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r < nq)
+                val = *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - r * sa.stride_q) * q_t +
+                                                      (long long)h * D + x);
+            *reinterpret_cast<uint4*>(Qs + r * LDQ + x) = val;
+        }
     }
-    init_groups(gs, ge, sr.n_cand, G, &s_n);
+    init_groups(gs, ge, sr.n_cand, G, &s_n);  // ends with a barrier: Qs is complete
+    uint32_t qf[MT][KD][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++)
+            ldsm_x4(qf[mt][kk], Ks + BN * D + (mt * 16 + (lane % 16)) * LDQ + kk * 16 + (lane / 16) * 8);
+    bool row_ok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        row_ok[mt][0] = mt * 16 + g < nq;
+        row_ok[mt][1] = mt * 16 + g + 8 < nq;
+    }
+    __syncthreads();  // every warp holds its fragments before the buffer takes keys
 
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch (<= BN)
     const int bpt = BN / kpb;                                       // branches per key tile
     const T* K = static_cast<const T*>(kv.k);
+    unsigned* su = reinterpret_cast<unsigned*>(score);
     // Token and branch of key slot c of a tile starting at branch t0 of nb (-1: none).
-    auto prep = [&](int t0, int buf, int nb) {
+    auto prep = [&](int t0, int ib, int nb) {
         for (int c = tid; c < BN; c += NT) {
             int br = t0 + c / kpb, r = c % kpb;
             int j = -1;
@@ -282,69 +321,78 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
                 j = sa.sink + center * sa.block_k + r * sa.stride_k;
                 if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
             }
-            kbranch[buf * BN + c] = j >= 0 ? br : -1;
-            kj[buf * BN + c] = j;
+            kbranch[ib * BN + c] = j >= 0 ? br : -1;
+            kj[ib * BN + c] = j;
         }
     };
     // Asynchronous gather of a tile's key rows (zero rows for empty slots), 16 bytes a copy.
-    auto issue = [&](int buf) {
-        T* dst0 = Ks + buf * BN * LDK;
-        for (int c = tid; c < BN * (D / 8); c += NT) {
-            int r = c / (D / 8), x = (c % (D / 8)) * 8;
-            int j = kj[buf * BN + r];
-            const T* src = j >= 0 ? kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, x == 0)) + x : K;
-            cp_async16(dst0 + r * LDK + x, src, j >= 0 ? 16 : 0);
+    auto issue = [&](int buf, int ib) {
+        T* dst0 = Ks + buf * BN * D;
+        for (int c = tid; c < BN * CH; c += NT) {
+            int r = c / CH, x = c % CH;
+            int j = kj[ib * BN + r];
+            const T* src = j >= 0 ? kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, x == 0)) + x * 8 : K;
+            cp_async16(dst0 + swz<D>(r, x), src, j >= 0 ? 16 : 0);
         }
         cp_async_commit();
     };
     for (;;) {
         int more;
         const int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
+        for (int x = tid; x < nb; x += NT) su[x] = ordered(NEG_INF);
         // Score every branch by its center block, gathering tile t + 1 while tile t computes.
         const int ntiles = (nb + bpt - 1) / bpt;
         prep(0, 0, nb);
         __syncthreads();
-        issue(0);
+        issue(0, 0);
         for (int t = 0; t < ntiles; t++) {
-            const int cur = t & 1;
-            if (t + 1 < ntiles) prep((t + 1) * bpt, cur ^ 1, nb);
+            const int cur = t & 1, ib = t % 3;
+            // The barrier below also ends every warp's use of key buffer cur ^ 1 (tile t - 1) and
+            // of index buffer (t + 1) % 3 (tile t - 2).
+            if (t + 1 < ntiles) prep((t + 1) * bpt, (t + 1) % 3, nb);
             __syncthreads();
-            if (t + 1 < ntiles) issue(cur ^ 1); else cp_async_commit();
+            if (t + 1 < ntiles) issue(cur ^ 1, (t + 1) % 3); else cp_async_commit();
             cp_async_wait_1();
-            __syncthreads();
-            const T* Kc = Ks + cur * BN * LDK;
-            for (int tile = warp; tile < (QR / 16) * (BN / 16); tile += WARPS) {
-                int tr = tile / (BN / 16), tc = tile % (BN / 16);
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.f);
-                for (int kk = 0; kk < D / 16; kk++) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-                    wmma::load_matrix_sync(a, Qs + tr * 16 * LDQ + kk * 16, LDQ);
-                    wmma::load_matrix_sync(bf, Kc + tc * 16 * LDK + kk * 16, LDK);
-                    wmma::mma_sync(acc, a, bf, acc);
+            __syncthreads();  // tile t has landed
+            const T* Kc = Ks + cur * BN * D;
+            float acc[MT][2][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < 2; n++) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KD; kk++) {
+                uint32_t bk[4];
+                ldsm_x4(bk, Kc + swz<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma16816<T>(acc[mt][0], qf[mt][kk], bk[0], bk[1]);
+                    mma16816<T>(acc[mt][1], qf[mt][kk], bk[2], bk[3]);
                 }
-                wmma::store_matrix_sync(Ss + tr * 16 * LDS + tc * 16, acc, LDS, wmma::mem_row_major);
             }
-            __syncthreads();
-            for (int c = tid; c < BN; c += NT) {
-                float best = NEG_INF;
-                if (kbranch[cur * BN + c] >= 0)
-                    for (int r = 0; r < nq; r++) best = fmaxf(best, Ss[r * LDS + c]);
-                kmax[c] = best;
-            }
-            __syncthreads();
-            for (int x = tid; x < bpt; x += NT) {
-                int br = t * bpt + x;
-                if (br < nb) {
+            // Per key (column 2 tq + e of n-tile n): the max over the valid query rows, reduced
+            // over the lanes of one column (same tq), then into the key's branch.
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
                     float best = NEG_INF;
-                    for (int r = 0; r < kpb; r++) best = fmaxf(best, kmax[x * kpb + r]);
-                    score[br] = best * scale;
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        if (row_ok[mt][0]) best = fmaxf(best, acc[mt][n][e]);
+                        if (row_ok[mt][1]) best = fmaxf(best, acc[mt][n][2 + e]);
+                    }
+                    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 4));
+                    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 8));
+                    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 16));
+                    const int br = kbranch[ib * BN + warp * 16 + n * 8 + tq * 2 + e];
+                    if (g == 0 && br >= 0) atomicMax(&su[br], ordered(best * scale));
                 }
             }
         }
         cp_async_wait_0();
         __syncthreads();
+        for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
         keep_best(score, gs, ge, nb, G, &s_n);
         if (!more) break;
     }
@@ -358,13 +406,6 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
 // maxima meet in shared memory through an order-preserving integer atomicMax. Same branches,
 // scores (f32 dot products of the bf16 / f16 inputs), ties and output as `hip_mask_search`.
 
-__device__ __forceinline__ unsigned ordered(float f) {
-    unsigned u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float unordered(unsigned e) {
-    return __uint_as_float((e & 0x80000000u) ? (e & 0x7fffffffu) : ~e);
-}
 
 __device__ __forceinline__ void widen8(const __nv_bfloat16* x, float* f) {
 #pragma unroll

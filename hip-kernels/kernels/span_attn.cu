@@ -18,7 +18,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+
+namespace cg = cooperative_groups;
 
 // Which keys a row of queries sees.
 struct MaskArgs {
@@ -80,6 +84,23 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
+}
+
+// Merges N partial softmax states (m[w], l[w], acc rows of `stride` floats) into one: returns
+// (m, l) and leaves this lane's E elements of the merged acc in `out` (one warp calls it).
+template <int E, int N>
+__device__ __forceinline__ float2 merge_states(const float* m, const float* l, const float* acc, int stride, int lane,
+                                               float* out) {
+    float mm = NEG_INF;
+    for (int w = 0; w < N; w++) mm = fmaxf(mm, m[w]);
+    float ll = 0.f;
+    for (int e = 0; e < E; e++) out[e] = 0.f;
+    for (int w = 0; w < N; w++) {
+        const float f = m[w] == NEG_INF ? 0.f : exp2f(m[w] - mm);
+        ll += l[w] * f;
+        for (int e = 0; e < E; e++) out[e] += acc[w * stride + lane * E + e] * f;
+    }
+    return make_float2(mm, ll);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -289,22 +310,27 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
 }
 
 // ------------------------------------------------------------------------------------------------
-// Decode: split-KV flash-decoding. One CTA per (split, query head, batch * t_q); each warp takes
-// every WARPS-th key of the split; partial (m, l, acc) go to a workspace that `span_attn_combine`
-// reduces.
+// Decode: split-KV flash-decoding in one launch. The CS CTAs of a thread-block cluster share one
+// (query, query head, batch) row, each taking a CS-th of its key list; each warp takes runs of U
+// consecutive keys of its CTA's part. The CTAs' partial softmax states (m, l, acc) meet in
+// distributed shared memory: after a cluster barrier the cluster's first CTA merges them and
+// writes the output, so there is no workspace and no combine launch.
+
+constexpr int DECODE_CS = 8;      // CTAs per row (one cluster)
+constexpr int DECODE_WARPS = 8;
 
 template <typename T, int D>
-__device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
-                                 KvArgs kv, MaskArgs mask, float scale_log2, int keys_per_split,
-                                 float* __restrict__ part_m, float* __restrict__ part_l,
-                                 float* __restrict__ part_acc, int n_splits) {
-    constexpr int WARPS = 4;
+__device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
+                                 int heads_q, KvArgs kv, MaskArgs mask, float scale_log2) {
+    constexpr int WARPS = DECODE_WARPS, CS = DECODE_CS;
     constexpr int E = D / 32;  // elements per lane
     __shared__ float sm_m[WARPS], sm_l[WARPS];
     __shared__ float sm_acc[WARPS][D];
+    __shared__ float part[D + 2];  // this CTA's merged state: acc[D], m, l (read by the cluster's first CTA)
 
+    cg::cluster_group cluster = cg::this_cluster();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int split = blockIdx.x, h = blockIdx.y;
+    const int split = blockIdx.x % CS, h = blockIdx.y;
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int group = heads_q / kv.heads_kv;
     const int hk = h / group;
@@ -312,7 +338,8 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
     const long long mrow = ((long long)b * heads_q + h) * mask.n_qblocks + i / mask.block_q;
     const KeyList keys = key_list(mask, mrow, p, p);
     const int L = keys.len();
-    const int start = split * keys_per_split, end = min(L, start + keys_per_split);
+    const int per = (L + CS - 1) / CS;
+    const int start = split * per, end = min(L, start + per);
 
     float qv[E];
     const T* qp = q + b * q_b + (long long)i * q_t + (long long)h * D + lane * E;
@@ -391,21 +418,37 @@ __device__ void span_attn_decode(const T* __restrict__ q, long long q_b, long lo
     for (int e = 0; e < E; e++) sm_acc[warp][lane * E + e] = acc[e];
     __syncthreads();
     if (warp == 0) {
+        const float2 ml = merge_states<E, WARPS>(sm_m, sm_l, &sm_acc[0][0], D, lane, acc);
+        for (int e = 0; e < E; e++) part[lane * E + e] = acc[e];
+        if (lane == 0) { part[D] = ml.x; part[D + 1] = ml.y; }
+    }
+    cluster.sync();  // every CTA's `part` is written
+    if (cluster.block_rank() == 0 && warp == 0) {
+        float pm[CS], pl[CS];
+        const float* rp[CS];
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+            rp[r] = cluster.map_shared_rank(part, r);
+            pm[r] = rp[r][D];
+            pl[r] = rp[r][D + 1];
+        }
         float mm = NEG_INF;
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm_m[w]);
+#pragma unroll
+        for (int r = 0; r < CS; r++) mm = fmaxf(mm, pm[r]);
         float ll = 0.f, out[E];
         for (int e = 0; e < E; e++) out[e] = 0.f;
-        for (int w = 0; w < WARPS; w++) {
-            const float f = sm_m[w] == NEG_INF ? 0.f : exp2f(sm_m[w] - mm);
-            ll += sm_l[w] * f;
-            for (int e = 0; e < E; e++) out[e] += sm_acc[w][lane * E + e] * f;
+#pragma unroll
+        for (int r = 0; r < CS; r++) {
+            if (pm[r] == NEG_INF) continue;
+            const float f = exp2f(pm[r] - mm);
+            ll += pl[r] * f;
+            for (int e = 0; e < E; e++) out[e] += rp[r][lane * E + e] * f;
         }
-        const long long prow = (((long long)b * t_q + i) * heads_q + h) * n_splits + split;
-        if (lane == 0) { part_m[prow] = mm; part_l[prow] = ll; }
-        for (int e = 0; e < E; e++) part_acc[prow * D + lane * E + e] = out[e];
+        T* op = o + b * q_b + (long long)i * q_t + (long long)h * D + lane * E;
+        for (int e = 0; e < E; e++) op[e] = from_f<T>(ll > 0.f ? out[e] / ll : 0.f);
     }
+    cluster.sync();  // no CTA leaves while the first one still reads its shared memory
 }
-
 
 // Dense decode, GQA-aware: one CTA per (split, KV head, batch * t_q) handles every query head of
 // the KV head's group, so each K/V row is read once. Each warp scores 32 keys at a time, one key
@@ -557,11 +600,10 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
         span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
     }
 #define DECODE(NAME, T, D)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128)                                                              \
-        NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,             \
-             float scale_log2, int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) { \
-        span_attn_decode<T, D>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split, part_m, part_l,   \
-                               part_acc, n_splits);                                                               \
+    extern "C" __global__ void __cluster_dims__(DECODE_CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS)              \
+        NAME(const T* q, T* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,       \
+             float scale_log2) {                                                                                   \
+        span_attn_decode<T, D>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                                \
     }
 #define COMBINE(NAME, T, D)                                                                                        \
     extern "C" __global__ void NAME(const float* part_m, const float* part_l, const float* part_acc, int n_splits, \

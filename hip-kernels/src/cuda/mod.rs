@@ -419,24 +419,27 @@ impl SpanOp<'_> {
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
-            // Split-KV decode, one query per CTA row (so any query block size works): about 4
-            // CTAs per multiprocessor in all.
-            let rows = d.batch * d.t_q * d.heads_q;
-            let (per, splits) = decode_splits(l_max, rows, 32);
-            let parts = Partials::new(dev, rows * splits, hd)?;
+            // Split-KV decode, one query per row (so any query block size works): a cluster of
+            // DECODE_CLUSTER CTAs per row splits its keys and merges the partials itself.
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
             let cfg = LaunchConfig {
-                grid_dim: (splits as u32, d.heads_q as u32, (d.batch * d.t_q) as u32),
-                block_dim: (128, 1, 1),
+                grid_dim: (DECODE_CLUSTER, d.heads_q as u32, (d.batch * d.t_q) as u32),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (per_i, splits_i) = (per as i32, splits as i32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
-            b.arg(&per_i).arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i);
-            // SAFETY: argument list matches `span_decode_*`; buffers are sized above.
+            b.arg(&qp)
+                .arg(&op)
+                .arg(&q_b)
+                .arg(&q_t)
+                .arg(&t_q)
+                .arg(&heads_q)
+                .arg(&kv)
+                .arg(&mask)
+                .arg(&scale_log2);
+            // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of
+            // DECODE_CLUSTER CTAs along x, 256 threads); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-            self.combine::<T>(&parts, splits, op, rows)?;
         } else {
             let warps = [8usize, 4, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);
             let bm = 16 * warps;
@@ -546,6 +549,9 @@ fn poison() -> bool {
 fn cuda_err(e: DriverError) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
 }
+
+/// CTAs per row of `span_decode_*` (its `DECODE_CS`: the kernel's compile-time cluster size).
+const DECODE_CLUSTER: u32 = 8;
 
 /// Keys per split and splits of a split-KV decode over at most `keys` keys with `ctas` CTAs per
 /// split: about 4 CTAs per multiprocessor of the H200 in all, at least `min_per` keys a split.
@@ -779,10 +785,9 @@ fn launch_mask(
     let (name, threads, smem) = if few {
         (format!("hip_mask_few_{tn}_d{hd}"), 512, cap * 20)
     } else {
-        // Must match the layout of `hip_mask_search`: QR = 32 queries, two buffers of BN = 64
-        // keys, scores, per-slot max / branch / token, and score + 4 branch arrays of `cap` entries.
-        let smem =
-            (32 * (hd + 8) + 2 * 64 * (hd + 8)) * 2 + 32 * (64 + 4) * 4 + 64 * 4 + 4 * 64 * 4 + cap * 20;
+        // Must match the layout of `hip_mask_search`: two buffers of BN = 64 key rows, three of
+        // per-slot branch and token, and score + 4 branch arrays of `cap` entries.
+        let smem = 2 * 64 * hd * 2 + 3 * 64 * 4 * 2 + cap * 20;
         (format!("hip_mask_{tn}_d{hd}"), 128, smem)
     };
     let f = func(dev, MASK, MASK_MODULE, &name)?;

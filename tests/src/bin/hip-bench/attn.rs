@@ -5,7 +5,7 @@
 //! matrix rate, whichever is larger). Writes JSON lines (`--json FILE`) and a markdown table.
 //!
 //! ```text
-//! hip-bench attn [--t 32768,131072,524288,1048576] [--chunk 32768] [--batch 1,16] [--json out.jsonl]
+//! hip-bench attn [--t 32768,131072,524288,1048576] [--chunk 32768] [--batch 1,16] [--json out.jsonl] [--sync-each]
 //! ```
 //! PyTorch SDPA (FlashAttention and cuDNN) on the same shapes: `scripts/sdpa_bench.py`.
 
@@ -42,6 +42,10 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("{x:?}: {e}"))).collect()
     };
     while let Some(flag) = it.next() {
+        if flag == "--sync-each" {
+            SYNC_EACH.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--t" => a.ts = list(val)?,
@@ -59,25 +63,44 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 }
 
 /// Usage of the subcommand.
-pub const USAGE: &str = "hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] [--reps N]";
+pub const USAGE: &str =
+    "hip-bench attn [--t LIST] [--chunk N] [--batch LIST] [--json FILE] [--reps N] [--sync-each]";
 
-/// Median milliseconds of `reps` runs of `f` (after one warm-up), timed with CUDA events.
+/// Median milliseconds of `reps` runs of `f` (after one warm-up), timed as
+/// `triton.testing.do_bench` times the SDPA baseline (`scripts/sdpa_bench.py`): before each run a
+/// 256 MiB buffer is zeroed, so that the run starts with a cold L2 and finds the GPU busy (the
+/// host's launch cost overlaps the clearing, as it does between the steps of a real decode); CUDA
+/// events around each run, one synchronisation at the end. With `--sync-each` (the method of the
+/// 2026-11-28 tables) the GPU drains before every run instead and the L2 keeps what the last run
+/// left: small kernels then also carry the host's launch cost.
 fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
     let Device::Cuda(cd) = dev else { return Err("not a CUDA device".into()) };
     let stream = cd.cuda_stream();
     f()?;
     stream.synchronize()?;
-    let mut ms = Vec::with_capacity(reps);
+    let sync_each = SYNC_EACH.load(std::sync::atomic::Ordering::Relaxed);
+    let mut flush = if sync_each { None } else { Some(stream.alloc_zeros::<u8>(256 << 20)?) };
+    let mut events = Vec::with_capacity(reps);
     for _ in 0..reps {
+        if let Some(buf) = flush.as_mut() {
+            stream.memset_zeros(buf)?;
+        }
         let a = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
         f()?;
         let b = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        b.synchronize()?;
-        ms.push(a.elapsed_ms(&b)? as f64);
+        if sync_each {
+            b.synchronize()?;
+        }
+        events.push((a, b));
     }
+    stream.synchronize()?;
+    let mut ms = events.iter().map(|(a, b)| Ok(a.elapsed_ms(b)? as f64)).collect::<R<Vec<_>>>()?;
     ms.sort_by(f64::total_cmp);
     Ok(ms[reps / 2])
 }
+
+/// `--sync-each`: time as the 2026-11-28 tables did (see `time`).
+static SYNC_EACH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn randn(shape: (usize, usize, usize, usize), dev: &Device) -> R<Tensor> {
     // Generate one batch entry at a time: the f32 temporaries stay small.
