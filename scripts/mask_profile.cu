@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&ds, hq * G * 4)); CK(cudaMalloc(&dc, hq * 4));
     KvArgs kv{dk, dk, tk * hkv * d, hkv * d, nullptr, 0, 1, (int)tk, hkv};
     SearchArgs sa{1, hq, 64, 2, 2, 1, 16, 256, G, 1, cap};
-    int smem = cap * 20;
+    int smem = cap * 28;  // score + 4 branch arrays + 2 arrays of branch maxima
     auto run = [&]() { hip_mask_few_bf16_d128<<<dim3(1, hq, 1), 512, smem>>>(dq, hq * d, hq * d, kv, sa, 0.088f, ds, dc); };
     for (int i = 0; i < 3; i++) run();
     CK(cudaDeviceSynchronize());

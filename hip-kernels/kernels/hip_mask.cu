@@ -13,7 +13,11 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+
+namespace cg = cooperative_groups;
 
 struct SearchArgs {
     int t_q;
@@ -125,7 +129,7 @@ struct Ascending {
 // ------------------------------------------------------------------------------------------------
 // Steps both search kernels share (all threads of the CTA call each).
 
-// The mask row of this CTA (query block blockIdx.x, head blockIdx.y, batch blockIdx.z): its
+// The mask row of this CTA (query block `qblock`, head blockIdx.y, batch blockIdx.z): its
 // queries [i0, i1), the end of its candidate range, the number of candidate key blocks.
 struct SearchRow {
     int i0, i1, search_end, n_cand;
@@ -133,21 +137,25 @@ struct SearchRow {
     uint32_t* out;  // G block starts
 };
 
-__device__ __forceinline__ SearchRow search_row(const KvArgs& kv, const SearchArgs& sa, uint32_t* out_starts) {
+__device__ __forceinline__ SearchRow search_row(const KvArgs& kv, const SearchArgs& sa, uint32_t* out_starts,
+                                                int qblock) {
     SearchRow r;
-    r.i0 = blockIdx.x * sa.block_q;
+    r.i0 = qblock * sa.block_q;
     r.i1 = min(r.i0 + sa.block_q, sa.t_q);
     const int p_last = kv.t_k - sa.t_q + r.i1 - 1;
     r.search_end = max(p_last + 1 - sa.window, sa.sink);
     r.n_cand = (r.search_end - sa.sink + sa.block_k - 1) / sa.block_k;
-    r.row = ((long long)blockIdx.z * sa.heads_q + blockIdx.y) * sa.n_qblocks + blockIdx.x;
+    r.row = ((long long)blockIdx.z * sa.heads_q + blockIdx.y) * sa.n_qblocks + qblock;
     r.out = out_starts + r.row * sa.groups;
     return r;
 }
 
 // With no more candidates than groups every one is selected: writes the row and returns true.
-__device__ __forceinline__ bool select_all_if_few(const SearchRow& r, const SearchArgs& sa, uint32_t* out_counts) {
+// (Only a `writer` CTA writes.)
+__device__ __forceinline__ bool select_all_if_few(const SearchRow& r, const SearchArgs& sa, uint32_t* out_counts,
+                                                  bool writer = true) {
     if (r.n_cand > sa.groups) return false;
+    if (!writer) return true;
     for (int c = threadIdx.x; c < sa.groups; c += blockDim.x)
         r.out[c] = c < r.n_cand ? (uint32_t)(sa.sink + c * sa.block_k) : 0xffffffffu;
     if (threadIdx.x == 0) out_counts[r.row] = r.n_cand;
@@ -273,7 +281,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
     const int g = lane >> 2, tq = lane & 3;
     const int h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (sa.heads_q / kv.heads_kv);
-    const SearchRow sr = search_row(kv, sa, out_starts);
+    const SearchRow sr = search_row(kv, sa, out_starts, blockIdx.x);
     const int i0 = sr.i0, i1 = sr.i1, search_end = sr.search_end, G = sa.groups;
     if (select_all_if_few(sr, sa, out_counts)) return;
 
@@ -400,12 +408,16 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
 }
 
 // The same search for a block of at most QMAX strided queries (decode: one query per sequence),
-// tuned for latency, since a decode step launches only one CTA per (query head, sequence): 512
-// threads; a group of D / 8 lanes scores one key row straight from global memory (16 bytes a
-// lane, UNROLL rows in flight per group) against the queries held in registers, and the branch
-// maxima meet in shared memory through an order-preserving integer atomicMax. Same branches,
-// scores (f32 dot products of the bf16 / f16 inputs), ties and output as `hip_mask_search`.
-
+// tuned for latency, since a decode step launches only one CTA per (query head, sequence) — or,
+// with CS > 1, one thread-block cluster of CS CTAs, when the rows are few enough for the GPU to
+// hold every cluster at once. 512 threads; a group of D / 8 lanes scores one key row straight
+// from global memory (16 bytes a lane, UNROLL rows in flight per group) against the queries held
+// in registers, and the branch maxima meet in shared memory through an order-preserving integer
+// atomicMax. In a cluster every CTA holds the whole branch list and ranks it (the same steps give
+// the same result everywhere) but scores only every CS-th pass of key rows: after a cluster
+// barrier each CTA takes the max of the CTAs' branch maxima through distributed shared memory
+// (double-buffered by iteration, so one barrier per iteration suffices). Same branches, scores
+// (f32 dot products of the bf16 / f16 inputs), ties and output as `hip_mask_search`.
 
 __device__ __forceinline__ void widen8(const __nv_bfloat16* x, float* f) {
 #pragma unroll
@@ -439,7 +451,7 @@ __device__ unsigned long long g_prof[8];
 #define PROF(i)
 #endif
 
-template <typename T, int D, int QMAX>
+template <typename T, int D, int QMAX, int CS>
 __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                     float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
     constexpr int NT = 512, WARPS = NT / 32;
@@ -452,6 +464,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     uint32_t* ge = gs + sa.cap;
     uint32_t* ns = ge + sa.cap;                                  // the next iteration's branches [cap]
     uint32_t* ne = ns + sa.cap;
+    unsigned* su2 = ne + sa.cap;                                 // [2][cap] branch maxima (ordered)
     __shared__ int s_n;
     __shared__ int scan_tmp[WARPS];
 
@@ -459,9 +472,10 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     const int lk = lane % LPK, sub = lane / LPK;
     const int h = blockIdx.y, b = blockIdx.z;
     const int hk = h / (sa.heads_q / kv.heads_kv);
-    const SearchRow sr = search_row(kv, sa, out_starts);
+    const int rank = CS > 1 ? (int)cg::this_cluster().block_rank() : 0;
+    const SearchRow sr = search_row(kv, sa, out_starts, blockIdx.x / CS);
     const int i0 = sr.i0, i1 = sr.i1, search_end = sr.search_end, G = sa.groups;
-    if (select_all_if_few(sr, sa, out_counts)) return;
+    if (select_all_if_few(sr, sa, out_counts, rank == 0)) return;  // the same in every CTA of a cluster
 
     PROF_START
     const int nq = min(QMAX, (i1 - i0 + sa.stride_q - 1) / sa.stride_q);
@@ -483,16 +497,16 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
     const T* K = static_cast<const T*>(kv.k);
     const bool staging = kv_stages(kv);
-    unsigned* su = reinterpret_cast<unsigned*>(score);
-    for (;;) {
+    for (int it = 0;; it++) {
         int more;
         const int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
         PROF(0)
+        unsigned* su = su2 + (it & 1) * sa.cap;
         for (int x = tid; x < nb; x += NT) su[x] = ordered(NEG_INF);
         __syncthreads();
         // Score every branch: the max over its center block's strided keys and the queries.
         const int slots = nb * kpb;
-        for (int base = warp * KPW * UNROLL; base < slots; base += WARPS * KPW * UNROLL) {
+        for (int base = (rank * WARPS + warp) * KPW * UNROLL; base < slots; base += CS * WARPS * KPW * UNROLL) {
             uint4 kr[UNROLL];
             int br[UNROLL];
             int miss_j[UNROLL];  // staging: the key of a row read from the host store, else -1
@@ -547,21 +561,36 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         // Offloading: record this iteration's reads, one slot per thread (apart from the loads
         // above: the recording's atomics would otherwise stall every pass of them).
         if (kv.seen != nullptr) {
-            for (int c = tid; c < slots; c += NT) {
+            for (int c = rank * NT + tid; c < slots; c += CS * NT) {
                 const int bi = c / kpb, r = c - bi * kpb;
                 const int center = gs[bi] + (ge[bi] - gs[bi]) / 2;
                 const int j = sa.sink + center * sa.block_k + r * sa.stride_k;
                 if (j < search_end && j < sa.sink + (center + 1) * sa.block_k) kv_record(kv, j, hk);
             }
         }
-        __syncthreads();
+        if constexpr (CS > 1) {
+            cg::cluster_group cluster = cg::this_cluster();
+            cluster.sync();  // every CTA's maxima of this iteration are in
+            const unsigned* rsu[CS];
+#pragma unroll
+            for (int r = 0; r < CS; r++) rsu[r] = cluster.map_shared_rank(su, r);
+            for (int x = tid; x < nb; x += NT) {
+                unsigned best = rsu[0][x];
+#pragma unroll
+                for (int r = 1; r < CS; r++) best = max(best, rsu[r][x]);
+                score[x] = unordered(best);
+            }
+        } else {
+            __syncthreads();
+            for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
+        }
         PROF(1)
-        for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
         keep_best(score, gs, ge, nb, G, &s_n);
         PROF(2)
         if (!more) break;
     }
-    write_row(score, gs, ge, s_n, sr, sa, out_counts);
+    if (rank == 0) write_row(score, gs, ge, s_n, sr, sa, out_counts);
+    if constexpr (CS > 1) cg::this_cluster().sync();  // no CTA leaves while others read its maxima
     PROF(3)
 }
 
@@ -572,12 +601,20 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         hip_mask_search<T, D>(q, q_b, q_t, kv, sa, scale, starts, counts);                                    \
     }
 
+#define MASK_FEW_CLUSTER(NAME, T, D, CS)                                                                     \
+    extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(512)                             \
+        NAME(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale, uint32_t* starts, \
+             uint32_t* counts) {                                                                               \
+        hip_mask_search_few<T, D, 2, CS>(q, q_b, q_t, kv, sa, scale, starts, counts);                         \
+    }
 #define MASK_FEW(NAME, T, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
                                                            SearchArgs sa, float scale, uint32_t* starts,       \
                                                            uint32_t* counts) {                                 \
-        hip_mask_search_few<T, D, 2>(q, q_b, q_t, kv, sa, scale, starts, counts);                             \
-    }
+        hip_mask_search_few<T, D, 2, 1>(q, q_b, q_t, kv, sa, scale, starts, counts);                          \
+    }                                                                                                        \
+    MASK_FEW_CLUSTER(NAME##_c2, T, D, 2)                                                                     \
+    MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)
 
 MASK(hip_mask_bf16_d64, __nv_bfloat16, 64)
 MASK(hip_mask_bf16_d128, __nv_bfloat16, 128)

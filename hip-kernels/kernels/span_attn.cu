@@ -53,7 +53,10 @@ struct KeyList {
 };
 
 // The keys of queries at positions [p_first, p_last] of mask row `row` (or dense).
-__device__ __forceinline__ KeyList key_list(const MaskArgs& m, long long row, int p_first, int p_last) {
+// With `counted` false the B segment has every one of the row's max_blocks slots (the caller
+// masks slots past the count), so that positions do not wait for the count to load.
+__device__ __forceinline__ KeyList key_list(const MaskArgs& m, long long row, int p_first, int p_last,
+                                            bool counted = true) {
     KeyList l;
     l.block_k = m.block_k;
     if (m.starts == nullptr) {
@@ -61,7 +64,7 @@ __device__ __forceinline__ KeyList key_list(const MaskArgs& m, long long row, in
         return l;
     }
     l.len_a = min(m.sink, p_last + 1);
-    l.n_b = (int)m.counts[row];
+    l.n_b = counted ? (int)m.counts[row] : m.max_blocks;
     l.starts = m.starts + row * m.max_blocks;
     long long wlo = (long long)p_first + 1 - m.window;
     if (wlo < m.sink) wlo = m.sink;
@@ -311,32 +314,44 @@ __device__ void span_attn_prefill(const T* __restrict__ q, T* __restrict__ o, lo
 
 // ------------------------------------------------------------------------------------------------
 // Decode: split-KV flash-decoding in one launch. The CS CTAs of a thread-block cluster share one
-// (query, query head, batch) row, each taking a CS-th of its key list; each warp takes runs of U
-// consecutive keys of its CTA's part. The CTAs' partial softmax states (m, l, acc) meet in
-// distributed shared memory: after a cluster barrier the cluster's first CTA merges them and
-// writes the output, so there is no workspace and no combine launch.
+// (query, query head, batch) row, each taking a CS-th of its key list. A CTA works in chunks of up
+// to CHUNK keys: its threads first place every key of the chunk at once (the mask's block starts
+// and its count load together: list positions are laid out as if every mask slot were used, and
+// slots past the count hold no key), then gather all of the chunk's K and V rows into shared
+// memory with cp.async, then each warp attends to every WARPS-th row from there. A decode row
+// thus waits for two round trips to memory, not two per few keys. The CTAs' partial softmax
+// states (m, l, acc) meet in distributed shared memory: after a cluster barrier the cluster's
+// first CTA merges them and writes the output, so there is no workspace and no combine launch.
 
 constexpr int DECODE_CS = 8;      // CTAs per row (one cluster)
 constexpr int DECODE_WARPS = 8;
+constexpr int DECODE_CHUNK = 128;  // keys staged in shared memory at a time
 
 template <typename T, int D>
 __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, MaskArgs mask, float scale_log2) {
-    constexpr int WARPS = DECODE_WARPS, CS = DECODE_CS;
+    constexpr int WARPS = DECODE_WARPS, CS = DECODE_CS, CHUNK = DECODE_CHUNK, NT = 32 * WARPS;
     constexpr int E = D / 32;  // elements per lane
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* Ks = reinterpret_cast<T*>(smem);                           // [CHUNK][D]
+    T* Vs = Ks + CHUNK * D;                                       // [CHUNK][D]
+    long long* kloc = reinterpret_cast<long long*>(Vs + CHUNK * D);  // [CHUNK] `kv_loc` of the key, -1 none
+    int* kjs = reinterpret_cast<int*>(kloc + CHUNK);                 // [CHUNK] its token, -1 none
     __shared__ float sm_m[WARPS], sm_l[WARPS];
     __shared__ float sm_acc[WARPS][D];
     __shared__ float part[D + 2];  // this CTA's merged state: acc[D], m, l (read by the cluster's first CTA)
 
     cg::cluster_group cluster = cg::this_cluster();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int split = blockIdx.x % CS, h = blockIdx.y;
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int group = heads_q / kv.heads_kv;
     const int hk = h / group;
     const int p = kv.t_k - t_q + i;
     const long long mrow = ((long long)b * heads_q + h) * mask.n_qblocks + i / mask.block_q;
-    const KeyList keys = key_list(mask, mrow, p, p);
+    KeyList keys = key_list(mask, mrow, p, p, false);
+    const int n_used = mask.starts != nullptr ? (int)mask.counts[mrow] : 0;
     const int L = keys.len();
     const int per = (L + CS - 1) / CS;
     const int start = split * per, end = min(L, start + per);
@@ -350,69 +365,79 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
     const bool staging = kv_stages(kv);
-    // Each warp takes runs of U consecutive keys and loads all of their K and V rows before
-    // using any, so that U row fetches are in flight at once.
-    constexpr int U = 4;
-    for (int pos0 = start + warp * U; pos0 < end; pos0 += WARPS * U) {
-        float kf[U][E], vf[U][E];
-        bool ok[U];
-        int miss_j[U];  // staging: the token of a row read from the host store, else -1
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            int seg = -1, j = -1;
-            if (pos0 + u < end) j = keys.at(pos0 + u, &seg);
-            ok[u] = j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window);
-            const long long loc = ok[u] ? kv_loc<D>(kv, b, j, hk, false) : 0;
-            miss_j[u] = ok[u] && loc >= 0 ? j : -1;
-            const T* kr = kv_at<T>(K, kv.bank_k, loc) + lane * E;
-            const T* vr = kv_at<T>(V, kv.bank_v, loc) + lane * E;
-#pragma unroll
-            for (int e = 0; e < E; e++) {
-                kf[u][e] = ok[u] ? to_f(kr[e]) : 0.f;
-                vf[u][e] = ok[u] ? to_f(vr[e]) : 0.f;
-            }
+    for (int c0 = start; c0 < end; c0 += CHUNK) {
+        const int n = min(CHUNK, end - c0);
+        // Where each key of the chunk is.
+        for (int c = tid; c < n; c += NT) {
+            int seg = -1;
+            int j = keys.at(c0 + c, &seg);
+            const bool unused = seg == 1 && (c0 + c - keys.len_a) / keys.block_k >= n_used;
+            if (unused || j < 0 || j >= kv.t_k || !admit(j, seg, p, mask.window)) j = -1;
+            kjs[c] = j;
+            kloc[c] = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : -1;
         }
+        __syncthreads();
+        // All of its K and V rows at once (zero rows for no key).
+        for (int c = tid; c < n * CH; c += NT) {
+            const int r = c / CH, x = (c % CH) * 8;
+            const long long loc = kloc[r];
+            cp_async16(Ks + r * D + x, loc != -1 ? kv_at<T>(K, kv.bank_k, loc) + x : K, loc != -1 ? 16 : 0);
+            cp_async16(Vs + r * D + x, loc != -1 ? kv_at<T>(V, kv.bank_v, loc) + x : V, loc != -1 ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait_0();
+        __syncthreads();
         if (staging) {
             // Offloading: leave the rows read over the bus where the cache update finds them.
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (miss_j[u] < 0) continue;  // the same for every lane of the warp
-                int place = lane == 0 ? kv_stage_claim(kv, miss_j[u], hk) : -1;
+            for (int r = warp; r < n; r += WARPS) {
+                if (kjs[r] < 0 || kloc[r] < 0) continue;  // no key, or read from the GPU bank
+                int place = lane == 0 ? kv_stage_claim(kv, kjs[r], hk) : -1;
                 place = __shfl_sync(0xffffffffu, place, 0);
                 if (place < 0) continue;
                 T* sk = static_cast<T*>(kv.stage.k) + (long long)place * D + lane * E;
                 T* sv = static_cast<T*>(kv.stage.v) + (long long)place * D + lane * E;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
-                    sk[e] = from_f<T>(kf[u][e]);  // exact: the values came from T
-                    sv[e] = from_f<T>(vf[u][e]);
+                    sk[e] = Ks[r * D + lane * E + e];
+                    sv[e] = Vs[r * D + lane * E + e];
                 }
             }
         }
+        // Warp w attends to rows w, w + WARPS, ..., U of them per step.
+        constexpr int U = 4;
+        for (int r0 = warp * U; r0 < n; r0 += WARPS * U) {
+            float s[U];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (!ok[u]) continue;  // the same for every lane of the warp
-            float dot = 0.f;
+            for (int u = 0; u < U; u++) {
+                const int r = r0 + u;
+                float dot = 0.f;
+                if (r < n) {
 #pragma unroll
-            for (int e = 0; e < E; e++) dot += qv[e] * kf[u][e];
-            const float s = warp_sum(dot);
-            const float m_new = fmaxf(m, s);
-            const float alpha = m == NEG_INF ? 0.f : exp2f(m - m_new);
-            const float pe = exp2f(s - m_new);
-            l = l * alpha + pe;
+                    for (int e = 0; e < E; e++) dot += qv[e] * to_f(Ks[r * D + lane * E + e]);
+                }
+                s[u] = dot;
+            }
 #pragma unroll
-            for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + pe * vf[u][e];
-            m = m_new;
+            for (int u = 0; u < U; u++) s[u] = warp_sum(s[u]);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int r = r0 + u;
+                if (r >= n || kjs[r] < 0) continue;  // the same for every lane of the warp
+                const float m_new = fmaxf(m, s[u]);
+                const float alpha = m == NEG_INF ? 0.f : exp2f(m - m_new);
+                const float pe = exp2f(s[u] - m_new);
+                l = l * alpha + pe;
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + pe * to_f(Vs[r * D + lane * E + e]);
+                m = m_new;
+            }
         }
-    }
-    // Offloading: record the split's reads, one key per thread (after the attention, so that
-    // the recording's atomics never stall a row load).
-    if (kv.seen != nullptr) {
-        for (int pos = start + (int)threadIdx.x; pos < end; pos += 32 * WARPS) {
-            int seg = -1;
-            const int j = keys.at(pos, &seg);
-            if (j >= 0 && j < kv.t_k && admit(j, seg, p, mask.window)) kv_record(kv, j, hk);
-        }
+        // Offloading: record the chunk's reads (after the loads, so that the recording's
+        // atomics never stall one).
+        if (kv.seen != nullptr)
+            for (int c = tid; c < n; c += NT)
+                if (kjs[c] >= 0) kv_record(kv, kjs[c], hk);
+        __syncthreads();  // every warp is done with the chunk's rows
     }
     if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
     for (int e = 0; e < E; e++) sm_acc[warp][lane * E + e] = acc[e];

@@ -42,7 +42,8 @@ fn dense_matches_cpu() {
     let mut seed = 0;
     for dtype in [DType::BF16, DType::F16] {
         for d in [64, 128] {
-            for (hq, hkv) in [(2, 2), (4, 2), (7, 1)] {
+            // (9, 1): a group past the GQA decode kernel's 8 takes the span decode, in chunks at 4099.
+            for (hq, hkv) in [(2, 2), (4, 2), (7, 1), (9, 1)] {
                 for (t_q, t_k) in
                     [(1, 1), (1, 7), (5, 97), (7, 4099), (97, 97), (54, 1000), (1000, 1000), (130, 4099)]
                 {
@@ -163,6 +164,17 @@ fn mask_search_matches_cpu() {
                 }
             }
         }
+    }
+    // A decode step of many rows (here heads): past what the GPU holds as one cluster per row at
+    // once (rows x 4 > multiprocessors), the search runs one CTA per row instead. Both paths are
+    // checked: 8 heads above, 40 and 160 here.
+    let cfg = HipConfig::paper().with_k(64).with_sink_window(16, 64);
+    for (hq, t_k) in [(40, 4099), (160, 1000)] {
+        seed += 1;
+        let (q, qc) = rand(1, hq, 128, DType::BF16, seed, &dev);
+        let (k, kc) = rand(t_k, 8, 128, DType::BF16, seed + 100, &dev);
+        let o = overlap(&hip_mask(&q, &k, &cfg, 0.1).unwrap(), &hip_mask(&qc, &kc, &cfg, 0.1).unwrap());
+        assert!(o >= 0.9, "decode {hq} heads t_k {t_k}: block overlap {o}");
     }
     // With k covering the context every candidate is selected: the masks are identical.
     let cfg = HipConfig::paper().with_k(4096).with_sink_window(16, 64);

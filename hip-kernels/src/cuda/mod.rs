@@ -9,7 +9,9 @@
 //! queries run on the per-query split-KV kernel. Anything else is a typed error before any launch.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    cuOccupancyMaxActiveClusters, CUfunction_attribute_enum, CUlaunchConfig,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -422,10 +424,17 @@ impl SpanOp<'_> {
             // Split-KV decode, one query per row (so any query block size works): a cluster of
             // DECODE_CLUSTER CTAs per row splits its keys and merges the partials itself.
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
+            // K and V rows of DECODE_CHUNK keys, and per key its row location (i64) and token (i32).
+            let smem = DECODE_CHUNK * (2 * hd * 2 + 8 + 4);
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(cuda_err)?;
             let cfg = LaunchConfig {
                 grid_dim: (DECODE_CLUSTER, d.heads_q as u32, (d.batch * d.t_q) as u32),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem as u32,
             };
             let mut b = stream.launch_builder(&f);
             b.arg(&qp)
@@ -552,6 +561,8 @@ fn cuda_err(e: DriverError) -> candle_core::Error {
 
 /// CTAs per row of `span_decode_*` (its `DECODE_CS`: the kernel's compile-time cluster size).
 const DECODE_CLUSTER: u32 = 8;
+/// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
+const DECODE_CHUNK: usize = 128;
 
 /// Keys per split and splits of a split-KV decode over at most `keys` keys with `ctas` CTAs per
 /// split: about 4 CTAs per multiprocessor of the H200 in all, at least `min_per` keys a split.
@@ -605,6 +616,41 @@ pub fn block_sparse_attn_cuda(
     crate::layout::check_scale(scale)?;
     check_mask_fits(mask, &dims)?;
     span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
+}
+
+/// How many clusters of `cs` CTAs of the mask kernel `name` (`threads` threads, `smem` bytes of
+/// dynamic shared memory each) the GPU runs at once (cached per context and kernel).
+fn max_active_clusters(dev: &CudaDevice, name: &str, cs: usize, threads: u32, smem: usize) -> Result<usize> {
+    type Counts = HashMap<(usize, String, usize), usize>;
+    static COUNTS: OnceLock<Mutex<Counts>> = OnceLock::new();
+    let key = (Arc::as_ptr(dev.cuda_stream().context()) as usize, name.to_owned(), smem);
+    if let Some(&n) =
+        COUNTS.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner).get(&key)
+    {
+        return Ok(n);
+    }
+    let f = func(dev, MASK, MASK_MODULE, name)?;
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(cuda_err)?;
+    let config = CUlaunchConfig {
+        gridDimX: cs as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: a valid function handle and launch configuration (the cluster size is the kernel's
+    // compile-time one); the driver writes one int.
+    unsafe { cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) }.result().map_err(cuda_err)?;
+    let n = n.max(0) as usize;
+    COUNTS.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner).insert(key, n);
+    Ok(n)
 }
 
 /// `hip_mask.cu` compiled by `build.rs` (as [`SPAN`]).
@@ -782,19 +828,33 @@ fn launch_mask(
     // Blocks of at most 2 strided queries (decode) take the latency-tuned search: 512 threads
     // scoring keys from global memory, shared memory only for the branches.
     let few = dims.t_q.min(cfg.block_size_q).div_ceil(cfg.block_stride_q) <= 2;
-    let (name, threads, smem) = if few {
-        (format!("hip_mask_few_{tn}_d{hd}"), 512, cap * 20)
+    // Few rows (a decode step of few sequences) take a cluster of 4 or 2 CTAs each, the larger
+    // that lets the GPU hold every cluster at once (one 512-thread CTA per multiprocessor; the
+    // GPU's layout in processing clusters decides how many clusters fit).
+    let rows = dims.batch * dims.heads_q * n_qblocks;
+    let (name, threads, smem, per_row) = if few {
+        // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
+        let smem = cap * 28;
+        let mut pick = (format!("hip_mask_few_{tn}_d{hd}"), 512, smem, 1);
+        for cs in [4usize, 2] {
+            let name = format!("hip_mask_few_{tn}_d{hd}_c{cs}");
+            if rows <= max_active_clusters(dev, &name, cs, 512, smem)? {
+                pick = (name, 512, smem, cs);
+                break;
+            }
+        }
+        pick
     } else {
         // Must match the layout of `hip_mask_search`: two buffers of BN = 64 key rows, three of
         // per-slot branch and token, and score + 4 branch arrays of `cap` entries.
         let smem = 2 * 64 * hd * 2 + 3 * 64 * 4 * 2 + cap * 20;
-        (format!("hip_mask_{tn}_d{hd}"), 128, smem)
+        (format!("hip_mask_{tn}_d{hd}"), 128, smem, 1)
     };
     let f = func(dev, MASK, MASK_MODULE, &name)?;
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .map_err(cuda_err)?;
     let cfg_l = LaunchConfig {
-        grid_dim: (n_qblocks as u32, dims.heads_q as u32, dims.batch as u32),
+        grid_dim: ((n_qblocks * per_row) as u32, dims.heads_q as u32, dims.batch as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
