@@ -475,115 +475,164 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     cluster.sync();  // no CTA leaves while the first one still reads its shared memory
 }
 
-// Dense decode, GQA-aware: one CTA per (split, KV head, batch * t_q) handles every query head of
-// the KV head's group, so each K/V row is read once. Each warp scores 32 keys at a time, one key
-// per lane (all heads of the group), then switches to one slice of the head dim per lane to add
-// the 32 weighted V rows. Partials go to the same workspace layout as `span_attn_decode`.
-template <typename T, int D, int MAXG>
-__device__ void dense_decode_gqa(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
+// Dense decode, GQA-aware, on tensor cores: one CTA per (split, KV head, batch * t_q) handles
+// every query head of the KV head's group (G <= 8), so each K/V row is read once. The G queries
+// are the first rows of a 16-row mma A tile kept in registers. K/V tiles of BN = 64 keys stream
+// through a STAGES-deep cp.async pipeline (swizzled rows: conflict-free ldmatrix); each warp takes
+// 16 keys of a tile: S = Q K^T (m16n8k16), an online softmax per head row, O += P V with P
+// straight from the S registers — the prefill kernel's structure with warps splitting the keys
+// instead of the queries. The warps' states merge in shared memory at the end; partials go to the
+// workspace `span_attn_combine` reduces.
+
+// Row r, 16-byte chunk c of a tile of D-half rows, chunk stored at c ^ (r % 8).
+template <int D>
+__device__ __forceinline__ int swz_row(int r, int chunk) {
+    return r * D + ((chunk ^ (r & 7)) << 3);
+}
+
+constexpr int DENSE_DEC_STAGES = 3;
+
+template <typename T, int D>
+__device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
                                  KvArgs kv, float scale_log2, int keys_per_split, float* __restrict__ part_m,
                                  float* __restrict__ part_l, float* __restrict__ part_acc, int n_splits) {
-    constexpr int WARPS = 4;
-    constexpr int E = D / 32;
-    __shared__ float qs[MAXG][D];
-    __shared__ float sm_m[WARPS][MAXG], sm_l[WARPS][MAXG];
-    __shared__ float sm_acc[WARPS][MAXG][D];
+    constexpr int WARPS = 4, NT = 32 * WARPS, BN = 16 * WARPS, STAGES = DENSE_DEC_STAGES;
+    constexpr int CH = D / 8, KD = D / 16, NO = D / 8, LDQ = D + 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* tiles = reinterpret_cast<T*>(smem);            // [STAGES][2][BN][D]: K then V of each stage
+    T* Qs = tiles + STAGES * 2 * BN * D;              // [16][LDQ]
+    float* mrg = reinterpret_cast<float*>(tiles);     // after the loop: [WARPS][8][D + 2] (acc, m, l)
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane >> 2, tq = lane & 3;
     const int split = blockIdx.x, hk = blockIdx.y;
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int G = heads_q / kv.heads_kv;
     const int p = kv.t_k - t_q + i;
     const int start = split * keys_per_split, end = min(p + 1, start + keys_per_split);
-
-    for (int c = threadIdx.x; c < G * D; c += 32 * WARPS) {
-        int g = c / D, d = c % D;
-        qs[g][d] = to_f(q[b * q_b + (long long)i * q_t + (long long)(hk * G + g) * D + d]) * scale_log2;
-    }
-    __syncthreads();
-
-    float m[MAXG], l[MAXG], acc[MAXG][E];
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        m[g] = NEG_INF;
-        l[g] = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; e++) acc[g][e] = 0.f;
-    }
+    const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
-    for (int base = start + warp * 32; base < end; base += WARPS * 32) {
-        const int j = base + lane;
-        const bool valid = j < end;
-        float s[MAXG];
-#pragma unroll
-        for (int g = 0; g < MAXG; g++) s[g] = 0.f;
-        if (valid) {
-            const T* kr = kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, true));
-#pragma unroll 4
-            for (int x = 0; x < D; x += 8) {
-                uint4 raw = *reinterpret_cast<const uint4*>(kr + x);
-                const T* k8 = reinterpret_cast<const T*>(&raw);
-                float kf[8];
-#pragma unroll
-                for (int e = 0; e < 8; e++) kf[e] = to_f(k8[e]);
-#pragma unroll
-                for (int g = 0; g < MAXG; g++) {
-                    if (g < G) {
-#pragma unroll
-                        for (int e = 0; e < 8; e++) s[g] += qs[g][x + e] * kf[e];
-                    }
-                }
-            }
+
+    // The group's queries (rows >= G zero).
+    for (int c = tid; c < 16 * CH; c += NT) {
+        const int r = c / CH, x = (c % CH) * 8;
+        const T* src = q + b * q_b + (long long)i * q_t + (long long)(hk * G + min(r, G - 1)) * D + x;
+        cp_async16(Qs + r * LDQ + x, src, r < G ? 16 : 0);
+    }
+    cp_async_commit();
+    // K and V rows of tile t into its stage (zero rows past `end`); every thread computes the
+    // location of the rows it copies (recording each row's read once, at its first chunk).
+    auto issue = [&](int t) {
+        T* Kt = tiles + (t % STAGES) * 2 * BN * D;
+        T* Vt = Kt + BN * D;
+        const int t0 = start + t * BN;
+        for (int c = tid; c < BN * CH; c += NT) {
+            const int r = c / CH, x = c % CH, j = t0 + r;
+            const bool ok = j < end;
+            const long long loc = ok ? kv_loc<D>(kv, b, j, hk, x == 0) : 0;
+            cp_async16(Kt + swz_row<D>(r, x), ok ? kv_at<T>(K, kv.bank_k, loc) + x * 8 : K, ok ? 16 : 0);
+            cp_async16(Vt + swz_row<D>(r, x), ok ? kv_at<T>(V, kv.bank_v, loc) + x * 8 : V, ok ? 16 : 0);
         }
-        float pe[MAXG];
+    };
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (g >= G) { pe[g] = 0.f; continue; }
-            const float sv = valid ? s[g] : NEG_INF;
-            const float m_new = fmaxf(m[g], warp_max(sv));  // lane 0 is always valid
-            const float alpha = m[g] == NEG_INF ? 0.f : exp2f(m[g] - m_new);
-            pe[g] = valid ? exp2f(sv - m_new) : 0.f;
-            l[g] = l[g] * alpha + warp_sum(pe[g]);
+    for (int t = 0; t < STAGES - 1; t++) {
+        if (t < n_tiles) issue(t);
+        cp_async_commit();
+    }
+    cp_async_wait_all_but<STAGES - 1>();  // the queries
+    __syncthreads();
+    uint32_t qf[KD][4];
 #pragma unroll
-            for (int e = 0; e < E; e++) acc[g][e] *= alpha;
-            m[g] = m_new;
+    for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (lane % 16) * LDQ + kk * 16 + (lane / 16) * 8);
+
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_r = NEG_INF, l_r = 0.f;  // row g (rows g + 8 are padding)
+    for (int t = 0; t < n_tiles; t++) {
+        cp_async_wait_all_but<STAGES - 2>();
+        __syncthreads();  // tile t has landed; every warp is done with tile t - 1's stage
+        if (t + STAGES - 1 < n_tiles) issue(t + STAGES - 1);
+        cp_async_commit();
+        const T* Kt = tiles + (t % STAGES) * 2 * BN * D;
+        const T* Vt = Kt + BN * D;
+        float s[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+            uint32_t bk[4];
+            ldsm_x4(bk, Kt + swz_row<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+            mma16816<T>(s[0], qf[kk], bk[0], bk[1]);
+            mma16816<T>(s[1], qf[kk], bk[2], bk[3]);
         }
-        const int n = min(32, end - base);
-        for (int kk = 0; kk < n; kk++) {
-            const T* vr = kv_at<T>(V, kv.bank_v, kv_loc<D>(kv, b, base + kk, hk, false)) + lane * E;
-            float vf[E];
+        const int j0 = start + t * BN + warp * 16 + tq * 2;
+        float mx = NEG_INF;
 #pragma unroll
-            for (int e = 0; e < E; e++) vf[e] = to_f(vr[e]);
+        for (int n = 0; n < 2; n++)
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                const float pg = __shfl_sync(0xffffffffu, pe[g], kk);
-#pragma unroll
-                for (int e = 0; e < E; e++) acc[g][e] += pg * vf[e];
+            for (int e = 0; e < 2; e++) {
+                if (j0 + n * 8 + e >= end) s[n][e] = NEG_INF;
+                mx = fmaxf(mx, s[n][e]);
             }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_r, mx);
+        const float ms = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+        const float alpha = exp2f(m_r * scale_log2 - ms);
+        m_r = m_new;
+        uint32_t pf[4];
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            const float a0 = exp2f(fmaf(s[n][0], scale_log2, -ms));
+            const float a1 = exp2f(fmaf(s[n][1], scale_log2, -ms));
+            sum += a0 + a1;
+            pf[n * 2] = pack2<T>(a0, a1);
+            pf[n * 2 + 1] = 0u;  // rows g + 8: padding
+        }
+        l_r = l_r * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            o[n][0] *= alpha;
+            o[n][1] *= alpha;
+        }
+#pragma unroll
+        for (int n = 0; n < NO; n += 2) {
+            uint32_t bv[4];
+            ldsm_x4_t(bv, Vt + swz_row<D>(warp * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
+            mma16816<T>(o[n], pf, bv[0], bv[1]);
+            mma16816<T>(o[n + 1], pf, bv[2], bv[3]);
         }
     }
+    cp_async_wait_all_but<0>();
+    __syncthreads();  // the stages are free: merge the warps' states there
+    l_r += __shfl_xor_sync(0xffffffffu, l_r, 1);
+    l_r += __shfl_xor_sync(0xffffffffu, l_r, 2);
+    if (g < G) {
+        float* row = mrg + (warp * 8 + g) * (D + 2);
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        if (g >= G) continue;
-        if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
-#pragma unroll
-        for (int e = 0; e < E; e++) sm_acc[warp][g][lane * E + e] = acc[g][e];
+        for (int n = 0; n < NO; n++) {
+            row[n * 8 + tq * 2] = o[n][0];
+            row[n * 8 + tq * 2 + 1] = o[n][1];
+        }
+        if (tq == 0) { row[D] = m_r * scale_log2; row[D + 1] = l_r; }
     }
     __syncthreads();
-    // Warp w merges heads g = w, w + WARPS, ...
-    for (int g = warp; g < G; g += WARPS) {
+    constexpr int E = D / 32;
+    for (int hg = warp; hg < G; hg += WARPS) {
         float mm = NEG_INF;
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm_m[w][g]);
+        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, mrg[(w * 8 + hg) * (D + 2) + D]);
         float ll = 0.f, out[E];
         for (int e = 0; e < E; e++) out[e] = 0.f;
         for (int w = 0; w < WARPS; w++) {
-            const float f = sm_m[w][g] == NEG_INF ? 0.f : exp2f(sm_m[w][g] - mm);
-            ll += sm_l[w][g] * f;
-            for (int e = 0; e < E; e++) out[e] += sm_acc[w][g][lane * E + e] * f;
+            const float* row = mrg + (w * 8 + hg) * (D + 2);
+            const float f = row[D] == NEG_INF ? 0.f : exp2f(row[D] - mm);
+            ll += row[D + 1] * f;
+            for (int e = 0; e < E; e++) out[e] += row[lane * E + e] * f;
         }
-        const int h = hk * G + g;
-        const long long prow = (((long long)b * t_q + i) * heads_q + h) * n_splits + split;
+        const long long prow = (((long long)b * t_q + i) * heads_q + hk * G + hg) * n_splits + split;
         if (lane == 0) { part_m[prow] = mm; part_l[prow] = ll; }
         for (int e = 0; e < E; e++) part_acc[prow * D + lane * E + e] = out[e];
     }
@@ -640,8 +689,8 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     extern "C" __global__ void __launch_bounds__(128)                                                              \
         NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, float scale_log2,          \
              int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {                    \
-        dense_decode_gqa<T, D, 8>(q, q_b, q_t, t_q, heads_q, kv, scale_log2, keys_per_split, part_m, part_l,       \
-                                  part_acc, n_splits);                                                             \
+        dense_decode_mma<T, D>(q, q_b, q_t, t_q, heads_q, kv, scale_log2, keys_per_split, part_m, part_l,          \
+                               part_acc, n_splits);                                                                \
     }
 
 #define ALL(TN, T)                                     \

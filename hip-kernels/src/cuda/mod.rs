@@ -408,10 +408,17 @@ impl SpanOp<'_> {
             let (per, splits) = decode_splits(l_max, d.batch * d.t_q * d.heads_kv, 256);
             let parts = Partials::new(dev, rows * splits, hd)?;
             let f = func(dev, SPAN, SPAN_MODULE, &format!("dense_decode_gqa_{tn}_d{hd}"))?;
+            // DENSE_DEC_STAGES stages of a K and a V tile of 64 rows, and the 16-row query tile.
+            let smem = DENSE_DEC_STAGES * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2;
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(cuda_err)?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem as u32,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
             let mut b = stream.launch_builder(&f);
@@ -561,6 +568,8 @@ fn cuda_err(e: DriverError) -> candle_core::Error {
 
 /// CTAs per row of `span_decode_*` (its `DECODE_CS`: the kernel's compile-time cluster size).
 const DECODE_CLUSTER: u32 = 8;
+/// Pipeline stages of `dense_decode_gqa_*` (its `DENSE_DEC_STAGES`).
+const DENSE_DEC_STAGES: usize = 3;
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;
 
