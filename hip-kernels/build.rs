@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const KERNELS: &[&str] = &["span_attn", "hip_mask", "offload"];
+/// Kernels that use Hopper-only instructions (`wgmma`): built for sm_90a alone, and only when
+/// the target is compute capability 9.0; otherwise an empty file stands in (the library then
+/// uses the portable kernels).
+const SM90A: &[&str] = &["prefill_sm90"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    for k in KERNELS {
+    for k in KERNELS.iter().chain(SM90A) {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
     println!("cargo:rerun-if-changed=kernels/common.cuh");
@@ -27,12 +31,27 @@ fn main() {
     // without JIT compilation; other GPUs of compute capability >= 9.0 JIT the PTX.
     let cc = std::env::var("HIP_CUDA_ARCH").unwrap_or_else(|_| "90".to_owned());
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
-    for k in KERNELS {
+    let builds = KERNELS
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                vec![
+                    format!("-gencode=arch=compute_{cc},code=sm_{cc}"),
+                    format!("-gencode=arch=compute_{cc},code=compute_{cc}"),
+                ],
+            )
+        })
+        .chain(SM90A.iter().map(|k| (*k, vec!["-gencode=arch=compute_90a,code=sm_90a".to_owned()])));
+    for (k, arch) in builds {
         let bin = out.join(format!("{k}.fatbin"));
+        if arch.len() == 1 && cc != "90" {
+            std::fs::write(&bin, b"").expect("write an empty fatbin");
+            continue;
+        }
         let status = Command::new(&nvcc)
             .args(["--fatbin", "-O3", "-std=c++17"])
-            .arg(format!("-gencode=arch=compute_{cc},code=sm_{cc}"))
-            .arg(format!("-gencode=arch=compute_{cc},code=compute_{cc}"))
+            .args(&arch)
             .arg("-o")
             .arg(&bin)
             .arg(format!("kernels/{k}.cu"))

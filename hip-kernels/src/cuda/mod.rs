@@ -10,7 +10,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    cuOccupancyMaxActiveClusters, CUfunction_attribute_enum, CUlaunchConfig,
+    cuOccupancyMaxActiveClusters, CUdevice_attribute, CUfunction_attribute_enum, CUlaunchConfig,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -37,6 +37,22 @@ pub use offload::{
 /// `span_attn.cu` compiled by `build.rs`: SASS for sm_90 plus PTX (loaded without JIT on Hopper).
 const SPAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/span_attn.fatbin"));
 const SPAN_MODULE: &str = "hip_span_attn";
+/// `prefill_sm90.cu` (sm_90a only; empty when built for another target).
+const SM90: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/prefill_sm90.fatbin"));
+const SM90_MODULE: &str = "hip_prefill_sm90";
+
+/// Whether the Hopper dense prefill (`prefill_sm90.cu`) runs on `dev`: built in, a compute
+/// capability 9.0 device, and not turned off with `HIP_CUDA_WGMMA=0` (for comparisons).
+fn sm90(dev: &CudaDevice) -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if SM90.is_empty() || *OFF.get_or_init(|| std::env::var_os("HIP_CUDA_WGMMA").is_some_and(|v| v == "0")) {
+        return false;
+    }
+    dev.cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .is_ok_and(|major| major == 9)
+}
 
 /// A kernel of one of our modules, loading the module into the device's context once.
 fn func(
@@ -455,6 +471,27 @@ impl SpanOp<'_> {
                 .arg(&scale_log2);
             // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of
             // DECODE_CLUSTER CTAs along x, 256 threads); it writes every output row.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
+            // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of two warpgroups;
+            // 1 KB of alignment slack, the query tile and two stages of a K and a V tile of
+            // 128 rows.
+            let smem = 1024 + 128 * hd * 2 + 2 * 2 * 128 * hd * 2;
+            let f = func(dev, SM90, SM90_MODULE, &format!("dense_prefill_sm90_{tn}"))?;
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(cuda_err)?;
+            let cfg = LaunchConfig {
+                grid_dim: (d.t_q.div_ceil(128) as u32, d.heads_q as u32, d.batch as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&qp).arg(&op).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
+            // SAFETY: argument list matches `dense_prefill_sm90_*`; shared memory as computed above;
+            // no offload page table (the kernel reads K/V through `kv_loc` without banks).
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else {
             let warps = [8usize, 4, 2, 1].into_iter().find(|w| block_q % (16 * w) == 0).unwrap_or(1);

@@ -1,0 +1,251 @@
+// Dense causal prefill on Hopper's warpgroup MMA (`wgmma`, sm_90a): the FlashAttention-3 math
+// without its producer warps and TMA. One CTA of two warpgroups per (tile of BM = 128 queries,
+// query head, batch); each warpgroup owns 64 query rows. Key/value tiles of BN = 128 rows are
+// gathered with cp.async (any K/V layout `kv_loc` addresses: contiguous or paged) into shared
+// memory in the 128-byte-swizzled layout the MMA reads, double-buffered. Per tile each warpgroup
+// runs S = Q K^T as 8 wgmma m64n128k16 (Q and K from shared memory), an online softmax on the S
+// registers, and O += P V as 8 more with P straight from registers and V read N-major (the
+// transpose flag). Head dim 128 only; the span kernel (span_attn.cu) covers everything else.
+// The same layouts in both tiles: row r (a query or a key), 16-byte chunk x of its 128 halves
+// lives at (x / 8) * rows * 128 + r * 128 + ((x % 8) ^ (r % 8)) * 16 bytes, atoms 1024-aligned.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int D = 128, BM = 128, BN = 128, NT = 256;
+
+// Byte offset of chunk x of row r in a swizzled tile of `rows` rows.
+__device__ __forceinline__ uint32_t sw_off(int rows, int r, int x) {
+    return (uint32_t)((x >> 3) * rows * 128 + r * 128 + (((x & 7) ^ (r & 7)) << 4));
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ uint64_t sdesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Makes this thread's generic-proxy shared-memory writes visible to the async proxy (wgmma).
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <typename T> __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d);
+template <typename T> __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b);
+
+template <>
+__device__ __forceinline__ void wgmma_ss<__nv_bfloat16>(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__nv_bfloat16>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<__half>(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<__half>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+
+// Keeps the compiler from moving accumulator reads across the asynchronous MMAs.
+__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <typename T>
+__device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
+                                   int heads_q, KvArgs kv, float scale_log2) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    // 1024-aligned base (the swizzle pattern repeats every 1024 bytes).
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    unsigned char* sm = smem_raw + (base - raw);
+    const uint32_t q_s = base;                          // [2 warpgroups][64 rows] swizzled, 16 KB each
+    const uint32_t kv_s = base + BM * D * 2;            // [2 stages][K, V][BN rows], 32 KB each
+
+    const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128, warp = wt / 32, lane = tid % 32;
+    const int g = lane >> 2, tq = lane & 3;
+    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (heads_q / kv.heads_kv);
+    const int offset = kv.t_k - t_q;
+    const int rows = min(BM, t_q - m0);
+    const int p_first = offset + m0, p_last = offset + m0 + rows - 1;
+    const int n_tiles = (p_last + 1 + BN - 1) / BN;
+    const T* K = static_cast<const T*>(kv.k);
+    const T* V = static_cast<const T*>(kv.v);
+
+    // The CTA's queries (rows past t_q zero), warpgroup w's 64 at q_s + w * 16 KB.
+    for (int c = tid; c < BM * 16; c += NT) {
+        const int r = c / 16, x = c % 16;
+        const T* src = q + b * q_b + (long long)(m0 + min(r, rows - 1)) * q_t + (long long)h * D + x * 8;
+        cp_async16(sm + (q_s - base) + (r / 64) * 64 * D * 2 + sw_off(64, r % 64, x), src, r < rows ? 16 : 0);
+    }
+    auto issue = [&](int t) {
+        unsigned char* kt = sm + (kv_s - base) + (t & 1) * 2 * BN * D * 2;
+        unsigned char* vt = kt + BN * D * 2;
+        for (int c = tid; c < BN * 16; c += NT) {
+            const int r = c / 16, x = c % 16, j = t * BN + r;
+            const bool ok = j <= p_last;
+            const long long loc = ok ? kv_loc<D>(kv, b, j, hk, false) : 0;
+            cp_async16(kt + sw_off(BN, r, x), ok ? K + loc + x * 8 : K, ok ? 16 : 0);
+            cp_async16(vt + sw_off(BN, r, x), ok ? V + loc + x * 8 : V, ok ? 16 : 0);
+        }
+    };
+    issue(0);
+    cp_async_commit();
+
+    float oacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) oacc[i] = 0.f;
+    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
+    // This thread's two query rows (within the CTA) and their positions.
+    const int r0 = wg * 64 + warp * 16 + g;
+    const int p0 = offset + m0 + r0, p1 = p0 + 8;
+    const uint32_t qw = q_s + wg * 64 * D * 2;
+
+    for (int t = 0; t < n_tiles; t++) {
+        cp_async_wait_0();
+        fence_async_smem();
+        __syncthreads();  // tile t (and the queries) landed; both warpgroups are done with tile t - 1
+        if (t + 1 < n_tiles) issue(t + 1);
+        cp_async_commit();
+        const uint32_t kt = kv_s + (t & 1) * 2 * BN * D * 2, vt = kt + BN * D * 2;
+
+        float s[64];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint32_t koff = (kk & 3) * 32;  // k16 steps within a 64-column atom
+            const uint64_t da = sdesc(qw + (kk >> 2) * 64 * 128 + koff, 16, 1024);
+            const uint64_t db = sdesc(kt + (kk >> 2) * BN * 128 + koff, 16, 1024);
+            wgmma_ss<T>(s, da, db, kk > 0);
+        }
+        wg_commit();
+        wg_wait0();
+        fence_regs(s);
+
+        // Causal mask where the tile crosses the diagonal: element (row g / g + 8, column
+        // 8 n + 2 tq + e) is key t * BN + 8 n + 2 tq + e.
+        if (t * BN + BN - 1 > p_first) {
+#pragma unroll
+            for (int n = 0; n < 16; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = t * BN + n * 8 + tq * 2 + e;
+                    if (j > p0) s[n * 4 + e] = NEG_INF;
+                    if (j > p1) s[n * 4 + 2 + e] = NEG_INF;
+                }
+        }
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[n * 4], s[n * 4 + 1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[n * 4 + 2], s[n * 4 + 3]));
+        }
+        float alpha[2], ms[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float m_new = fmaxf(m_r[i], mx[i]);
+            ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+            alpha[i] = exp2f(m_r[i] * scale_log2 - ms[i]);
+            m_r[i] = m_new;
+        }
+        uint32_t pf[8][4];
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            const float a0 = exp2f(fmaf(s[n * 4], scale_log2, -ms[0]));
+            const float a1 = exp2f(fmaf(s[n * 4 + 1], scale_log2, -ms[0]));
+            const float c0 = exp2f(fmaf(s[n * 4 + 2], scale_log2, -ms[1]));
+            const float c1 = exp2f(fmaf(s[n * 4 + 3], scale_log2, -ms[1]));
+            sum[0] += a0 + a1;
+            sum[1] += c0 + c1;
+            pf[n / 2][(n % 2) * 2] = pack2<T>(a0, a1);
+            pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(c0, c1);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) l_r[i] = l_r[i] * alpha[i] + sum[i];
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            oacc[n * 4] *= alpha[0];
+            oacc[n * 4 + 1] *= alpha[0];
+            oacc[n * 4 + 2] *= alpha[1];
+            oacc[n * 4 + 3] *= alpha[1];
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            // V as an N-major B: 16 keys (two groups of 8 at 1024 bytes), the two 64-column
+            // halves of the head dim BN * 128 bytes apart.
+            const uint64_t dv = sdesc(vt + kk * 2048, BN * 128, 1024);
+            wgmma_rs<T>(oacc, pf[kk], dv);
+        }
+        wg_commit();
+        wg_wait0();
+        fence_regs(oacc);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = r0 + 8 * i;
+        if (r >= rows) continue;
+        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+        T* out = o + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + tq * 2;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    dense_prefill_sm90_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q, int heads_q,
+                            KvArgs kv, float scale_log2) {
+    dense_prefill_sm90<__nv_bfloat16>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(256, 1)
+    dense_prefill_sm90_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
+                           float scale_log2) {
+    dense_prefill_sm90<__half>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
