@@ -2,7 +2,7 @@
 // without its producer warps and TMA. One CTA of two warpgroups per (tile of BM = 128 queries,
 // query head, batch); each warpgroup owns 64 query rows. Key/value tiles of BN = 128 rows are
 // gathered with cp.async (any K/V layout `kv_loc` addresses: contiguous or paged) into shared
-// memory in the 128-byte-swizzled layout the MMA reads, double-buffered. Per tile each warpgroup
+// memory in the 128-byte-swizzled layout the MMA reads, three stages deep. Per tile each warpgroup
 // runs S = Q K^T as 8 wgmma m64n128k16 (Q and K from shared memory), an online softmax on the S
 // registers, and O += P V as 8 more with P straight from registers and V read N-major (the
 // transpose flag). Head dim 128 only; the span kernel (span_attn.cu) covers everything else.
@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr int D = 128, BM = 128, BN = 128, NT = 256;
+constexpr int D = 128, BM = 128, BN = 128, NT = 256, STAGES = 3;
 
 // Byte offset of chunk x of row r in a swizzled tile of `rows` rows.
 __device__ __forceinline__ uint32_t sw_off(int rows, int r, int x) {
@@ -32,7 +32,8 @@ __device__ __forceinline__ uint64_t sdesc(uint32_t addr, uint32_t lbo, uint32_t 
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // Makes this thread's generic-proxy shared-memory writes visible to the async proxy (wgmma).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -96,7 +97,7 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
     const uint32_t base = (raw + 1023u) & ~1023u;
     unsigned char* sm = smem_raw + (base - raw);
     const uint32_t q_s = base;                          // [2 warpgroups][64 rows] swizzled, 16 KB each
-    const uint32_t kv_s = base + BM * D * 2;            // [2 stages][K, V][BN rows], 32 KB each
+    const uint32_t kv_s = base + BM * D * 2;            // [STAGES][K, V][BN rows], 32 KB each
 
     const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128, warp = wt / 32, lane = tid % 32;
     const int g = lane >> 2, tq = lane & 3;
@@ -116,7 +117,7 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
         cp_async16(sm + (q_s - base) + (r / 64) * 64 * D * 2 + sw_off(64, r % 64, x), src, r < rows ? 16 : 0);
     }
     auto issue = [&](int t) {
-        unsigned char* kt = sm + (kv_s - base) + (t & 1) * 2 * BN * D * 2;
+        unsigned char* kt = sm + (kv_s - base) + (t % STAGES) * 2 * BN * D * 2;
         unsigned char* vt = kt + BN * D * 2;
         for (int c = tid; c < BN * 16; c += NT) {
             const int r = c / 16, x = c % 16, j = t * BN + r;
@@ -128,6 +129,8 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
     };
     issue(0);
     cp_async_commit();
+    if (1 < n_tiles) issue(1);
+    cp_async_commit();
 
     float oacc[64];
 #pragma unroll
@@ -138,15 +141,10 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
     const int p0 = offset + m0 + r0, p1 = p0 + 8;
     const uint32_t qw = q_s + wg * 64 * D * 2;
 
-    for (int t = 0; t < n_tiles; t++) {
-        cp_async_wait_0();
-        fence_async_smem();
-        __syncthreads();  // tile t (and the queries) landed; both warpgroups are done with tile t - 1
-        if (t + 1 < n_tiles) issue(t + 1);
-        cp_async_commit();
-        const uint32_t kt = kv_s + (t & 1) * 2 * BN * D * 2, vt = kt + BN * D * 2;
-
-        float s[64];
+    // S = Q K^T of the tile in stage `st` into s (asynchronous: wg_commit, then wg_wait).
+    float s[64];
+    auto scores = [&](int st) {
+        const uint32_t kt = kv_s + st * 2 * BN * D * 2;
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
@@ -156,9 +154,17 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
             wgmma_ss<T>(s, da, db, kk > 0);
         }
         wg_commit();
-        wg_wait0();
-        fence_regs(s);
-
+    };
+    cp_async_wait_all_but<1>();
+    fence_async_smem();
+    __syncthreads();  // tile 0 (and the queries) landed
+    scores(0);
+    wg_wait<0>();
+    fence_regs(s);
+    // Tile t: P V of tile t runs while tile t + 1's scores are issued (after the barrier that
+    // also frees stage (t + 2) % 3, last read in iteration t - 1, for tile t + 2).
+    for (int t = 0; t < n_tiles; t++) {
+        const uint32_t vt = kv_s + (t % STAGES) * 2 * BN * D * 2 + BN * D * 2;
         // Causal mask where the tile crosses the diagonal: element (row g / g + 8, column
         // 8 n + 2 tq + e) is key t * BN + 8 n + 2 tq + e.
         if (t * BN + BN - 1 > p_first) {
@@ -217,8 +223,17 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
             wgmma_rs<T>(oacc, pf[kk], dv);
         }
         wg_commit();
-        wg_wait0();
+        if (t + 1 < n_tiles) {
+            cp_async_wait_all_but<0>();
+            fence_async_smem();
+            __syncthreads();  // tile t + 1 landed; both warpgroups are done with tile t - 1
+            if (t + 2 < n_tiles) issue(t + 2);
+            cp_async_commit();
+            scores((t + 1) % STAGES);
+        }
+        wg_wait<0>();
         fence_regs(oacc);
+        fence_regs(s);
     }
 #pragma unroll
     for (int i = 0; i < 2; i++) {

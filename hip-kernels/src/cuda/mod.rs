@@ -474,9 +474,9 @@ impl SpanOp<'_> {
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
             // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of two warpgroups;
-            // 1 KB of alignment slack, the query tile and two stages of a K and a V tile of
-            // 128 rows.
-            let smem = 1024 + 128 * hd * 2 + 2 * 2 * 128 * hd * 2;
+            // 1 KB of alignment slack, the query tile and three stages of a K and a V tile of
+            // 128 rows (225 KB of the 227 a CTA may have).
+            let smem = 1024 + 128 * hd * 2 + 3 * 2 * 128 * hd * 2;
             let f = func(dev, SM90, SM90_MODULE, &format!("dense_prefill_sm90_{tn}"))?;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
