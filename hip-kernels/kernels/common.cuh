@@ -132,6 +132,13 @@ __device__ __forceinline__ void cp_async_wait_0() { asm volatile("cp.async.wait_
 template <int N>
 __device__ __forceinline__ void cp_async_wait_all_but() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Element offset of 16-byte chunk `chunk` of row r in a tile of D-half rows, stored at chunk
+// chunk ^ (r % 8): the eight rows an ldmatrix reads at one chunk fall in eight distinct bank groups.
+template <int D>
+__device__ __forceinline__ int swz_row(int r, int chunk) {
+    return r * D + ((chunk ^ (r & 7)) << 3);
+}
+
 // Four 8x8 b16 matrices from shared memory (lanes 8i..8i+7 address the rows of matrix i).
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
     unsigned s = (unsigned)__cvta_generic_to_shared(row);

@@ -236,13 +236,6 @@ __device__ __forceinline__ void write_row(float* score, uint32_t* gs, uint32_t* 
     if (threadIdx.x == 0) out_counts[r.row] = n;
 }
 
-// K rows of a tile in shared memory, D halves each, the 16-byte chunk c of row r stored at chunk
-// c ^ (r % 8): the eight rows an ldmatrix reads at one chunk fall in eight distinct bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int r, int chunk) {
-    return r * D + ((chunk ^ (r & 7)) << 3);
-}
-
 // Branch scores meet in shared memory through an order-preserving integer atomicMax.
 __device__ __forceinline__ unsigned ordered(float f) {
     unsigned u = __float_as_uint(f);
@@ -340,7 +333,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
             int r = c / CH, x = c % CH;
             int j = kj[ib * BN + r];
             const T* src = j >= 0 ? kv_at<T>(K, kv.bank_k, kv_loc<D>(kv, b, j, hk, x == 0)) + x * 8 : K;
-            cp_async16(dst0 + swz<D>(r, x), src, j >= 0 ? 16 : 0);
+            cp_async16(dst0 + swz_row<D>(r, x), src, j >= 0 ? 16 : 0);
         }
         cp_async_commit();
     };
@@ -371,7 +364,7 @@ __device__ void hip_mask_search(const T* __restrict__ q, long long q_b, long lon
 #pragma unroll
             for (int kk = 0; kk < KD; kk++) {
                 uint32_t bk[4];
-                ldsm_x4(bk, Kc + swz<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+                ldsm_x4(bk, Kc + swz_row<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     mma16816<T>(acc[mt][0], qf[mt][kk], bk[0], bk[1]);

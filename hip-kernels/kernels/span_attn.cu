@@ -484,12 +484,6 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
 // instead of the queries. The warps' states merge in shared memory at the end; partials go to the
 // workspace `span_attn_combine` reduces.
 
-// Row r, 16-byte chunk c of a tile of D-half rows, chunk stored at c ^ (r % 8).
-template <int D>
-__device__ __forceinline__ int swz_row(int r, int chunk) {
-    return r * D + ((chunk ^ (r & 7)) << 3);
-}
-
 constexpr int DENSE_DEC_STAGES = 3;
 
 template <typename T, int D>

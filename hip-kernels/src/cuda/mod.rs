@@ -426,11 +426,7 @@ impl SpanOp<'_> {
             let f = func(dev, SPAN, SPAN_MODULE, &format!("dense_decode_gqa_{tn}_d{hd}"))?;
             // DENSE_DEC_STAGES stages of a K and a V tile of 64 rows, and the 16-row query tile.
             let smem = DENSE_DEC_STAGES * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2;
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err)?;
+            allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
                 block_dim: (128, 1, 1),
@@ -449,11 +445,7 @@ impl SpanOp<'_> {
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
             // K and V rows of DECODE_CHUNK keys, and per key its row location (i64) and token (i32).
             let smem = DECODE_CHUNK * (2 * hd * 2 + 8 + 4);
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err)?;
+            allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (DECODE_CLUSTER, d.heads_q as u32, (d.batch * d.t_q) as u32),
                 block_dim: (256, 1, 1),
@@ -478,11 +470,7 @@ impl SpanOp<'_> {
             // 128 rows (225 KB of the 227 a CTA may have).
             let smem = 1024 + 128 * hd * 2 + 3 * 2 * 128 * hd * 2;
             let f = func(dev, SM90, SM90_MODULE, &format!("dense_prefill_sm90_{tn}"))?;
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err)?;
+            allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (d.t_q.div_ceil(128) as u32, d.heads_q as u32, d.batch as u32),
                 block_dim: (256, 1, 1),
@@ -500,11 +488,7 @@ impl SpanOp<'_> {
             // the two index buffers its row offset (i64), token and segment (i32 each).
             let smem = (bm + 2 * 64) * (hd + 8) * 2 + 2 * 64 * (8 + 4 + 4);
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_prefill_{tn}_d{hd}_w{warps}"))?;
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err)?;
+            allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (d.t_q.div_ceil(bm) as u32, d.heads_q as u32, d.batch as u32),
                 block_dim: ((32 * warps) as u32, 1, 1),
@@ -599,6 +583,12 @@ fn poison() -> bool {
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
 }
 
+/// Lets `f` launch with `smem` bytes of dynamic shared memory (above the default 48 KB).
+fn allow_smem(f: &CudaFunction, smem: usize) -> candle_core::Result<()> {
+    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(cuda_err)
+}
+
 fn cuda_err(e: DriverError) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
 }
@@ -676,8 +666,7 @@ fn max_active_clusters(dev: &CudaDevice, name: &str, cs: usize, threads: u32, sm
         return Ok(n);
     }
     let f = func(dev, MASK, MASK_MODULE, name)?;
-    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(cuda_err)?;
+    allow_smem(&f, smem)?;
     let config = CUlaunchConfig {
         gridDimX: cs as u32,
         gridDimY: 1,
@@ -897,8 +886,7 @@ fn launch_mask(
         (format!("hip_mask_{tn}_d{hd}"), 128, smem, 1)
     };
     let f = func(dev, MASK, MASK_MODULE, &name)?;
-    f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(cuda_err)?;
+    allow_smem(&f, smem)?;
     let cfg_l = LaunchConfig {
         grid_dim: ((n_qblocks * per_row) as u32, dims.heads_q as u32, dims.batch as u32),
         block_dim: (threads, 1, 1),
