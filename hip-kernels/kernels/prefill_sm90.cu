@@ -252,6 +252,276 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
     }
 }
 
+
+// mbarrier helpers (shared::cta).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// Named barriers (0 is __syncthreads): bar.sync waits for `count` threads, bar.arrive only counts.
+__device__ __forceinline__ void named_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+template <int N> __device__ __forceinline__ void keep_regs(uint32_t (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
+// The warp-specialized form (FlashAttention-3's structure): warpgroup 0 only gathers K/V tiles
+// (one key row per thread, cp.async, three stages handed over through `full`/`empty`
+// mbarriers) with its registers given to the two consumer warpgroups (setmaxnreg), which take
+// turns at the tensor cores (named barriers: one's softmax runs while the other's MMAs do) and
+// within a turn issue S(t) = Q K(t)^T before O += P(t-1) V(t-1), so that the softmax of tile t
+// runs while the P V of tile t - 1 is still in flight.
+// 2^x with denormal results flushed to zero (one MUFU op; exp2f adds a denormal fix-up around it).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <typename T, bool PINGPONG>
+__device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
+                                 int heads_q, KvArgs kv, float scale_log2) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    unsigned char* sm = smem_raw + (base - raw);
+    const uint32_t q_s = base;                                // [2 consumers][64 rows], 16 KB each
+    const uint32_t kv_s = base + BM * D * 2;                  // [STAGES][K, V][BN rows], 32 KB each
+    const uint32_t bars = kv_s + STAGES * 2 * BN * D * 2;    // full[STAGES], empty[STAGES]
+    auto full = [&](int st) { return bars + st * 8; };
+    auto empty = [&](int st) { return bars + (STAGES + st) * 8; };
+
+    const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128;
+    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (heads_q / kv.heads_kv);
+    const int offset = kv.t_k - t_q;
+    const int rows = min(BM, t_q - m0);
+    const int p_first = offset + m0, p_last = offset + m0 + rows - 1;
+    const int n_tiles = (p_last + 1 + BN - 1) / BN;
+
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; st++) {
+            mbar_init(full(st), 128);  // every producer thread, once its copies landed
+            mbar_init(empty(st), 8);   // every consumer warp, once its MMAs read the stage
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer: gathers each tile in coalesced 16-byte chunks. Tile t's copies are handed over
+        // once tile t + 1's are issued (cp.async.wait_group 1), fenced for the async proxy.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        const T* K = static_cast<const T*>(kv.k);
+        const T* V = static_cast<const T*>(kv.v);
+        const int x = wt & 15, r_lo = wt >> 4;
+        for (int t = 0; t < n_tiles; t++) {
+            const int st = t % STAGES;
+            if (t >= STAGES) mbar_wait(empty(st), ((t / STAGES) - 1) & 1);
+            // Chunk x of rows r_lo, r_lo + 8, ...: a warp's copies cover two whole rows.
+            const uint32_t kt = kv_s + st * 2 * BN * D * 2 + (x >> 3) * BN * 128 + (((x & 7) ^ r_lo) << 4);
+#pragma unroll 1
+            for (int i = 0; i < BN / 8; i++) {
+                const int r = i * 8 + r_lo, j = t * BN + r;
+                const bool ok = j <= p_last;
+                const long long loc = ok ? kv_loc<D>(kv, b, j, hk, false) + x * 8 : 0;
+                const uint32_t d = kt + r * 128;
+                const int n = ok ? 16 : 0;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(K + loc), "r"(n) : "memory");
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + BN * D * 2), "l"(V + loc), "r"(n)
+                             : "memory");
+            }
+            cp_async_commit();
+            if (t >= 1) {
+                cp_async_wait_all_but<1>();
+                fence_async_smem();
+                mbar_arrive(full((t - 1) % STAGES));
+            }
+        }
+        cp_async_wait_all_but<0>();
+        fence_async_smem();
+        mbar_arrive(full((n_tiles - 1) % STAGES));
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int c = wg - 1, warp = wt / 32, lane = tid % 32;
+    const int g = lane >> 2, tq = lane & 3;
+    // This warpgroup's 64 queries (rows past t_q zero).
+    const uint32_t qw = q_s + c * 64 * D * 2;
+    for (int i = wt; i < 64 * 16; i += 128) {
+        const int r = c * 64 + i / 16, x = i % 16;
+        const T* src = q + b * q_b + (long long)(m0 + min(r, rows - 1)) * q_t + (long long)h * D + x * 8;
+        cp_async16(sm + (qw - base) + sw_off(64, r % 64, x), src, r < rows ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait_all_but<0>();
+    fence_async_smem();
+    named_sync(1 + c, 128);
+
+    // Turns at the tensor cores: consumer c waits at barrier 3 + c for the other's arrival.
+    const int my_turn = 3 + c, other_turn = 3 + (1 - c);
+    if (PINGPONG && c == 1) named_arrive(3, 256);  // consumer 0 goes first
+
+    float oacc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) oacc[i] = 0.f;
+    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
+    const int r0 = c * 64 + warp * 16 + g;
+    const int p0 = offset + m0 + r0, p1 = p0 + 8;
+
+    float s[64];
+    uint32_t pf[8][4];
+    auto issue_scores = [&](int st) {
+        const uint32_t kt = kv_s + st * 2 * BN * D * 2;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint32_t koff = (kk & 3) * 32;
+            const uint64_t da = sdesc(qw + (kk >> 2) * 64 * 128 + koff, 16, 1024);
+            const uint64_t db = sdesc(kt + (kk >> 2) * BN * 128 + koff, 16, 1024);
+            wgmma_ss<T>(s, da, db, kk > 0);
+        }
+        wg_commit();
+    };
+    auto issue_pv = [&](int st) {
+        const uint32_t vt = kv_s + st * 2 * BN * D * 2 + BN * D * 2;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) wgmma_rs<T>(oacc, pf[kk], sdesc(vt + kk * 2048, BN * 128, 1024));
+        wg_commit();
+    };
+    // Masks, exponentiates S of tile t in place and returns the rescale factors of O.
+    auto softmax = [&](int t, float (&alpha)[2]) {
+        if (t * BN + BN - 1 > p_first) {
+#pragma unroll
+            for (int n = 0; n < 16; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = t * BN + n * 8 + tq * 2 + e;
+                    if (j > p0) s[n * 4 + e] = NEG_INF;
+                    if (j > p1) s[n * 4 + 2 + e] = NEG_INF;
+                }
+        }
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[n * 4], s[n * 4 + 1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[n * 4 + 2], s[n * 4 + 3]));
+        }
+        float ms[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float m_new = fmaxf(m_r[i], mx[i]);
+            ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+            alpha[i] = ex2(m_r[i] * scale_log2 - ms[i]);
+            m_r[i] = m_new;
+        }
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                s[n * 4 + e] = ex2(fmaf(s[n * 4 + e], scale_log2, -ms[0]));
+                s[n * 4 + 2 + e] = ex2(fmaf(s[n * 4 + 2 + e], scale_log2, -ms[1]));
+                sum[0] += s[n * 4 + e];
+                sum[1] += s[n * 4 + 2 + e];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) l_r[i] = l_r[i] * alpha[i] + sum[i];
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            pf[n / 2][(n % 2) * 2] = pack2<T>(s[n * 4], s[n * 4 + 1]);
+            pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(s[n * 4 + 2], s[n * 4 + 3]);
+        }
+    };
+    auto release = [&](int st) {
+        if (lane == 0) mbar_arrive(empty(st));
+    };
+
+    // Tile 0: scores alone.
+    mbar_wait(full(0), 0);
+    if (PINGPONG) named_sync(my_turn, 256);
+    wg_fence();
+    issue_scores(0);
+    if (PINGPONG) named_arrive(other_turn, 256);
+    wg_wait<0>();
+    fence_regs(s);
+    {
+        float alpha[2];
+        softmax(0, alpha);
+        to_p();
+    }
+    for (int t = 1; t < n_tiles; t++) {
+        const int st = t % STAGES, prev = (t - 1) % STAGES;
+        mbar_wait(full(st), (t / STAGES) & 1);
+        if (PINGPONG) named_sync(my_turn, 256);
+        wg_fence();
+        issue_scores(st);
+        issue_pv(prev);
+        if (PINGPONG) named_arrive(other_turn, 256);
+        wg_wait<1>();
+        fence_regs(s);
+        float alpha[2];
+        softmax(t, alpha);
+        wg_wait<0>();
+        fence_regs(oacc);
+        keep_regs(pf);
+        release(prev);
+#pragma unroll
+        for (int n = 0; n < 16; n++) {
+            oacc[n * 4] *= alpha[0];
+            oacc[n * 4 + 1] *= alpha[0];
+            oacc[n * 4 + 2] *= alpha[1];
+            oacc[n * 4 + 3] *= alpha[1];
+        }
+        to_p();
+    }
+    // The last tile's P V.
+    if (PINGPONG) named_sync(my_turn, 256);
+    wg_fence();
+    issue_pv((n_tiles - 1) % STAGES);
+    if (PINGPONG && c == 0) named_arrive(other_turn, 256);
+    wg_wait<0>();
+    fence_regs(oacc);
+    keep_regs(pf);
+
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = r0 + 8 * i;
+        if (r >= rows) continue;
+        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+        T* out = o + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + tq * 2;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+            *reinterpret_cast<uint32_t*>(out + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
+    }
+}
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -263,4 +533,25 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     dense_prefill_sm90_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
                            float scale_log2) {
     dense_prefill_sm90<__half>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_ws_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q, int heads_q,
+                          KvArgs kv, float scale_log2) {
+    dense_prefill_ws<__nv_bfloat16, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_ws_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
+                         float scale_log2) {
+    dense_prefill_ws<__half, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_ws_np_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q,
+                             int heads_q, KvArgs kv, float scale_log2) {
+    dense_prefill_ws<__nv_bfloat16, false>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_ws_np_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
+                            float scale_log2) {
+    dense_prefill_ws<__half, false>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
 }

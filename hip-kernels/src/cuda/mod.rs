@@ -44,14 +44,22 @@ const SM90_MODULE: &str = "hip_prefill_sm90";
 /// Whether the Hopper dense prefill (`prefill_sm90.cu`) runs on `dev`: built in, a compute
 /// capability 9.0 device, and not turned off with `HIP_CUDA_WGMMA=0` (for comparisons).
 fn sm90(dev: &CudaDevice) -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    if SM90.is_empty() || *OFF.get_or_init(|| std::env::var_os("HIP_CUDA_WGMMA").is_some_and(|v| v == "0")) {
+    if SM90.is_empty() || wgmma_mode() == "0" {
         return false;
     }
     dev.cuda_stream()
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
         .is_ok_and(|major| major == 9)
+}
+
+/// `HIP_CUDA_WGMMA` picks the Hopper prefill's form (for comparisons): `0` none (the `mma.sync`
+/// kernel runs), `two` two warpgroups that gather their own tiles, `ws` warp-specialized (a
+/// producer warpgroup, the consumers taking turns at the tensor cores), `ws-np` the same without
+/// turns. Unset or anything else: `two`.
+fn wgmma_mode() -> &'static str {
+    static MODE: OnceLock<String> = OnceLock::new();
+    MODE.get_or_init(|| std::env::var("HIP_CUDA_WGMMA").unwrap_or_default())
 }
 
 /// A kernel of one of our modules, loading the module into the device's context once.
@@ -465,20 +473,27 @@ impl SpanOp<'_> {
             // DECODE_CLUSTER CTAs along x, 256 threads); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
-            // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of two warpgroups;
-            // 1 KB of alignment slack, the query tile and three stages of a K and a V tile of
-            // 128 rows (225 KB of the 227 a CTA may have).
-            let smem = 1024 + 128 * hd * 2 + 3 * 2 * 128 * hd * 2;
-            let f = func(dev, SM90, SM90_MODULE, &format!("dense_prefill_sm90_{tn}"))?;
+            // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of two consumer
+            // warpgroups (and, warp-specialized, one producer warpgroup); 1 KB of alignment
+            // slack, the query tile, three stages of a K and a V tile of 128 rows and six
+            // mbarriers (225 KB of the 227 a CTA may have).
+            let (name, ws) = match wgmma_mode() {
+                "ws" => ("dense_prefill_ws", true),
+                "ws-np" => ("dense_prefill_ws_np", true),
+                _ => ("dense_prefill_sm90", false),
+            };
+            let smem = 1024 + 128 * hd * 2 + 3 * 2 * 128 * hd * 2 + 64;
+            let f = func(dev, SM90, SM90_MODULE, &format!("{name}_{tn}"))?;
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (d.t_q.div_ceil(128) as u32, d.heads_q as u32, d.batch as u32),
-                block_dim: (256, 1, 1),
+                block_dim: (if ws { 384 } else { 256 }, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let mut b = stream.launch_builder(&f);
             b.arg(&qp).arg(&op).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
-            // SAFETY: argument list matches `dense_prefill_sm90_*`; shared memory as computed above;
+            // SAFETY: argument list matches `dense_prefill_{sm90,ws}_*` (384 threads for the latter);
+            // shared memory as computed above;
             // no offload page table (the kernel reads K/V through `kv_loc` without banks).
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else {
