@@ -326,8 +326,8 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
     __syncthreads();
 
     if (wg == 0) {
-        // Producer: gathers each tile in coalesced 16-byte chunks. Tile t's copies are handed over
-        // once tile t + 1's are issued (cp.async.wait_group 1), fenced for the async proxy.
+        // Producer: gathers each tile in coalesced 16-byte chunks; each thread's copies arrive
+        // on the stage's `full` barrier as they land (the consumers fence for the async proxy).
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         const T* K = static_cast<const T*>(kv.k);
         const T* V = static_cast<const T*>(kv.v);
@@ -348,16 +348,10 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + BN * D * 2), "l"(V + loc), "r"(n)
                              : "memory");
             }
-            cp_async_commit();
-            if (t >= 1) {
-                cp_async_wait_all_but<1>();
-                fence_async_smem();
-                mbar_arrive(full((t - 1) % STAGES));
-            }
+            // Arrives on full(st) once this thread's copies have landed (without waiting here).
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full(st)) : "memory");
         }
-        cp_async_wait_all_but<0>();
-        fence_async_smem();
-        mbar_arrive(full((n_tiles - 1) % STAGES));
+        cp_async_wait_all_but<0>();  // nothing in flight when the warpgroup exits
         return;
     }
 
@@ -460,6 +454,7 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
 
     // Tile 0: scores alone.
     mbar_wait(full(0), 0);
+    fence_async_smem();  // the producer's cp.async writes, before the MMAs read them
     if (PINGPONG) named_sync(my_turn, 256);
     wg_fence();
     issue_scores(0);
@@ -474,6 +469,7 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
     for (int t = 1; t < n_tiles; t++) {
         const int st = t % STAGES, prev = (t - 1) % STAGES;
         mbar_wait(full(st), (t / STAGES) & 1);
+        fence_async_smem();
         if (PINGPONG) named_sync(my_turn, 256);
         wg_fence();
         issue_scores(st);
