@@ -88,6 +88,73 @@ __device__ __forceinline__ void fence_regs(float (&d)[64]) {
     for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// 2^x with denormal results flushed to zero (one MUFU op; exp2f adds a denormal fix-up around it).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The S fragment of a warpgroup's m64n128 tile: this thread holds rows g and g + 8 of its warp's
+// 16 at columns 8 n + 2 tq + e, as s[4 n + e] and s[4 n + 2 + e].
+
+// Causal mask of the tile of keys from k0 (where it crosses the diagonal; p0, p1: the rows'
+// positions).
+__device__ __forceinline__ void mask_diag(float (&s)[64], int k0, int p0, int p1, int tq) {
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int j = k0 + n * 8 + tq * 2 + e;
+            if (j > p0) s[n * 4 + e] = NEG_INF;
+            if (j > p1) s[n * 4 + 2 + e] = NEG_INF;
+        }
+}
+
+// The rows' new running maxima: updates m_r and returns the scaled maxima to subtract (ms) and
+// the factors rescaling what was accumulated before (alpha), with `exp2` as the 2^x to use.
+template <typename Exp2>
+__device__ __forceinline__ void row_max(const float (&s)[64], float (&m_r)[2], float scale_log2, float (&ms)[2],
+                                        float (&alpha)[2], Exp2 exp2) {
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int n = 0; n < 16; n++) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[n * 4], s[n * 4 + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[n * 4 + 2], s[n * 4 + 3]));
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        const float m_new = fmaxf(m_r[i], mx[i]);
+        ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+        alpha[i] = exp2(m_r[i] * scale_log2 - ms[i]);
+        m_r[i] = m_new;
+    }
+}
+
+// Writes this thread's two rows of O / l (rows r0 and r0 + 8 of the CTA's, those below `rows`)
+// to `out`, the CTA's first row, `q_t` elements per row.
+template <typename T>
+__device__ __forceinline__ void store_o(const float (&oacc)[64], float (&l_r)[2], T* out, long long q_t, int r0,
+                                        int rows) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = r0 + 8 * i;
+        if (r >= rows) continue;
+        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
+        T* o = out + (long long)r * q_t;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+            *reinterpret_cast<uint32_t*>(o + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
+    }
+}
+
 template <typename T>
 __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                    int heads_q, KvArgs kv, float scale_log2) {
@@ -167,32 +234,9 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
         const uint32_t vt = kv_s + (t % STAGES) * 2 * BN * D * 2 + BN * D * 2;
         // Causal mask where the tile crosses the diagonal: element (row g / g + 8, column
         // 8 n + 2 tq + e) is key t * BN + 8 n + 2 tq + e.
-        if (t * BN + BN - 1 > p_first) {
-#pragma unroll
-            for (int n = 0; n < 16; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = t * BN + n * 8 + tq * 2 + e;
-                    if (j > p0) s[n * 4 + e] = NEG_INF;
-                    if (j > p1) s[n * 4 + 2 + e] = NEG_INF;
-                }
-        }
-        float mx[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int n = 0; n < 16; n++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[n * 4], s[n * 4 + 1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[n * 4 + 2], s[n * 4 + 3]));
-        }
+        if (t * BN + BN - 1 > p_first) mask_diag(s, t * BN, p0, p1, tq);
         float alpha[2], ms[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            const float m_new = fmaxf(m_r[i], mx[i]);
-            ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
-            alpha[i] = exp2f(m_r[i] * scale_log2 - ms[i]);
-            m_r[i] = m_new;
-        }
+        row_max(s, m_r, scale_log2, ms, alpha, [](float x) { return exp2f(x); });
         uint32_t pf[8][4];
 #pragma unroll
         for (int n = 0; n < 16; n++) {
@@ -235,21 +279,7 @@ __device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, l
         fence_regs(oacc);
         fence_regs(s);
     }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const int r = r0 + 8 * i;
-        if (r >= rows) continue;
-        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
-        T* out = o + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + tq * 2;
-#pragma unroll
-        for (int n = 0; n < 16; n++)
-            *reinterpret_cast<uint32_t*>(out + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
-    }
+    store_o<T>(oacc, l_r, o + b * q_b + (long long)m0 * q_t + (long long)h * D + tq * 2, q_t, r0, rows);
 }
 
 
@@ -288,13 +318,6 @@ template <int N> __device__ __forceinline__ void keep_regs(uint32_t (&a)[N][4]) 
 // turns at the tensor cores (named barriers: one's softmax runs while the other's MMAs do) and
 // within a turn issue S(t) = Q K(t)^T before O += P(t-1) V(t-1), so that the softmax of tile t
 // runs while the P V of tile t - 1 is still in flight.
-// 2^x with denormal results flushed to zero (one MUFU op; exp2f adds a denormal fix-up around it).
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
 template <typename T, bool PINGPONG>
 __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, float scale_log2) {
@@ -402,32 +425,9 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
     };
     // Masks, exponentiates S of tile t in place and returns the rescale factors of O.
     auto softmax = [&](int t, float (&alpha)[2]) {
-        if (t * BN + BN - 1 > p_first) {
-#pragma unroll
-            for (int n = 0; n < 16; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = t * BN + n * 8 + tq * 2 + e;
-                    if (j > p0) s[n * 4 + e] = NEG_INF;
-                    if (j > p1) s[n * 4 + 2 + e] = NEG_INF;
-                }
-        }
-        float mx[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int n = 0; n < 16; n++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[n * 4], s[n * 4 + 1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[n * 4 + 2], s[n * 4 + 3]));
-        }
+        if (t * BN + BN - 1 > p_first) mask_diag(s, t * BN, p0, p1, tq);
         float ms[2], sum[2] = {0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            const float m_new = fmaxf(m_r[i], mx[i]);
-            ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
-            alpha[i] = ex2(m_r[i] * scale_log2 - ms[i]);
-            m_r[i] = m_new;
-        }
+        row_max(s, m_r, scale_log2, ms, alpha, ex2);
 #pragma unroll
         for (int n = 0; n < 16; n++) {
 #pragma unroll
@@ -501,21 +501,7 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
     fence_regs(oacc);
     keep_regs(pf);
 
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const int r = r0 + 8 * i;
-        if (r >= rows) continue;
-        const float inv = l_r[i] > 0.f ? 1.f / l_r[i] : 0.f;
-        T* out = o + b * q_b + (long long)(m0 + r) * q_t + (long long)h * D + tq * 2;
-#pragma unroll
-        for (int n = 0; n < 16; n++)
-            *reinterpret_cast<uint32_t*>(out + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
-    }
+    store_o<T>(oacc, l_r, o + b * q_b + (long long)m0 * q_t + (long long)h * D + tq * 2, q_t, r0, rows);
 }
 
 }  // namespace
