@@ -354,21 +354,31 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         const T* K = static_cast<const T*>(kv.k);
         const T* V = static_cast<const T*>(kv.v);
-        const int x = wt & 15, r_lo = wt >> 4;
+        const int x = wt & 15, r_lo = wt >> 4, plane = wt & 31;
+        // A warp copies rows 2w + (0, 1) + 8i (w: its warp, i < 16), 32 rows a tile: its lane
+        // 2i + e finds row 2w + e + 8i (kv_loc: index arithmetic, a block table read) once,
+        // one tile ahead, and the copy loop takes each row's place by shuffle.
+        auto row_loc = [&](int t) -> long long {
+            const int j = t * BN + 2 * (wt >> 5) + (plane & 1) + 8 * (plane >> 1);
+            return j <= p_last ? kv_loc<D>(kv, b, j, hk, false) : -1;
+        };
+        long long next = row_loc(0);
         for (int t = 0; t < n_tiles; t++) {
             const int st = t % STAGES;
+            const long long mine = next;
+            if (t + 1 < n_tiles) next = row_loc(t + 1);
             if (t >= STAGES) mbar_wait(empty(st), ((t / STAGES) - 1) & 1);
             // Chunk x of rows r_lo, r_lo + 8, ...: a warp's copies cover two whole rows.
             const uint32_t kt = kv_s + st * 2 * BN * D * 2 + (x >> 3) * BN * 128 + (((x & 7) ^ r_lo) << 4);
-#pragma unroll 1
+#pragma unroll 4
             for (int i = 0; i < BN / 8; i++) {
-                const int r = i * 8 + r_lo, j = t * BN + r;
-                const bool ok = j <= p_last;
-                const long long loc = ok ? kv_loc<D>(kv, b, j, hk, false) + x * 8 : 0;
-                const uint32_t d = kt + r * 128;
+                const long long loc = __shfl_sync(0xffffffffu, mine, 2 * i + (plane >> 4));
+                const bool ok = loc >= 0;
+                const long long at = ok ? loc + x * 8 : 0;
+                const uint32_t d = kt + (i * 8 + r_lo) * 128;
                 const int n = ok ? 16 : 0;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(K + loc), "r"(n) : "memory");
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + BN * D * 2), "l"(V + loc), "r"(n)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(K + at), "r"(n) : "memory");
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + BN * D * 2), "l"(V + at), "r"(n)
                              : "memory");
             }
             // Arrives on full(st) once this thread's copies have landed (without waiting here).
