@@ -1,11 +1,12 @@
-// Dense causal prefill on Hopper's warpgroup MMA (`wgmma`, sm_90a): the FlashAttention-3 math
-// without its producer warps and TMA. One CTA of two warpgroups per (tile of BM = 128 queries,
-// query head, batch); each warpgroup owns 64 query rows. Key/value tiles of BN = 128 rows are
-// gathered with cp.async (any K/V layout `kv_loc` addresses: contiguous or paged) into shared
-// memory in the 128-byte-swizzled layout the MMA reads, three stages deep. Per tile each warpgroup
-// runs S = Q K^T as 8 wgmma m64n128k16 (Q and K from shared memory), an online softmax on the S
-// registers, and O += P V as 8 more with P straight from registers and V read N-major (the
-// transpose flag). Head dim 128 only; the span kernel (span_attn.cu) covers everything else.
+// Dense causal prefill on Hopper's warpgroup MMA (`wgmma`, sm_90a), FlashAttention-3's
+// warp-specialized structure with cp.async in place of TMA (so any K/V layout `kv_loc` addresses,
+// contiguous or paged, works). One CTA of three warpgroups per (tile of BM = 128 queries, query
+// head, batch): warpgroup 0 gathers key/value tiles of BN = 128 rows into shared memory in the
+// 128-byte-swizzled layout the MMA reads, three stages deep; warpgroups 1 and 2 own 64 query rows
+// each and per tile run S = Q K^T as 8 wgmma m64n128k16 (Q and K from shared memory), an online
+// softmax on the S registers, and O += P V as 8 more with P straight from registers and V read
+// N-major (the transpose flag). Head dim 128 only; the span kernel (span_attn.cu) covers
+// everything else.
 // The same layouts in both tiles: row r (a query or a key), 16-byte chunk x of its 128 halves
 // lives at (x / 8) * rows * 128 + r * 128 + ((x % 8) ^ (r % 8)) * 16 bytes, atoms 1024-aligned.
 
@@ -17,7 +18,7 @@
 
 namespace {
 
-constexpr int D = 128, BM = 128, BN = 128, NT = 256, STAGES = 3;
+constexpr int D = 128, BM = 128, BN = 128, STAGES = 3;
 
 // Byte offset of chunk x of row r in a swizzled tile of `rows` rows.
 __device__ __forceinline__ uint32_t sw_off(int rows, int r, int x) {
@@ -112,10 +113,9 @@ __device__ __forceinline__ void mask_diag(float (&s)[64], int k0, int p0, int p1
 }
 
 // The rows' new running maxima: updates m_r and returns the scaled maxima to subtract (ms) and
-// the factors rescaling what was accumulated before (alpha), with `exp2` as the 2^x to use.
-template <typename Exp2>
+// the factors rescaling what was accumulated before (alpha).
 __device__ __forceinline__ void row_max(const float (&s)[64], float (&m_r)[2], float scale_log2, float (&ms)[2],
-                                        float (&alpha)[2], Exp2 exp2) {
+                                        float (&alpha)[2]) {
     float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
     for (int n = 0; n < 16; n++) {
@@ -128,7 +128,7 @@ __device__ __forceinline__ void row_max(const float (&s)[64], float (&m_r)[2], f
         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
         const float m_new = fmaxf(m_r[i], mx[i]);
         ms[i] = m_new == NEG_INF ? 0.f : m_new * scale_log2;
-        alpha[i] = exp2(m_r[i] * scale_log2 - ms[i]);
+        alpha[i] = ex2(m_r[i] * scale_log2 - ms[i]);
         m_r[i] = m_new;
     }
 }
@@ -154,134 +154,6 @@ __device__ __forceinline__ void store_o(const float (&oacc)[64], float (&l_r)[2]
             *reinterpret_cast<uint32_t*>(o + n * 8) = pack2<T>(oacc[n * 4 + 2 * i] * inv, oacc[n * 4 + 2 * i + 1] * inv);
     }
 }
-
-template <typename T>
-__device__ void dense_prefill_sm90(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
-                                   int heads_q, KvArgs kv, float scale_log2) {
-    extern __shared__ __align__(1024) unsigned char smem_raw[];
-    // 1024-aligned base (the swizzle pattern repeats every 1024 bytes).
-    const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    unsigned char* sm = smem_raw + (base - raw);
-    const uint32_t q_s = base;                          // [2 warpgroups][64 rows] swizzled, 16 KB each
-    const uint32_t kv_s = base + BM * D * 2;            // [STAGES][K, V][BN rows], 32 KB each
-
-    const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128, warp = wt / 32, lane = tid % 32;
-    const int g = lane >> 2, tq = lane & 3;
-    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
-    const int hk = h / (heads_q / kv.heads_kv);
-    const int offset = kv.t_k - t_q;
-    const int rows = min(BM, t_q - m0);
-    const int p_first = offset + m0, p_last = offset + m0 + rows - 1;
-    const int n_tiles = (p_last + 1 + BN - 1) / BN;
-    const T* K = static_cast<const T*>(kv.k);
-    const T* V = static_cast<const T*>(kv.v);
-
-    // The CTA's queries (rows past t_q zero), warpgroup w's 64 at q_s + w * 16 KB.
-    for (int c = tid; c < BM * 16; c += NT) {
-        const int r = c / 16, x = c % 16;
-        const T* src = q + b * q_b + (long long)(m0 + min(r, rows - 1)) * q_t + (long long)h * D + x * 8;
-        cp_async16(sm + (q_s - base) + (r / 64) * 64 * D * 2 + sw_off(64, r % 64, x), src, r < rows ? 16 : 0);
-    }
-    auto issue = [&](int t) {
-        unsigned char* kt = sm + (kv_s - base) + (t % STAGES) * 2 * BN * D * 2;
-        unsigned char* vt = kt + BN * D * 2;
-        for (int c = tid; c < BN * 16; c += NT) {
-            const int r = c / 16, x = c % 16, j = t * BN + r;
-            const bool ok = j <= p_last;
-            const long long loc = ok ? kv_loc<D>(kv, b, j, hk, false) : 0;
-            cp_async16(kt + sw_off(BN, r, x), ok ? K + loc + x * 8 : K, ok ? 16 : 0);
-            cp_async16(vt + sw_off(BN, r, x), ok ? V + loc + x * 8 : V, ok ? 16 : 0);
-        }
-    };
-    issue(0);
-    cp_async_commit();
-    if (1 < n_tiles) issue(1);
-    cp_async_commit();
-
-    float oacc[64];
-#pragma unroll
-    for (int i = 0; i < 64; i++) oacc[i] = 0.f;
-    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
-    // This thread's two query rows (within the CTA) and their positions.
-    const int r0 = wg * 64 + warp * 16 + g;
-    const int p0 = offset + m0 + r0, p1 = p0 + 8;
-    const uint32_t qw = q_s + wg * 64 * D * 2;
-
-    // S = Q K^T of the tile in stage `st` into s (asynchronous: wg_commit, then wg_wait).
-    float s[64];
-    auto scores = [&](int st) {
-        const uint32_t kt = kv_s + st * 2 * BN * D * 2;
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint32_t koff = (kk & 3) * 32;  // k16 steps within a 64-column atom
-            const uint64_t da = sdesc(qw + (kk >> 2) * 64 * 128 + koff, 16, 1024);
-            const uint64_t db = sdesc(kt + (kk >> 2) * BN * 128 + koff, 16, 1024);
-            wgmma_ss<T>(s, da, db, kk > 0);
-        }
-        wg_commit();
-    };
-    cp_async_wait_all_but<1>();
-    fence_async_smem();
-    __syncthreads();  // tile 0 (and the queries) landed
-    scores(0);
-    wg_wait<0>();
-    fence_regs(s);
-    // Tile t: P V of tile t runs while tile t + 1's scores are issued (after the barrier that
-    // also frees stage (t + 2) % 3, last read in iteration t - 1, for tile t + 2).
-    for (int t = 0; t < n_tiles; t++) {
-        const uint32_t vt = kv_s + (t % STAGES) * 2 * BN * D * 2 + BN * D * 2;
-        // Causal mask where the tile crosses the diagonal: element (row g / g + 8, column
-        // 8 n + 2 tq + e) is key t * BN + 8 n + 2 tq + e.
-        if (t * BN + BN - 1 > p_first) mask_diag(s, t * BN, p0, p1, tq);
-        float alpha[2], ms[2], sum[2] = {0.f, 0.f};
-        row_max(s, m_r, scale_log2, ms, alpha, [](float x) { return exp2f(x); });
-        uint32_t pf[8][4];
-#pragma unroll
-        for (int n = 0; n < 16; n++) {
-            const float a0 = exp2f(fmaf(s[n * 4], scale_log2, -ms[0]));
-            const float a1 = exp2f(fmaf(s[n * 4 + 1], scale_log2, -ms[0]));
-            const float c0 = exp2f(fmaf(s[n * 4 + 2], scale_log2, -ms[1]));
-            const float c1 = exp2f(fmaf(s[n * 4 + 3], scale_log2, -ms[1]));
-            sum[0] += a0 + a1;
-            sum[1] += c0 + c1;
-            pf[n / 2][(n % 2) * 2] = pack2<T>(a0, a1);
-            pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(c0, c1);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; i++) l_r[i] = l_r[i] * alpha[i] + sum[i];
-#pragma unroll
-        for (int n = 0; n < 16; n++) {
-            oacc[n * 4] *= alpha[0];
-            oacc[n * 4 + 1] *= alpha[0];
-            oacc[n * 4 + 2] *= alpha[1];
-            oacc[n * 4 + 3] *= alpha[1];
-        }
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            // V as an N-major B: 16 keys (two groups of 8 at 1024 bytes), the two 64-column
-            // halves of the head dim BN * 128 bytes apart.
-            const uint64_t dv = sdesc(vt + kk * 2048, BN * 128, 1024);
-            wgmma_rs<T>(oacc, pf[kk], dv);
-        }
-        wg_commit();
-        if (t + 1 < n_tiles) {
-            cp_async_wait_all_but<0>();
-            fence_async_smem();
-            __syncthreads();  // tile t + 1 landed; both warpgroups are done with tile t - 1
-            if (t + 2 < n_tiles) issue(t + 2);
-            cp_async_commit();
-            scores((t + 1) % STAGES);
-        }
-        wg_wait<0>();
-        fence_regs(oacc);
-        fence_regs(s);
-    }
-    store_o<T>(oacc, l_r, o + b * q_b + (long long)m0 * q_t + (long long)h * D + tq * 2, q_t, r0, rows);
-}
-
 
 // mbarrier helpers (shared::cta).
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -312,12 +184,13 @@ template <int N> __device__ __forceinline__ void keep_regs(uint32_t (&a)[N][4]) 
         for (int j = 0; j < 4; j++) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
-// The warp-specialized form (FlashAttention-3's structure): warpgroup 0 only gathers K/V tiles
-// (one key row per thread, cp.async, three stages handed over through `full`/`empty`
-// mbarriers) with its registers given to the two consumer warpgroups (setmaxnreg), which take
-// turns at the tensor cores (named barriers: one's softmax runs while the other's MMAs do) and
-// within a turn issue S(t) = Q K(t)^T before O += P(t-1) V(t-1), so that the softmax of tile t
-// runs while the P V of tile t - 1 is still in flight.
+// The kernel. Warpgroup 0 only gathers K/V tiles (cp.async, three stages handed over through
+// `full`/`empty` mbarriers) with its registers given to the two consumer warpgroups
+// (setmaxnreg). Each consumer issues S(t) = Q K(t)^T before O += P(t-1) V(t-1), so that the
+// softmax of tile t runs while the P V of tile t - 1 is still in flight. With PINGPONG the
+// consumers also take turns at the tensor cores (named barriers, FlashAttention-3's ping-pong):
+// on the H200 that ran 5-7% slower than letting both issue freely, so it is kept for comparison
+// only (HIP_CUDA_WGMMA=pp).
 template <typename T, bool PINGPONG>
 __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, float scale_log2) {
@@ -437,7 +310,7 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
     auto softmax = [&](int t, float (&alpha)[2]) {
         if (t * BN + BN - 1 > p_first) mask_diag(s, t * BN, p0, p1, tq);
         float ms[2], sum[2] = {0.f, 0.f};
-        row_max(s, m_r, scale_log2, ms, alpha, ex2);
+        row_max(s, m_r, scale_log2, ms, alpha);
 #pragma unroll
         for (int n = 0; n < 16; n++) {
 #pragma unroll
@@ -516,34 +389,23 @@ __device__ void dense_prefill_ws(const T* __restrict__ q, T* __restrict__ o, lon
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-    dense_prefill_sm90_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q, int heads_q,
-                            KvArgs kv, float scale_log2) {
-    dense_prefill_sm90<__nv_bfloat16>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
-}
-extern "C" __global__ void __launch_bounds__(256, 1)
-    dense_prefill_sm90_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
-                           float scale_log2) {
-    dense_prefill_sm90<__half>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
-}
-
 extern "C" __global__ void __launch_bounds__(384, 1)
-    dense_prefill_ws_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q, int heads_q,
-                          KvArgs kv, float scale_log2) {
-    dense_prefill_ws<__nv_bfloat16, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    dense_prefill_ws_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
-                         float scale_log2) {
-    dense_prefill_ws<__half, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    dense_prefill_ws_np_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q,
-                             int heads_q, KvArgs kv, float scale_log2) {
+    dense_prefill_sm90_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q,
+                            int heads_q, KvArgs kv, float scale_log2) {
     dense_prefill_ws<__nv_bfloat16, false>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
 }
 extern "C" __global__ void __launch_bounds__(384, 1)
-    dense_prefill_ws_np_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
-                            float scale_log2) {
+    dense_prefill_sm90_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv,
+                           float scale_log2) {
     dense_prefill_ws<__half, false>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_sm90_pp_bf16(const __nv_bfloat16* q, __nv_bfloat16* o, long long q_b, long long q_t, int t_q,
+                               int heads_q, KvArgs kv, float scale_log2) {
+    dense_prefill_ws<__nv_bfloat16, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(384, 1)
+    dense_prefill_sm90_pp_f16(const __half* q, __half* o, long long q_b, long long q_t, int t_q, int heads_q,
+                              KvArgs kv, float scale_log2) {
+    dense_prefill_ws<__half, true>(q, o, q_b, q_t, t_q, heads_q, kv, scale_log2);
 }

@@ -54,9 +54,8 @@ fn sm90(dev: &CudaDevice) -> bool {
 }
 
 /// `HIP_CUDA_WGMMA` picks the Hopper prefill's form (for comparisons): `0` none (the `mma.sync`
-/// kernel runs), `two` two warpgroups that gather their own tiles, `ws` warp-specialized (a
-/// producer warpgroup, the consumers taking turns at the tensor cores), `ws-np` the same without
-/// turns. Unset or anything else: `two`.
+/// kernel runs), `pp` the consumer warpgroups taking turns at the tensor cores (ping-pong).
+/// Unset or anything else: the default (a producer warpgroup, consumers issuing freely).
 fn wgmma_mode() -> &'static str {
     static MODE: OnceLock<String> = OnceLock::new();
     MODE.get_or_init(|| std::env::var("HIP_CUDA_WGMMA").unwrap_or_default())
@@ -473,27 +472,22 @@ impl SpanOp<'_> {
             // DECODE_CLUSTER CTAs along x, 256 threads); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
-            // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of two consumer
-            // warpgroups (and, warp-specialized, one producer warpgroup); 1 KB of alignment
-            // slack, the query tile, three stages of a K and a V tile of 128 rows and six
-            // mbarriers (225 KB of the 227 a CTA may have).
-            let (name, ws) = match wgmma_mode() {
-                "ws" => ("dense_prefill_ws", true),
-                "ws-np" => ("dense_prefill_ws_np", true),
-                _ => ("dense_prefill_sm90", false),
-            };
+            // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of one producer and
+            // two consumer warpgroups; 1 KB of alignment slack, the query tile, three stages of
+            // a K and a V tile of 128 rows and six mbarriers (225 KB of the 227 a CTA may have).
+            let name = if wgmma_mode() == "pp" { "dense_prefill_sm90_pp" } else { "dense_prefill_sm90" };
             let smem = 1024 + 128 * hd * 2 + 3 * 2 * 128 * hd * 2 + 64;
             let f = func(dev, SM90, SM90_MODULE, &format!("{name}_{tn}"))?;
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (d.t_q.div_ceil(128) as u32, d.heads_q as u32, d.batch as u32),
-                block_dim: (if ws { 384 } else { 256 }, 1, 1),
+                block_dim: (384, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let mut b = stream.launch_builder(&f);
             b.arg(&qp).arg(&op).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
-            // SAFETY: argument list matches `dense_prefill_{sm90,ws}_*` (384 threads for the latter);
-            // shared memory as computed above;
+            // SAFETY: argument list matches `dense_prefill_sm90{,_pp}_*` (384 threads); shared
+            // memory as computed above;
             // no offload page table (the kernel reads K/V through `kv_loc` without banks).
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else {
