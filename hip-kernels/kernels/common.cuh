@@ -47,7 +47,13 @@ struct KvArgs {
     int epoch;
     int list_cap;
     StageArgs stage;
+    // A decode batch of sequences of different lengths (null: every entry has `t_k` tokens):
+    // entry b's tokens, with `table` row b its blocks.
+    const int* lens;
 };
+
+// Tokens of batch entry `b` (`t_k` without per-entry lengths).
+__device__ __forceinline__ int kv_len(const KvArgs& a, int b) { return a.lens != nullptr ? a.lens[b] : a.t_k; }
 
 // The staging place of entry `idx` (head * res_stride + token) among 1 << bits (bits >= 1):
 // Fibonacci hashing, so that the entries of a tree level or a mask block spread out.

@@ -502,7 +502,7 @@ __device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long lo
     const int split = blockIdx.x, hk = blockIdx.y;
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int G = heads_q / kv.heads_kv;
-    const int p = kv.t_k - t_q + i;
+    const int p = kv_len(kv, b) - t_q + i;
     const int start = split * keys_per_split, end = min(p + 1, start + keys_per_split);
     const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
     const T* K = static_cast<const T*>(kv.k);

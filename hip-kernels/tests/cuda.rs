@@ -5,8 +5,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use hip_kernels::cuda::{
-    block_sparse_attn_cuda, block_sparse_attn_paged_cuda, dense_attn_paged_cuda, hip_attn_decode_paged_cuda,
-    hip_attn_paged_cuda, hip_mask_cuda, hip_mask_paged_cuda, CudaMask, CudaPagedKv,
+    block_sparse_attn_cuda, block_sparse_attn_paged_cuda, dense_attn_paged_cuda,
+    dense_decode_paged_batch_cuda, hip_attn_decode_paged_cuda, hip_attn_paged_cuda, hip_mask_cuda,
+    hip_mask_paged_cuda, CudaMask, CudaPagedBatch, CudaPagedKv,
 };
 use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask, MaskCache};
 
@@ -247,6 +248,105 @@ fn paged_matches_contiguous() {
     let table = Tensor::from_slice(&[0u32, 1], 2, &dev).unwrap();
     let kv = CudaPagedKv { k: &store, v: &store, block_table: &table, block_size: 16, len: 40 };
     assert!(matches!(dense_attn_paged_cuda(&q, &kv, 0.1), Err(Error::InvalidArgument { .. })));
+}
+
+/// One decode step of several sequences of different lengths in one launch: each row what the
+/// CPU reference (and the per-sequence kernel) gives that sequence alone.
+#[test]
+fn batched_dense_decode_matches_each_sequence() {
+    let dev = gpu();
+    let lens = [1usize, 7, 97, 4099, 1000];
+    let bs = 16;
+    let needed: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+    let blocks = needed.iter().sum::<usize>() + 3;
+    let width = needed.iter().copied().max().unwrap() + 2;
+    // Sequence b's blocks: every len(lens)-th block counted down from the last, so that the
+    // sequences' blocks interleave in the pool; table rows padded with an out-of-range index
+    // that must never be read.
+    let mut free: Vec<u32> = (0..blocks as u32).rev().collect();
+    let mut tables = vec![u32::MAX; lens.len() * width];
+    let mut orders = vec![Vec::new(); lens.len()];
+    let mut want_blocks = needed.clone();
+    while want_blocks.iter().any(|&n| n > 0) {
+        for (b, n) in want_blocks.iter_mut().enumerate() {
+            if *n > 0 {
+                let blk = free.pop().unwrap();
+                tables[b * width + orders[b].len()] = blk;
+                orders[b].push(blk);
+                *n -= 1;
+            }
+        }
+    }
+    for (hq, hkv, d, dtype) in [
+        (8, 2, 128, DType::BF16),
+        (12, 2, 128, DType::BF16),
+        (8, 8, 64, DType::F16),
+        (9, 1, 128, DType::BF16),
+    ] {
+        let what = format!("{dtype:?} d{d} {hq}/{hkv}");
+        let mut kpool = Tensor::zeros((blocks * bs, hkv, d), dtype, &Device::Cpu).unwrap();
+        let mut vpool = kpool.clone();
+        let mut seqs = Vec::new();
+        for (b, &len) in lens.iter().enumerate() {
+            let seed = (b * 31 + hq + d) as u64;
+            let (k, kc) = rand(len, hkv, d, dtype, seed, &Device::Cpu);
+            let (v, vc) = rand(len, hkv, d, dtype, seed + 1, &Device::Cpu);
+            for (i, &blk) in orders[b].iter().enumerate() {
+                let n = bs.min(len - i * bs);
+                let r = blk as usize * bs..blk as usize * bs + n;
+                let kp = k.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap();
+                let vp = v.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap();
+                kpool = kpool.slice_assign(&[r.clone(), 0..hkv, 0..d], &kp).unwrap();
+                vpool = vpool.slice_assign(&[r, 0..hkv, 0..d], &vp).unwrap();
+            }
+            seqs.push((kc, vc));
+        }
+        let (kpool, vpool) = (kpool.to_device(&dev).unwrap(), vpool.to_device(&dev).unwrap());
+        let (q, qc) = rand(lens.len(), hq, d, dtype, (hq * d) as u64, &dev);
+        let q = q.reshape((lens.len(), 1, hq, d)).unwrap();
+        let qc = qc.reshape((lens.len(), 1, hq, d)).unwrap();
+        let table_t = Tensor::from_slice(&tables, (lens.len(), width), &dev).unwrap();
+        let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let lens_t = Tensor::from_slice(&lens32, lens.len(), &dev).unwrap();
+        let batch = CudaPagedBatch {
+            k: &kpool,
+            v: &vpool,
+            block_tables: &table_t,
+            lens: &lens,
+            lens_device: &lens_t,
+            block_size: bs,
+        };
+        let scale = 0.09;
+        let got = dense_decode_paged_batch_cuda(&q, &batch, scale).unwrap();
+        assert_eq!(got.dims(), &[lens.len(), 1, hq, d], "{what}");
+        for (b, (kc, vc)) in seqs.iter().enumerate() {
+            let want = dense_attn(&qc.narrow(0, b, 1).unwrap(), kc, vc, scale).unwrap();
+            let row = got.narrow(0, b, 1).unwrap();
+            let e = rel_err(&row, &want);
+            assert!(e <= 1e-2, "{what} len {}: rel err {e} against the CPU", lens[b]);
+            let table = Tensor::from_slice(&orders[b], orders[b].len(), &dev).unwrap();
+            let one = CudaPagedKv { k: &kpool, v: &vpool, block_table: &table, block_size: bs, len: lens[b] };
+            let alone = dense_attn_paged_cuda(&q.narrow(0, b, 1).unwrap(), &one, scale).unwrap();
+            let alone = alone.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let e = rel_err(&row, &alone);
+            assert!(e <= 1e-2, "{what} len {}: rel err {e} against the sequence alone", lens[b]);
+        }
+        // Lengths that do not match q, a table too narrow for the longest, a zero length.
+        let short = CudaPagedBatch { lens: &lens[..4], ..batch };
+        assert!(dense_decode_paged_batch_cuda(&q, &short, scale).is_err(), "{what}: 4 lengths, 5 queries");
+        let narrow = table_t.narrow(1, 0, needed[3] - 1).unwrap().contiguous().unwrap();
+        let narrow = CudaPagedBatch { block_tables: &narrow, ..batch };
+        assert!(matches!(
+            dense_decode_paged_batch_cuda(&q, &narrow, scale),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let zero = [1usize, 7, 0, 4099, 1000];
+        let zero = CudaPagedBatch { lens: &zero, ..batch };
+        assert!(matches!(
+            dense_decode_paged_batch_cuda(&q, &zero, scale),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
 }
 
 #[test]

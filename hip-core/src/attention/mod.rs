@@ -161,6 +161,18 @@ impl AttentionState {
         })
     }
 
+    /// Whether `layer` runs exact dense attention for every sequence (the dense backend, a dense
+    /// layer of HiP without Dynamic RoPE, or of the streaming baseline): then the sequences of a
+    /// decode batch can share one launch ([`dense_decode_batch`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn dense_for_all(&self, layer: usize) -> bool {
+        match &self.backend {
+            AttentionBackend::Dense => true,
+            AttentionBackend::Hip(cfg) => cfg.rope_extend.is_none() && cfg.is_dense_layer(layer),
+            AttentionBackend::Streaming(cfg) => cfg.is_dense_layer(layer),
+        }
+    }
+
     /// Which attention `n` new tokens of `seq` get in `layer`: dense, a fresh HiP mask for a
     /// chunk (forgetting the decode mask), or the cached-mask decode path for one token.
     fn route(&mut self, layer: usize, seq: SeqId, n: usize) -> Result<Route<'_>> {
@@ -371,6 +383,29 @@ impl AttentionState {
             .collect();
         self.caches.extend(copies);
     }
+}
+
+/// Dense attention of one new token per sequence over one device layer, every sequence of the
+/// decode batch in one launch: `q: [batch, heads_q, head_dim]` in the pools' dtype, the
+/// tables and lengths from [`crate::kv::PagedKvCache::device_batch_tables`]; returns `[batch,
+/// heads_q, head_dim]` in the pools' dtype (row `b` what [`AttentionState::attend_device`]
+/// gives sequence `b` in a dense layer).
+#[cfg(feature = "cuda")]
+pub(crate) fn dense_decode_batch(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    tables: &Tensor,
+    lens_device: &Tensor,
+    lens: &[usize],
+    block_size: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, heads_q, d) = q.dims3()?;
+    let batch_kv =
+        hip_kernels::cuda::CudaPagedBatch { k, v, block_tables: tables, lens, lens_device, block_size };
+    let q = q.reshape((batch, 1, heads_q, d))?;
+    Ok(hip_kernels::cuda::dense_decode_paged_batch_cuda(&q, &batch_kv, scale)?
+        .reshape((batch, heads_q, d))?)
 }
 
 /// The decode mask cache of `(seq, layer)` for a single new token; for a chunk, `None` and the

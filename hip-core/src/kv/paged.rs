@@ -677,6 +677,60 @@ impl PagedKvCache {
         })
     }
 
+    /// The key and value blocks of `layer` when they are on the device and not offloaded
+    /// (`None` for a host cache or an offloaded layer).
+    pub fn device_pools(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.host_store(layer).is_some() {
+            return None;
+        }
+        self.device.as_ref().and_then(|d| d.get(layer)).map(|(k, v)| (k, v))
+    }
+
+    /// The block tables and lengths of a decode batch on the device, for attending all of its
+    /// sequences in one launch per layer: a u32 `[batch, width]` table (row `b`: sequence `b`'s
+    /// blocks covering `seqs[b].1` tokens, padded with block 0, which the kernels do not read)
+    /// and the u32 lengths `[batch]`. Built once per step: the tables are the same for every
+    /// layer.
+    ///
+    /// # Errors
+    /// A host cache, an unknown sequence, or a length of 0 or past the sequence's reservation.
+    pub fn device_batch_tables(&self, seqs: &[(SeqId, usize)]) -> Result<(Tensor, Tensor)> {
+        let Some(device) = self.device.as_ref().and_then(|d| d.first()).map(|(k, _)| k.device().clone())
+        else {
+            return Err(Error::arg(
+                "cache",
+                "host",
+                "device_batch_tables needs a cache made by new_on_device",
+            ));
+        };
+        let bs = self.cfg.block_size;
+        let mut width = 1;
+        for &(seq, len) in seqs {
+            let st = self.state(seq)?;
+            if len == 0 || len > st.reserved {
+                return Err(Error::arg(
+                    "len",
+                    format!("{len} tokens of sequence {}", seq.0),
+                    format!("must be 1..={} (the reservation)", st.reserved),
+                ));
+            }
+            width = width.max(len.div_ceil(bs));
+        }
+        let mut table = vec![0u32; seqs.len() * width];
+        let mut lens = Vec::with_capacity(seqs.len());
+        for (row, &(seq, len)) in table.chunks_mut(width).zip(seqs) {
+            let st = self.state(seq)?;
+            let n = len.div_ceil(bs);
+            row[..n].copy_from_slice(&st.table[..n]);
+            lens.push(u32::try_from(len).map_err(|_| Error::arg("len", len, "past u32"))?);
+        }
+        Ok((
+            Tensor::from_vec(table, (seqs.len(), width), &device)?,
+            Tensor::from_vec(lens, seqs.len(), &device)?,
+        ))
+    }
+
     /// The first `len` tokens of `layer` as token-major f32 rows `(k, v)`, each
     /// `[len, num_kv_heads, head_dim]` flattened — from either kind of cache.
     ///

@@ -235,6 +235,13 @@ impl Model {
         } else {
             None
         };
+        // A decode batch (one token per sequence, written by `rows`): the layers that are dense
+        // for every sequence attend all of them in one launch, through tables built once per
+        // step (on first use). `HIP_BATCH_DECODE=0` attends sequence by sequence (comparisons).
+        #[cfg(feature = "cuda")]
+        let mut batch: Option<Option<(Tensor, Tensor, Vec<usize>)>> =
+            (rows.is_some() && chunks.iter().all(|c| c.tokens.len() == 1) && batch_decode_enabled())
+                .then_some(None);
         for (layer, blk) in self.blocks.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
@@ -254,6 +261,29 @@ impl Model {
             };
             if let Some(rows) = &rows {
                 kv.write_rows(layer, rows, &k, &v)?;
+            }
+            #[cfg(feature = "cuda")]
+            if let (Some(batch), true) = (&mut batch, attn.dense_for_all(layer)) {
+                if let Some(pools) = kv.device_pools(layer) {
+                    let (tables, lens_dev, lens) = match batch {
+                        Some(t) => t,
+                        None => {
+                            let lens: Vec<usize> = starts.iter().map(|s| s + 1).collect();
+                            let seqs: Vec<(SeqId, usize)> =
+                                chunks.iter().map(|c| c.seq).zip(lens.clone()).collect();
+                            let (t, l) = kv.device_batch_tables(&seqs)?;
+                            batch.insert((t, l, lens))
+                        }
+                    };
+                    let bs = kv.config().block_size;
+                    let a =
+                        crate::attention::dense_decode_batch(&q, pools, tables, lens_dev, lens, bs, scale)?;
+                    let a = a.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
+                    x = (x + blk.o.forward(&a)?)?;
+                    let h = blk.ffn_norm.forward(&x)?;
+                    x = (&x + blk.mlp.forward(&h)?)?;
+                    continue;
+                }
             }
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
@@ -297,4 +327,11 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// Whether decode batches attend dense layers in one launch (`HIP_BATCH_DECODE=0` turns it off).
+#[cfg(feature = "cuda")]
+fn batch_decode_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HIP_BATCH_DECODE").map_or(true, |v| v != "0"))
 }

@@ -114,6 +114,9 @@ struct KvArgs {
     epoch: i32,
     list_cap: i32,
     stage: StageArgs,
+    /// Per batch entry token counts (u32 on the device; 0: all `t_k`), only the dense decode
+    /// kernel reads it.
+    lens: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for KvArgs {}
@@ -154,13 +157,18 @@ impl KvArgs {
             epoch: 0,
             list_cap: 0,
             stage: StageArgs::default(),
+            lens: 0,
         }
     }
 
     /// Points at the paged storage `paged` describes (the pointers stay `k`/`v`).
     fn page(&mut self, p: &Paged<'_>, dev: &CudaDevice) -> candle_core::Result<()> {
         self.table = u32_ptr(p.table, dev)?;
-        self.table_stride = p.table.elem_count() as i32;
+        // One row per batch entry (a 1-D table: batch 1).
+        self.table_stride = p.table.dims().last().copied().unwrap_or(0) as i32;
+        if let Some(lens) = p.lens {
+            self.lens = u32_ptr(lens, dev)?;
+        }
         self.page = p.page as i32;
         self.t_k = p.t_k as i32;
         if let Some(r) = &p.offload {
@@ -260,7 +268,10 @@ pub(crate) struct Paged<'a> {
     /// Block table `[batch, table_stride]`, u32 on the device.
     pub(crate) table: &'a Tensor,
     pub(crate) page: usize,
+    /// Tokens (with `lens`: the longest entry's).
     pub(crate) t_k: usize,
+    /// Tokens of each batch entry, u32 `[batch]` on the device (dense decode only).
+    pub(crate) lens: Option<&'a Tensor>,
     /// Offloading: the storages given to the op are the GPU bank, the rows live in a host store.
     pub(crate) offload: Option<Residency>,
 }
@@ -961,7 +972,7 @@ impl CudaPagedKv<'_> {
     }
 
     fn paged(&self) -> Paged<'_> {
-        Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: None }
+        Paged { table: self.block_table, page: self.block_size, t_k: self.len, lens: None, offload: None }
     }
 }
 
@@ -1014,6 +1025,110 @@ pub fn dense_attn_paged_cuda(q: &Tensor, kv: &CudaPagedKv<'_>, scale: f32) -> Re
     let dims = kv.dims(q)?;
     crate::layout::check_scale(scale)?;
     span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(kv.paged()), scale)
+}
+
+/// One decode step of several sequences over one layer's paged pool: the sequences' blocks in
+/// the rows of one table, each sequence with its own length. [`dense_decode_paged_batch_cuda`]
+/// attends all of them in one launch (instead of one [`dense_attn_paged_cuda`] per sequence).
+#[derive(Debug, Clone, Copy)]
+pub struct CudaPagedBatch<'a> {
+    /// Key blocks `[num_blocks * block_size, heads_kv, head_dim]`, shared by the sequences.
+    pub k: &'a Tensor,
+    /// Value blocks, laid out like `k`.
+    pub v: &'a Tensor,
+    /// `[batch, width]` u32 on the device: row `b` lists sequence `b`'s blocks in order (its
+    /// first `lens[b].div_ceil(block_size)` entries are read).
+    pub block_tables: &'a Tensor,
+    /// Tokens of each sequence, its newest included.
+    pub lens: &'a [usize],
+    /// `lens` as a u32 `[batch]` tensor on the device.
+    pub lens_device: &'a Tensor,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+impl CudaPagedBatch<'_> {
+    /// Checks the batch and `q: [batch, 1, heads_q, head_dim]` against it; returns the dims of
+    /// the launch (its `t_k` the longest sequence).
+    fn dims(&self, q: &Tensor) -> Result<AttnDims> {
+        let (nk, hkv, d) = self
+            .k
+            .dims3()
+            .map_err(|_| Error::shape("k", "[num_blocks * block_size, heads_kv, head_dim]", self.k.dims()))?;
+        if self.v.dims() != self.k.dims() {
+            return Err(Error::shape("v", format!("the shape of k, {:?}", self.k.dims()), self.v.dims()));
+        }
+        let batch = self.lens.len();
+        let (tb, width) = self
+            .block_tables
+            .dims2()
+            .map_err(|_| Error::shape("block_tables", "[batch, width]", self.block_tables.dims()))?;
+        let bs = self.block_size;
+        let max_len = self.lens.iter().copied().max().unwrap_or(0);
+        if batch == 0 || tb != batch || self.block_tables.dtype() != DType::U32 {
+            return Err(Error::arg(
+                "block_tables",
+                format!("{:?} {:?}", self.block_tables.dtype(), self.block_tables.dims()),
+                format!("must be u32 [{batch} (one row per length, at least one), width]"),
+            ));
+        }
+        if bs == 0 || nk % bs != 0 || self.lens.contains(&0) || max_len > nk || width < max_len.div_ceil(bs) {
+            return Err(Error::arg(
+                "paged batch",
+                format!("block_size {bs}, lens up to {max_len}, {nk} rows, tables {width} wide"),
+                "block_size must divide the rows, every length 0 < len <= rows, the tables cover the longest",
+            ));
+        }
+        if self.lens_device.dtype() != DType::U32 || self.lens_device.dims() != [batch] {
+            return Err(Error::shape("lens_device", format!("u32 [{batch}]"), self.lens_device.dims()));
+        }
+        let (b, t_q, heads_q, qd) =
+            q.dims4().map_err(|_| Error::shape("q", "[batch, 1, heads_q, head_dim]", q.dims()))?;
+        if b != batch || t_q != 1 || qd != d || hkv == 0 || heads_q % hkv != 0 {
+            return Err(Error::shape("q", format!("[{batch}, 1, a multiple of {hkv} heads, {d}]"), q.dims()));
+        }
+        if cfg!(debug_assertions) {
+            let lens = self.lens_device.to_vec1::<u32>()?;
+            if lens.iter().zip(self.lens).any(|(&a, &b)| a as usize != b) {
+                return Err(Error::arg(
+                    "lens_device",
+                    format!("{lens:?}"),
+                    format!("must equal lens {:?}", self.lens),
+                ));
+            }
+        }
+        Ok(AttnDims { batch, t_q: 1, t_k: max_len, heads_q, heads_kv: hkv, head_dim: d })
+    }
+}
+
+/// Dense attention of one new token per sequence over a [`CudaPagedBatch`]: `q: [batch, 1,
+/// heads_q, head_dim]` (bf16 or f16 like the pool) gives `[batch, 1, heads_q, head_dim]`, row `b`
+/// what [`dense_attn_paged_cuda`] gives sequence `b` alone. GQA groups up to 8 query heads per
+/// KV head run as one launch for the whole batch; larger groups run sequence by sequence.
+///
+/// # Errors
+/// Shapes or lengths that do not fit (typed, naming the argument); unsupported dtypes or head
+/// dims.
+pub fn dense_decode_paged_batch_cuda(q: &Tensor, kv: &CudaPagedBatch<'_>, scale: f32) -> Result<Tensor> {
+    let dims = kv.dims(q)?;
+    crate::layout::check_scale(scale)?;
+    if dims.heads_q / dims.heads_kv > 8 {
+        let mut outs = Vec::with_capacity(dims.batch);
+        for (b, &len) in kv.lens.iter().enumerate() {
+            let table = kv.block_tables.get(b)?;
+            let one = CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len };
+            outs.push(dense_attn_paged_cuda(&q.narrow(0, b, 1)?, &one, scale)?);
+        }
+        return Ok(Tensor::cat(&outs, 0)?);
+    }
+    let paged = Paged {
+        table: kv.block_tables,
+        page: kv.block_size,
+        t_k: dims.t_k,
+        lens: Some(kv.lens_device),
+        offload: None,
+    };
+    span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(paged), scale)
 }
 
 /// HiP mask estimation over a paged cache on CUDA (see [`hip_mask_cuda`]).

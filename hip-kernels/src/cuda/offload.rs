@@ -519,7 +519,7 @@ impl OffloadedKv<'_> {
     }
 
     fn paged(&self, r: Residency) -> Paged<'_> {
-        Paged { table: self.block_table, page: self.block_size, t_k: self.len, offload: Some(r) }
+        Paged { table: self.block_table, page: self.block_size, t_k: self.len, lens: None, offload: Some(r) }
     }
 }
 
@@ -1017,7 +1017,7 @@ impl GpuCache {
         let d_chunks = (self.head_dim / 8) as i32;
         let mut kva = KvArgs::contiguous(kv.store.k.dev, kv.store.v.dev, &self.kv_dims(kv));
         let table = self.side_table.as_ref().unwrap_or(kv.block_table);
-        kva.page(&Paged { table, page: kv.block_size, t_k: kv.len, offload: None }, &self.dev)?;
+        kva.page(&Paged { table, page: kv.block_size, t_k: kv.len, lens: None, offload: None }, &self.dev)?;
         // The epoch whose reads are applied, and where its kernels staged rows.
         (kva.res_stride, kva.epoch, kva.stage) = (self.max_tokens as i64, self.epoch, self.stage_args());
         let staged = self.stats.device_ptr(&stream).0 + 5 * 8;
