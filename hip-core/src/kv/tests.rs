@@ -796,3 +796,35 @@ fn batched_row_writes_match_per_sequence_writes() {
     host.reserve(h, 1).unwrap();
     assert!(matches!(host.pending_rows(&[(h, 1)]), Err(Error::InvalidArgument { .. })));
 }
+
+/// The decode batch tables: row b holds sequence b's blocks for its length (padded with block
+/// 0), the lengths alongside; bad lengths, unknown sequences and host caches are refused.
+#[test]
+fn device_batch_tables_list_each_sequences_blocks() {
+    use candle_core::{DType, Device};
+    let cfg = KvCacheConfig { num_layers: 2, num_kv_heads: 1, head_dim: 4, block_size: 4, num_blocks: 16 };
+    let mut c = PagedKvCache::new_on_device(cfg.clone(), &Device::Cpu, DType::F32).unwrap();
+    let (a, b) = (c.add_sequence(), c.add_sequence());
+    // Interleaved reservations, so that the two sequences' blocks interleave in the pool.
+    for _ in 0..3 {
+        c.reserve(a, 3).unwrap();
+        c.commit(a, 3).unwrap();
+        c.reserve(b, 1).unwrap();
+        c.commit(b, 1).unwrap();
+    }
+    let (ta, tb) = (
+        c.device_layer(a, 0, 9).unwrap().block_table.to_vec(),
+        c.device_layer(b, 0, 3).unwrap().block_table.to_vec(),
+    );
+    assert_eq!((ta.len(), tb.len()), (3, 1));
+    let (tables, lens) = c.device_batch_tables(&[(b, 3), (a, 9)]).unwrap();
+    assert_eq!(tables.dims(), &[2, 3]);
+    assert_eq!(tables.to_vec2::<u32>().unwrap(), vec![vec![tb[0], 0, 0], ta.clone()]);
+    assert_eq!(lens.to_vec1::<u32>().unwrap(), vec![3, 9]);
+    assert!(c.device_pools(1).is_some() && c.device_pools(2).is_none());
+    assert!(c.device_batch_tables(&[(a, 0)]).is_err(), "a length of 0");
+    assert!(c.device_batch_tables(&[(a, 10)]).is_err(), "past the reservation");
+    assert!(matches!(c.device_batch_tables(&[(SeqId(99), 1)]), Err(Error::UnknownSequence(99))));
+    let host = PagedKvCache::new(cfg).unwrap();
+    assert!(host.device_batch_tables(&[]).is_err() && host.device_pools(0).is_none());
+}
