@@ -158,3 +158,38 @@ fn hip_with_k_covering_the_context_equals_dense_and_chunking_and_forks_are_exact
     let diff = max_abs_diff(&parent_cont, &want_parent);
     assert!(diff < 1e-3, "parent after fork: {diff}");
 }
+
+/// One forward of several chunks wanting different logits (none, the last row, every row) gives
+/// each chunk what a forward of it alone gives: the output matrix runs once for the rows wanted.
+#[test]
+fn mixed_chunks_in_one_forward_equal_forwards_alone() {
+    let prompt = prompt_tokens(120);
+    let mut r = Runner::new(load(), AttentionBackend::Dense);
+    let parts: [(&[u32], LogitsWanted); 4] = [
+        (&prompt[..30], LogitsWanted::None),
+        (&prompt[30..41], LogitsWanted::All),
+        (&prompt[41..100], LogitsWanted::Last),
+        (&prompt[100..], LogitsWanted::Last),
+    ];
+    let alone: Vec<Tensor> = parts
+        .iter()
+        .map(|&(t, l)| {
+            let s = r.kv.add_sequence();
+            r.forward(s, t, l)
+        })
+        .collect();
+    let seqs: Vec<SeqId> = parts.iter().map(|_| r.kv.add_sequence()).collect();
+    let chunks: Vec<SeqChunk<'_>> =
+        parts.iter().zip(&seqs).map(|(&(tokens, logits), &seq)| SeqChunk { seq, tokens, logits }).collect();
+    let together = r.model.forward(&chunks, &mut r.kv, &mut r.attn).unwrap();
+    let vocab = r.model.config().vocab_size;
+    for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(got.dims(), want.dims(), "chunk {i}");
+        let rows = [0, 11, 1, 1][i];
+        assert_eq!(got.dims(), &[rows, vocab], "chunk {i}");
+        if rows > 0 {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < 1e-3, "chunk {i}: {diff}");
+        }
+    }
+}

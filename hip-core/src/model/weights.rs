@@ -310,20 +310,37 @@ impl Model {
             x = (&x + blk.mlp.forward(&h)?)?;
         }
         let x = self.norm.forward(&x)?;
-        let mut out = Vec::with_capacity(chunks.len());
+        // The rows that want logits, chunk by chunk (start in `want`, count), and one product
+        // with the output matrix for all of them: per chunk it would read the whole matrix
+        // (vocab × hidden) once per sequence of a decode batch.
+        let mut want: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(chunks.len());
         let mut off = 0;
         for c in chunks {
             let n = c.tokens.len();
             let rows = match c.logits {
-                LogitsWanted::None => None,
-                LogitsWanted::Last => Some(x.narrow(0, off + n - 1, 1)?),
-                LogitsWanted::All => Some(x.narrow(0, off, n)?),
+                LogitsWanted::None => 0..0,
+                LogitsWanted::Last => off + n - 1..off + n,
+                LogitsWanted::All => off..off + n,
             };
-            out.push(match rows {
-                Some(r) => self.output.forward(&r.contiguous()?)?,
-                None => Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?,
-            });
+            spans.push((want.len(), rows.len()));
+            want.extend(rows.map(|r| r as u32));
             off += n;
+        }
+        let logits = match want.len() {
+            0 => None,
+            w if w == n_total => Some(self.output.forward(&x)?),
+            w => {
+                let idx = Tensor::from_vec(want, w, dev)?;
+                Some(self.output.forward(&x.index_select(&idx, 0)?)?)
+            }
+        };
+        let mut out = Vec::with_capacity(chunks.len());
+        for (start, count) in spans {
+            out.push(match (&logits, count) {
+                (Some(l), c) if c > 0 => l.narrow(0, start, c)?,
+                _ => Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?,
+            });
         }
         Ok(out)
     }
