@@ -92,6 +92,22 @@ impl Rope {
         })
     }
 
+    /// Rotates token-major `x: [batch, tokens, heads, head_dim]` with tables of its `tokens`
+    /// positions; computed in `x`'s dtype. The halves pairing rotates the token-major layout
+    /// directly (one kernel, no copies); the interleaved one goes through a head-major copy.
+    ///
+    /// # Errors
+    /// Shapes that do not fit, candle errors.
+    pub fn rotate_tokens(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.interleaved {
+            let y = self.rotate_heads(&x.transpose(1, 2)?, cos, sin)?;
+            return Ok(y.transpose(1, 2)?.contiguous()?);
+        }
+        let x = x.contiguous()?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        Ok(candle_nn::rotary_emb::rope_thd(&x, &cos, &sin)?)
+    }
+
     /// Rotates token-major `x: [batch, tokens, heads, head_dim]`, token `i` at `positions[i]`.
     ///
     /// # Errors
@@ -99,8 +115,7 @@ impl Rope {
     pub fn rotate(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         self.check_tokens(x, positions)?;
         let (cos, sin) = self.tables(positions, x.device())?;
-        let y = self.rotate_heads(&x.transpose(1, 2)?, &cos, &sin)?;
-        Ok(y.transpose(1, 2)?.contiguous()?)
+        self.rotate_tokens(x, &cos, &sin)
     }
 
     /// The inverse of [`rotate`](Self::rotate): turns keys rotated to `positions` back into
@@ -111,8 +126,7 @@ impl Rope {
     pub fn unrotate(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         self.check_tokens(x, positions)?;
         let (cos, sin) = self.tables(positions, x.device())?;
-        let y = self.rotate_heads(&x.transpose(1, 2)?, &cos, &sin.neg()?)?;
-        Ok(y.transpose(1, 2)?.contiguous()?)
+        self.rotate_tokens(x, &cos, &sin.neg()?)
     }
 
     fn check_tokens(&self, x: &Tensor, positions: &[usize]) -> Result<()> {
@@ -162,6 +176,38 @@ mod tests {
                     for (a, b) in row.iter().zip(&y[o..o + 6]) {
                         assert!((a - *b as f64).abs() < 1e-3, "{interleaved} pos {p}: {a} vs {b}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The token-major rotation equals the head-major one (transposed around it), both pairings,
+    /// f32 and bf16, at awkward token counts.
+    #[test]
+    fn token_major_equals_head_major() {
+        for interleaved in [false, true] {
+            let rope = Rope::new(64, 1e4, interleaved).unwrap();
+            for t in [1usize, 7, 97] {
+                let pos: Vec<usize> = (0..t).map(|i| i * 37 + 5).collect();
+                let (cos, sin) = rope.tables(&pos, &Device::Cpu).unwrap();
+                for dt in [candle_core::DType::F32, candle_core::DType::BF16] {
+                    let x =
+                        Tensor::randn(0f32, 1., (2, t, 3, 64), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                    let a = rope.rotate_tokens(&x, &cos, &sin).unwrap();
+                    let b = rope.rotate_heads(&x.transpose(1, 2).unwrap(), &cos, &sin).unwrap();
+                    let b = b.transpose(1, 2).unwrap();
+                    let d = (a.to_dtype(candle_core::DType::F32).unwrap()
+                        - b.to_dtype(candle_core::DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                    assert!(d <= 1e-6, "{interleaved} t {t} {dt:?}: {d}");
                 }
             }
         }

@@ -96,9 +96,7 @@ impl Mlp {
 
 /// Rotates `x: [tokens, heads, head_dim]` (token-major) with the tables of its tokens.
 pub(crate) fn rotate_tokens(rope: &Rope, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let x4 = x.unsqueeze(0)?.transpose(1, 2)?; // [1, heads, tokens, d]
-    let y = rope.rotate_heads(&x4, cos, sin)?;
-    Ok(y.transpose(1, 2)?.squeeze(0)?.contiguous()?)
+    Ok(rope.rotate_tokens(&x.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
 }
 
 /// Dequantizes a (bias / norm) tensor to f32.
