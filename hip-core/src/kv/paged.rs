@@ -705,7 +705,7 @@ impl PagedKvCache {
             ));
         };
         let bs = self.cfg.block_size;
-        let mut width = 1;
+        let mut rows = Vec::with_capacity(seqs.len());
         for &(seq, len) in seqs {
             let st = self.state(seq)?;
             if len == 0 || len > st.reserved {
@@ -715,16 +715,15 @@ impl PagedKvCache {
                     format!("must be 1..={} (the reservation)", st.reserved),
                 ));
             }
-            width = width.max(len.div_ceil(bs));
+            let len32 = u32::try_from(len).map_err(|_| Error::arg("len", len, "past u32"))?;
+            rows.push((&st.table[..len.div_ceil(bs)], len32));
         }
+        let width = rows.iter().map(|(blocks, _)| blocks.len()).max().unwrap_or(1);
         let mut table = vec![0u32; seqs.len() * width];
-        let mut lens = Vec::with_capacity(seqs.len());
-        for (row, &(seq, len)) in table.chunks_mut(width).zip(seqs) {
-            let st = self.state(seq)?;
-            let n = len.div_ceil(bs);
-            row[..n].copy_from_slice(&st.table[..n]);
-            lens.push(u32::try_from(len).map_err(|_| Error::arg("len", len, "past u32"))?);
+        for (row, (blocks, _)) in table.chunks_mut(width).zip(&rows) {
+            row[..blocks.len()].copy_from_slice(blocks);
         }
+        let lens: Vec<u32> = rows.iter().map(|&(_, l)| l).collect();
         Ok((
             Tensor::from_vec(table, (seqs.len(), width), &device)?,
             Tensor::from_vec(lens, seqs.len(), &device)?,

@@ -239,9 +239,10 @@ impl Model {
         // for every sequence attend all of them in one launch, through tables built once per
         // step (on first use). `HIP_BATCH_DECODE=0` attends sequence by sequence (comparisons).
         #[cfg(feature = "cuda")]
-        let mut batch: Option<Option<(Tensor, Tensor, Vec<usize>)>> =
-            (rows.is_some() && chunks.iter().all(|c| c.tokens.len() == 1) && batch_decode_enabled())
-                .then_some(None);
+        let batchable =
+            rows.is_some() && chunks.iter().all(|c| c.tokens.len() == 1) && batch_decode_enabled();
+        #[cfg(feature = "cuda")]
+        let mut batch_tables: Option<(Tensor, Tensor, Vec<usize>)> = None;
         for (layer, blk) in self.blocks.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
@@ -263,48 +264,48 @@ impl Model {
                 kv.write_rows(layer, rows, &k, &v)?;
             }
             #[cfg(feature = "cuda")]
-            if let (Some(batch), true) = (&mut batch, attn.dense_for_all(layer)) {
-                if let Some(pools) = kv.device_pools(layer) {
-                    let (tables, lens_dev, lens) = match batch {
-                        Some(t) => t,
-                        None => {
-                            let lens: Vec<usize> = starts.iter().map(|s| s + 1).collect();
-                            let seqs: Vec<(SeqId, usize)> =
-                                chunks.iter().map(|c| c.seq).zip(lens.clone()).collect();
-                            let (t, l) = kv.device_batch_tables(&seqs)?;
-                            batch.insert((t, l, lens))
-                        }
-                    };
+            let batched = match kv.device_pools(layer) {
+                Some(pools) if batchable && attn.dense_for_all(layer) => {
+                    if batch_tables.is_none() {
+                        let lens: Vec<usize> = starts.iter().map(|s| s + 1).collect();
+                        let seqs: Vec<(SeqId, usize)> =
+                            chunks.iter().map(|c| c.seq).zip(lens.clone()).collect();
+                        let (t, l) = kv.device_batch_tables(&seqs)?;
+                        batch_tables = Some((t, l, lens));
+                    }
+                    let (t, l, lens) = batch_tables.as_ref().expect("built above");
                     let bs = kv.config().block_size;
-                    let a =
-                        crate::attention::dense_decode_batch(&q, pools, tables, lens_dev, lens, bs, scale)?;
-                    let a = a.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
-                    x = (x + blk.o.forward(&a)?)?;
-                    let h = blk.ffn_norm.forward(&x)?;
-                    x = (&x + blk.mlp.forward(&h)?)?;
-                    continue;
+                    Some(crate::attention::dense_decode_batch(&q, pools, t, l, lens, bs, scale)?)
                 }
-            }
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut off = 0;
-            for (c, &start) in chunks.iter().zip(starts) {
-                let n = c.tokens.len();
-                if rows.is_none() {
-                    kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
+                _ => None,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let batched: Option<Tensor> = None;
+            let out = match batched {
+                Some(out) => out,
+                None => {
+                    let mut outs = Vec::with_capacity(chunks.len());
+                    let mut off = 0;
+                    for (c, &start) in chunks.iter().zip(starts) {
+                        let n = c.tokens.len();
+                        if rows.is_none() {
+                            kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
+                        }
+                        let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
+                        let out = if kv.is_on_device() {
+                            let view = kv.device_layer(c.seq, layer, start + n)?;
+                            attn.attend_device_native(layer, c.seq, &qc, &view, scale)?
+                        } else {
+                            let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
+                            attn.attend(layer, c.seq, &qc, &pkv, scale)?
+                        };
+                        outs.push(out.squeeze(0)?);
+                        off += n;
+                    }
+                    Tensor::cat(&outs, 0)?
                 }
-                let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
-                let out = if kv.is_on_device() {
-                    let view = kv.device_layer(c.seq, layer, start + n)?;
-                    attn.attend_device_native(layer, c.seq, &qc, &view, scale)?
-                } else {
-                    let pkv = PagedKv::from(kv.layer_view(c.seq, layer, start + n)?);
-                    attn.attend(layer, c.seq, &qc, &pkv, scale)?
-                };
-                outs.push(out.squeeze(0)?);
-                off += n;
-            }
-            let a =
-                Tensor::cat(&outs, 0)?.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
+            };
+            let a = out.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
             x = (x + blk.o.forward(&a)?)?;
             let h = blk.ffn_norm.forward(&x)?;
             x = (&x + blk.mlp.forward(&h)?)?;
