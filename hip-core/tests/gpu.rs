@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{argmax, sparse_hip};
 use hip_core::attention::{AttentionBackend, AttentionState};
-use hip_core::kv::{KvCacheConfig, PagedKvCache};
+use hip_core::kv::{KvCacheConfig, PagedKvCache, SeqId};
 use hip_core::model::{LogitsWanted, Model, SeqChunk};
 
 const VOCAB: usize = 512;
@@ -209,41 +209,79 @@ fn batched_kv_writes_match_per_sequence_writes() {
 }
 
 /// A decode step of several sequences of different lengths in one forward (the dense layers
-/// attend all of them in one launch) gives each sequence the logits it gets stepping alone.
+/// and, with HiP, the sparse ones attend all of them in one launch) gives each sequence the
+/// logits it gets stepping alone; also after a sequence leaves (its HiP mask slot goes to a new
+/// one) and after a fork (the child's masks start as copies of the parent's).
 #[test]
 fn batched_decode_matches_sequences_stepping_alone() {
     let dir = tempfile::tempdir().unwrap();
     tiny_llama(dir.path());
     let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let prompts: Vec<Vec<u32>> =
-        [5u32, 300, 700].iter().map(|&n| (0..n).map(|i| (i * 53 + n) % VOCAB as u32).collect()).collect();
+    let prompt = |n: u32| -> Vec<u32> { (0..n).map(|i| (i * 53 + n) % VOCAB as u32).collect() };
     for backend in [AttentionBackend::Dense, AttentionBackend::Hip(sparse_hip())] {
-        let (mut alone, mut together) =
-            (Side::new(dir.path(), &gpu, backend.clone()), Side::new(dir.path(), &gpu, backend.clone()));
-        let mut next = Vec::new();
-        let (mut sa, mut st) = (Vec::new(), Vec::new());
-        for p in &prompts {
-            let (a, t) = (alone.kv.add_sequence(), together.kv.add_sequence());
-            next.push(argmax(&alone.step(a, p)));
-            together.step(t, p);
-            sa.push(a);
-            st.push(t);
+        let mut alone = Side::new(dir.path(), &gpu, backend.clone());
+        let mut together = Side::new(dir.path(), &gpu, backend.clone());
+        // (sequence alone, sequence together, its next token)
+        let mut seqs = Vec::new();
+        for n in [5u32, 300, 700] {
+            seqs.push(add_both(&mut alone, &mut together, &prompt(n)));
         }
-        for step in 0..6 {
-            let want: Vec<Vec<f32>> = sa.iter().zip(&next).map(|(&s, &tok)| alone.step(s, &[tok])).collect();
-            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let chunks: Vec<SeqChunk<'_>> = st
-                .iter()
-                .zip(&toks)
-                .map(|(&seq, tok)| SeqChunk { seq, tokens: tok, logits: LogitsWanted::Last })
-                .collect();
-            let got = together.model.forward(&chunks, &mut together.kv, &mut together.attn).unwrap();
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let g = g.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let e = rel(&g, w);
-                assert!(e <= 2e-2, "{backend:?} step {step} sequence {i}: logits rel err {e}");
-            }
-            next = want.iter().map(|w| argmax(w)).collect();
+        step_both(&mut alone, &mut together, &mut seqs, 6, &format!("{backend:?}"));
+        // The second sequence leaves, a new one comes, the first forks.
+        let (a, t, _) = seqs.remove(1);
+        for (side, seq) in [(&mut alone, a), (&mut together, t)] {
+            side.kv.remove_sequence(seq).unwrap();
+            side.attn.forget(seq);
+        }
+        seqs.push(add_both(&mut alone, &mut together, &prompt(150)));
+        let (a, t, tok) = seqs[0];
+        let (fa, ft) = (alone.kv.fork(a).unwrap(), together.kv.fork(t).unwrap());
+        alone.attn.fork(a, fa);
+        together.attn.fork(t, ft);
+        seqs.push((fa, ft, tok));
+        step_both(
+            &mut alone,
+            &mut together,
+            &mut seqs,
+            5,
+            &format!("{backend:?}, after leave / join / fork"),
+        );
+    }
+}
+
+/// Prefills `p` as a new sequence on both sides; returns the sequences and the next token.
+fn add_both(alone: &mut Side, together: &mut Side, p: &[u32]) -> (SeqId, SeqId, u32) {
+    let (a, t) = (alone.kv.add_sequence(), together.kv.add_sequence());
+    let next = argmax(&alone.step(a, p));
+    together.step(t, p);
+    (a, t, next)
+}
+
+/// `steps` greedy decode steps: each sequence alone on one side, all of them in one forward on
+/// the other; the logits must agree.
+fn step_both(
+    alone: &mut Side,
+    together: &mut Side,
+    seqs: &mut [(SeqId, SeqId, u32)],
+    steps: usize,
+    what: &str,
+) {
+    for step in 0..steps {
+        let want: Vec<Vec<f32>> = seqs.iter().map(|&(a, _, tok)| alone.step(a, &[tok])).collect();
+        let toks: Vec<[u32; 1]> = seqs.iter().map(|&(_, _, tok)| [tok]).collect();
+        let chunks: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(&toks)
+            .map(|(&(_, seq, _), tok)| SeqChunk { seq, tokens: tok, logits: LogitsWanted::Last })
+            .collect();
+        let got = together.model.forward(&chunks, &mut together.kv, &mut together.attn).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let e = rel(&g, w);
+            assert!(e <= 2e-2, "{what} step {step} sequence {i}: logits rel err {e}");
+        }
+        for (s, w) in seqs.iter_mut().zip(&want) {
+            s.2 = argmax(w);
         }
     }
 }

@@ -28,6 +28,10 @@ struct SearchArgs {
     int groups;        // G = k / block_k
     int n_qblocks;
     int cap;           // branch slots in shared memory: a power of two >= 2 * G
+    // A decode batch into per-sequence mask slots (null: batch entry b writes mask batch b):
+    // entry b writes slot `slots[b]` and leaves its key count (`kv_len`) in `tks[slot]`.
+    const int* slots;
+    unsigned* tks;
 };
 
 // Sorts n_pow2 (key, value) pairs in shared memory by `before(a, b)` (bitonic; all threads).
@@ -130,7 +134,8 @@ struct Ascending {
 // Steps both search kernels share (all threads of the CTA call each).
 
 // The mask row of this CTA (query block `qblock`, head blockIdx.y, batch blockIdx.z): its
-// queries [i0, i1), the end of its candidate range, the number of candidate key blocks.
+// queries [i0, i1), the end of its candidate range, the number of candidate key blocks. The
+// batch entry's first CTA records the entry's key count for a slotted mask.
 struct SearchRow {
     int i0, i1, search_end, n_cand;
     long long row;
@@ -142,10 +147,13 @@ __device__ __forceinline__ SearchRow search_row(const KvArgs& kv, const SearchAr
     SearchRow r;
     r.i0 = qblock * sa.block_q;
     r.i1 = min(r.i0 + sa.block_q, sa.t_q);
-    const int p_last = kv.t_k - sa.t_q + r.i1 - 1;
+    const int len = kv_len(kv, blockIdx.z);
+    const int p_last = len - sa.t_q + r.i1 - 1;
     r.search_end = max(p_last + 1 - sa.window, sa.sink);
     r.n_cand = (r.search_end - sa.sink + sa.block_k - 1) / sa.block_k;
-    r.row = ((long long)blockIdx.z * sa.heads_q + blockIdx.y) * sa.n_qblocks + qblock;
+    const int mb = sa.slots != nullptr ? sa.slots[blockIdx.z] : (int)blockIdx.z;
+    if (sa.tks != nullptr && threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) sa.tks[mb] = (unsigned)len;
+    r.row = ((long long)mb * sa.heads_q + blockIdx.y) * sa.n_qblocks + qblock;
     r.out = out_starts + r.row * sa.groups;
     return r;
 }

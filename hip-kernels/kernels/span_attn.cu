@@ -34,6 +34,11 @@ struct MaskArgs {
     int block_k;             // tokens per mask block
     int sink;
     long long window;        // per-query window (mask window + extra); huge for dense
+    // A decode batch over per-sequence mask slots (null: batch entry b reads mask batch b with
+    // `window` as it is): entry b reads slot `slots[b]`, whose mask was estimated over
+    // `tks[slot]` keys, and widens the window by the tokens appended since (its length minus that).
+    const int* slots;
+    const unsigned* tks;
 };
 
 // The key list of one mask row.
@@ -348,8 +353,11 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int group = heads_q / kv.heads_kv;
     const int hk = h / group;
-    const int p = kv.t_k - t_q + i;
-    const long long mrow = ((long long)b * heads_q + h) * mask.n_qblocks + i / mask.block_q;
+    const int len = kv_len(kv, b);
+    const int p = len - t_q + i;
+    const int mb = mask.slots != nullptr ? mask.slots[b] : b;
+    if (mask.tks != nullptr) mask.window += len - (int)mask.tks[mb];
+    const long long mrow = ((long long)mb * heads_q + h) * mask.n_qblocks + i / mask.block_q;
     KeyList keys = key_list(mask, mrow, p, p, false);
     const int n_used = mask.starts != nullptr ? (int)mask.counts[mrow] : 0;
     const int L = keys.len();
@@ -372,7 +380,7 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
             int seg = -1;
             int j = keys.at(c0 + c, &seg);
             const bool unused = seg == 1 && (c0 + c - keys.len_a) / keys.block_k >= n_used;
-            if (unused || j < 0 || j >= kv.t_k || !admit(j, seg, p, mask.window)) j = -1;
+            if (unused || j < 0 || j >= len || !admit(j, seg, p, mask.window)) j = -1;
             kjs[c] = j;
             kloc[c] = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : -1;
         }

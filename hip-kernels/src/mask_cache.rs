@@ -78,6 +78,10 @@ pub struct MaskCache {
     mask: Option<HipMask>,
     #[cfg(feature = "cuda")]
     device: Option<crate::cuda::CudaMask>,
+    /// Which slot of which [`crate::cuda::CudaMaskSlots`] (its id) holds `device`'s rows too
+    /// (the batched decode's mask store); `None` when no store does.
+    #[cfg(feature = "cuda")]
+    slot: Option<(u64, usize)>,
     steps: usize,
     refreshes: usize,
 }
@@ -101,6 +105,7 @@ impl MaskCache {
         #[cfg(feature = "cuda")]
         {
             self.device = None;
+            self.slot = None;
         }
         self.steps = 0;
     }
@@ -178,7 +183,57 @@ impl MaskCache {
         fn meta(m: &crate::cuda::CudaMask) -> &HipMask {
             &m.meta
         }
-        step_cached(&mut self.device, meta, &mut self.steps, &mut self.refreshes, dims, cfg, estimate, attend)
+        let refreshes = self.refreshes;
+        let out = step_cached(
+            &mut self.device,
+            meta,
+            &mut self.steps,
+            &mut self.refreshes,
+            dims,
+            cfg,
+            estimate,
+            attend,
+        );
+        if self.refreshes != refreshes {
+            self.slot = None; // a fresh mask of its own, in no slot store
+        }
+        out
+    }
+
+    /// The mask kept on the device, if any ([`crate::cuda::hip_attn_decode_paged_cuda`] and
+    /// [`crate::cuda::hip_decode_paged_batch_cuda`] keep it there).
+    #[cfg(feature = "cuda")]
+    pub fn device_mask(&self) -> Option<&crate::cuda::CudaMask> {
+        self.device.as_ref()
+    }
+}
+
+/// The pieces of a batched decode step ([`crate::cuda::hip_decode_paged_batch_cuda`]): the same
+/// schedule as [`MaskCache::step_device`], with the mask estimated for many sequences at once.
+#[cfg(feature = "cuda")]
+impl MaskCache {
+    /// Whether a step over `dims` (one sequence) must estimate a fresh mask.
+    pub(crate) fn due(&self, dims: &AttnDims, cfg: &HipConfig) -> bool {
+        stale(self.device.as_ref().map(|m| &m.meta), self.steps, dims, cfg)
+    }
+    /// The slot store and slot holding the mask, if any.
+    pub(crate) fn slot(&self) -> Option<(u64, usize)> {
+        self.slot
+    }
+    /// Records that slot `slot` of store `store` now holds a copy of the mask.
+    pub(crate) fn set_slot(&mut self, store: u64, slot: usize) {
+        self.slot = Some((store, slot));
+    }
+    /// A fresh mask, kept in slot `slot` of store `store` (`mask` views that slot).
+    pub(crate) fn refreshed(&mut self, mask: crate::cuda::CudaMask, store: u64, slot: usize) {
+        self.device = Some(mask);
+        self.slot = Some((store, slot));
+        self.steps = 0;
+        self.refreshes += 1;
+    }
+    /// One step done with the cached mask.
+    pub(crate) fn stepped(&mut self) {
+        self.steps += 1;
     }
 }
 

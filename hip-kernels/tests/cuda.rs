@@ -6,8 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use hip_kernels::cuda::{
     block_sparse_attn_cuda, block_sparse_attn_paged_cuda, dense_attn_paged_cuda,
-    dense_decode_paged_batch_cuda, hip_attn_decode_paged_cuda, hip_attn_paged_cuda, hip_mask_cuda,
-    hip_mask_paged_cuda, CudaMask, CudaPagedBatch, CudaPagedKv,
+    dense_decode_paged_batch_cuda, hip_attn_decode_paged_cuda, hip_attn_paged_cuda,
+    hip_decode_paged_batch_cuda, hip_mask_cuda, hip_mask_paged_cuda, CudaMask, CudaMaskSlots, CudaPagedBatch,
+    CudaPagedKv,
 };
 use hip_kernels::{block_sparse_attn, dense_attn, hip_attn, hip_mask, Error, HipConfig, HipMask, MaskCache};
 
@@ -346,6 +347,169 @@ fn batched_dense_decode_matches_each_sequence() {
             dense_decode_paged_batch_cuda(&q, &zero, scale),
             Err(Error::InvalidArgument { .. })
         ));
+    }
+}
+
+/// A decode batch's pool: sequence `b`'s `lens[b]` random K/V rows in blocks of `bs` that
+/// interleave with the other sequences' (every `lens.len()`-th block, counted down).
+struct BatchPool {
+    k: Tensor,
+    v: Tensor,
+    /// `[batch, width]` on the device, padded with u32::MAX (never read).
+    tables: Tensor,
+    /// Each sequence's blocks.
+    orders: Vec<Vec<u32>>,
+}
+
+impl BatchPool {
+    fn new(lens: &[usize], bs: usize, hkv: usize, d: usize, dtype: DType, dev: &Device) -> Self {
+        let needed: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+        let blocks = needed.iter().sum::<usize>() + 3;
+        let width = needed.iter().copied().max().unwrap() + 2;
+        let mut free: Vec<u32> = (0..blocks as u32).rev().collect();
+        let mut tables = vec![u32::MAX; lens.len() * width];
+        let mut orders = vec![Vec::new(); lens.len()];
+        let mut left = needed.clone();
+        while left.iter().any(|&n| n > 0) {
+            for (b, n) in left.iter_mut().enumerate() {
+                if *n > 0 {
+                    let blk = free.pop().unwrap();
+                    tables[b * width + orders[b].len()] = blk;
+                    orders[b].push(blk);
+                    *n -= 1;
+                }
+            }
+        }
+        let mut kpool = Tensor::zeros((blocks * bs, hkv, d), dtype, &Device::Cpu).unwrap();
+        let mut vpool = kpool.clone();
+        for (b, &len) in lens.iter().enumerate() {
+            let (k, _) = rand(len, hkv, d, dtype, (b * 37 + d) as u64, &Device::Cpu);
+            let (v, _) = rand(len, hkv, d, dtype, (b * 37 + d + 1) as u64, &Device::Cpu);
+            for (i, &blk) in orders[b].iter().enumerate() {
+                let n = bs.min(len - i * bs);
+                let r = blk as usize * bs..blk as usize * bs + n;
+                kpool = kpool
+                    .slice_assign(
+                        &[r.clone(), 0..hkv, 0..d],
+                        &k.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap(),
+                    )
+                    .unwrap();
+                vpool = vpool
+                    .slice_assign(&[r, 0..hkv, 0..d], &v.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap())
+                    .unwrap();
+            }
+        }
+        let tables = Tensor::from_slice(&tables, (lens.len(), width), dev).unwrap();
+        BatchPool { k: kpool.to_device(dev).unwrap(), v: vpool.to_device(dev).unwrap(), tables, orders }
+    }
+}
+
+/// HiP decode of several sequences in one launch (plus one for the due mask refreshes) against
+/// each sequence stepped alone through its own mask cache, step after step: the same outputs,
+/// masks and refresh schedule, also when one sequence's mask came from the other path and is a
+/// step out of phase, when the paths alternate, and when the slot store grows.
+#[test]
+fn batched_hip_decode_matches_each_sequence() {
+    let dev = gpu();
+    let cfg = HipConfig::paper().with_k(64).with_sink_window(16, 32).with_refresh_interval(3);
+    let base = [1usize, 7, 97, 4099, 1000];
+    let (steps, bs, scale) = (7usize, 16usize, 0.088f32);
+    for (hq, hkv, d, dtype) in [(12, 2, 128, DType::BF16), (8, 8, 64, DType::F16), (9, 1, 128, DType::BF16)] {
+        let what = format!("{dtype:?} d{d} {hq}/{hkv}");
+        let max: Vec<usize> = base.iter().map(|l| l + steps + 2).collect();
+        let pool = BatchPool::new(&max, bs, hkv, d, dtype, &dev);
+        let tables_one: Vec<Tensor> =
+            pool.orders.iter().map(|o| Tensor::from_slice(o, o.len(), &dev).unwrap()).collect();
+        let alone_kv = |b: usize, len: usize| CudaPagedKv {
+            k: &pool.k,
+            v: &pool.v,
+            block_table: &tables_one[b],
+            block_size: bs,
+            len,
+        };
+        let mut batched = vec![MaskCache::new(); base.len()];
+        let mut alone = vec![MaskCache::new(); base.len()];
+        // Sequence 2 steps once alone first, in both: its mask comes from the per-sequence path
+        // and it refreshes a step out of phase with the others.
+        let (q0, _) = rand(1, hq, d, dtype, 5, &dev);
+        for caches in [&mut batched, &mut alone] {
+            hip_attn_decode_paged_cuda(&q0, &alone_kv(2, base[2]), &cfg, scale, &mut caches[2]).unwrap();
+        }
+        let mut store = CudaMaskSlots::new();
+        let mut slots = vec![3usize, 0, 7, 1, 2];
+        for s in 0..steps + 1 {
+            let lens: Vec<usize> = base.iter().map(|l| l + s + 1).collect();
+            if s == steps - 1 {
+                slots[0] = 20; // past the store's first 16 slots: it grows, sequence 0's mask moves
+            }
+            let (q, _) = rand(base.len(), hq, d, dtype, 200 + s as u64, &dev);
+            let q = q.reshape((base.len(), 1, hq, d)).unwrap();
+            let got = if s == steps {
+                // The paths alternate: the last step alone, from the caches the batch kept.
+                let rows: Vec<Tensor> = (0..base.len())
+                    .map(|b| {
+                        let qb = q.narrow(0, b, 1).unwrap();
+                        hip_attn_decode_paged_cuda(&qb, &alone_kv(b, lens[b]), &cfg, scale, &mut batched[b])
+                            .unwrap()
+                    })
+                    .collect();
+                Tensor::cat(&rows, 0).unwrap()
+            } else {
+                let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+                let lens_t = Tensor::from_slice(&lens32, lens.len(), &dev).unwrap();
+                let slots32: Vec<u32> = slots.iter().map(|&l| l as u32).collect();
+                let slots_t = Tensor::from_slice(&slots32, slots.len(), &dev).unwrap();
+                let kv = CudaPagedBatch {
+                    k: &pool.k,
+                    v: &pool.v,
+                    block_tables: &pool.tables,
+                    lens: &lens,
+                    lens_device: &lens_t,
+                    block_size: bs,
+                };
+                let mut refs: Vec<&mut MaskCache> = batched.iter_mut().collect();
+                if s == 0 {
+                    // Slots that repeat, or a cache missing, are refused before any launch.
+                    let dup = [3usize, 0, 3, 1, 2];
+                    let r = hip_decode_paged_batch_cuda(
+                        &q, &kv, &cfg, scale, &mut store, &dup, &slots_t, &mut refs,
+                    );
+                    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{what}: repeated slots");
+                    let r = hip_decode_paged_batch_cuda(
+                        &q,
+                        &kv,
+                        &cfg,
+                        scale,
+                        &mut store,
+                        &slots,
+                        &slots_t,
+                        &mut refs[..4],
+                    );
+                    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{what}: 4 caches");
+                }
+                hip_decode_paged_batch_cuda(&q, &kv, &cfg, scale, &mut store, &slots, &slots_t, &mut refs)
+                    .unwrap()
+            };
+            assert_eq!(got.dims(), &[base.len(), 1, hq, d], "{what}");
+            assert!(store.capacity() >= if s + 1 >= steps { 21 } else { 16 }, "{what}: step {s}");
+            for b in 0..base.len() {
+                let qb = q.narrow(0, b, 1).unwrap();
+                let want = hip_attn_decode_paged_cuda(&qb, &alone_kv(b, lens[b]), &cfg, scale, &mut alone[b])
+                    .unwrap();
+                let want = want.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                let e = rel_err(&got.narrow(0, b, 1).unwrap(), &want);
+                assert!(e <= 1e-6, "{what} step {s} len {}: rel err {e} against the sequence alone", lens[b]);
+                let (mb, ma) = (batched[b].device_mask().unwrap(), alone[b].device_mask().unwrap());
+                assert_eq!(mb.to_host().unwrap(), ma.to_host().unwrap(), "{what} step {s} seq {b}: masks");
+                assert_eq!(
+                    batched[b].refreshes(),
+                    alone[b].refreshes(),
+                    "{what} step {s} seq {b}: refreshes"
+                );
+            }
+        }
+        // Refreshed at steps 0, 3, 6 (sequence 2: before, then 2 and 5), each path.
+        assert_eq!(alone.iter().map(MaskCache::refreshes).collect::<Vec<_>>(), [3, 3, 3, 3, 3], "{what}");
     }
 }
 

@@ -52,6 +52,20 @@ pub struct AttentionState {
     /// KV-cache offloading: the GPU caches of every (sequence, offloaded layer).
     #[cfg(feature = "cuda")]
     offload: Option<OffloadState>,
+    /// Decode batches of HiP layers: each sequence's mask slot and every layer's slot store.
+    #[cfg(feature = "cuda")]
+    batch: BatchSlots,
+}
+
+/// The mask slots of batched HiP decode ([`AttentionState::hip_decode_batch`]): a sequence keeps
+/// its slot (the same in every layer) until it is forgotten.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Default)]
+struct BatchSlots {
+    of: HashMap<SeqId, usize>,
+    free: Vec<usize>,
+    next: usize,
+    stores: HashMap<usize, hip_kernels::cuda::CudaMaskSlots>,
 }
 
 /// The GPU caches of offloaded layers ([`AttentionState::set_offload`]).
@@ -94,6 +108,8 @@ impl AttentionState {
             rope: None,
             #[cfg(feature = "cuda")]
             offload: None,
+            #[cfg(feature = "cuda")]
+            batch: BatchSlots::default(),
         })
     }
 
@@ -171,6 +187,79 @@ impl AttentionState {
             AttentionBackend::Hip(cfg) => cfg.rope_extend.is_none() && cfg.is_dense_layer(layer),
             AttentionBackend::Streaming(cfg) => cfg.is_dense_layer(layer),
         }
+    }
+
+    /// Whether `layer`'s decode batches run HiP for every sequence in one launch
+    /// ([`hip_decode_batch`](Self::hip_decode_batch)): a sparse layer of HiP without Dynamic RoPE.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn hip_for_all(&self, layer: usize) -> bool {
+        matches!(&self.backend, AttentionBackend::Hip(cfg) if cfg.rope_extend.is_none() && !cfg.is_dense_layer(layer))
+    }
+
+    /// The mask slots of `seqs` for batched HiP decode (given on first use, kept until
+    /// [`forget`](Self::forget)).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn batch_slots(&mut self, seqs: &[SeqId]) -> Vec<usize> {
+        let b = &mut self.batch;
+        seqs.iter()
+            .map(|&s| {
+                *b.of.entry(s).or_insert_with(|| {
+                    b.free.pop().unwrap_or_else(|| {
+                        b.next += 1;
+                        b.next - 1
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// HiP decode of one new token per sequence over one device layer, every sequence of the
+    /// decode batch in one launch (and the due mask refreshes in one more): `q: [batch, heads_q,
+    /// head_dim]` in the pool's dtype, `seqs[b]` in slot `slots[b]` ([`batch_slots`](Self::batch_slots);
+    /// `slots_device` the same on the device). Returns `[batch, heads_q, head_dim]` in the
+    /// pool's dtype; row `b` is what [`attend_device`](Self::attend_device) gives `seqs[b]`, on
+    /// the same mask schedule (the two paths share the sequences' mask caches).
+    ///
+    /// # Errors
+    /// Not a HiP backend; kernel errors.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn hip_decode_batch(
+        &mut self,
+        layer: usize,
+        seqs: &[SeqId],
+        q: &Tensor,
+        kv: &hip_kernels::cuda::CudaPagedBatch<'_>,
+        slots: &[usize],
+        slots_device: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let AttentionState { backend, caches, batch, .. } = self;
+        let AttentionBackend::Hip(cfg) = &*backend else {
+            return Err(crate::Error::arg("backend", "not HiP", "batched HiP decode needs the HiP backend"));
+        };
+        let mut taken: Vec<MaskCache> =
+            seqs.iter().map(|&s| caches.remove(&(s, layer)).unwrap_or_default()).collect();
+        let (b, heads_q, d) = q.dims3()?;
+        let store = batch.stores.entry(layer).or_default();
+        let out = {
+            let mut refs: Vec<&mut MaskCache> = taken.iter_mut().collect();
+            let q = q.reshape((b, 1, heads_q, d))?;
+            hip_kernels::cuda::hip_decode_paged_batch_cuda(
+                &q,
+                kv,
+                cfg,
+                scale,
+                store,
+                slots,
+                slots_device,
+                &mut refs,
+            )
+        };
+        for (&s, c) in seqs.iter().zip(taken) {
+            caches.insert((s, layer), c);
+        }
+        Ok(out?.reshape((b, heads_q, d))?)
     }
 
     /// Which attention `n` new tokens of `seq` get in `layer`: dense, a fresh HiP mask for a
@@ -335,8 +424,13 @@ impl AttentionState {
     pub fn forget(&mut self, seq: SeqId) {
         self.caches.retain(|(s, _), _| *s != seq);
         #[cfg(feature = "cuda")]
-        if let Some(o) = self.offload.as_mut() {
-            o.caches.retain(|(s, _), _| *s != seq);
+        {
+            if let Some(o) = self.offload.as_mut() {
+                o.caches.retain(|(s, _), _| *s != seq);
+            }
+            if let Some(slot) = self.batch.of.remove(&seq) {
+                self.batch.free.push(slot);
+            }
         }
     }
 
@@ -393,19 +487,12 @@ impl AttentionState {
 #[cfg(feature = "cuda")]
 pub(crate) fn dense_decode_batch(
     q: &Tensor,
-    (k, v): (&Tensor, &Tensor),
-    tables: &Tensor,
-    lens_device: &Tensor,
-    lens: &[usize],
-    block_size: usize,
+    kv: &hip_kernels::cuda::CudaPagedBatch<'_>,
     scale: f32,
 ) -> Result<Tensor> {
     let (batch, heads_q, d) = q.dims3()?;
-    let batch_kv =
-        hip_kernels::cuda::CudaPagedBatch { k, v, block_tables: tables, lens, lens_device, block_size };
     let q = q.reshape((batch, 1, heads_q, d))?;
-    Ok(hip_kernels::cuda::dense_decode_paged_batch_cuda(&q, &batch_kv, scale)?
-        .reshape((batch, heads_q, d))?)
+    Ok(hip_kernels::cuda::dense_decode_paged_batch_cuda(&q, kv, scale)?.reshape((batch, heads_q, d))?)
 }
 
 /// The decode mask cache of `(seq, layer)` for a single new token; for a chunk, `None` and the

@@ -5,6 +5,7 @@
 mod config;
 mod hf;
 mod layers;
+mod profile;
 mod weights;
 
 pub use config::{Arch, ModelConfig};

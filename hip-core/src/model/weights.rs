@@ -7,6 +7,7 @@ use hip_kernels::PagedKv;
 
 use super::config::{Arch, ModelConfig};
 use super::layers::{dequant, rotate_tokens, Linear, Mlp, RmsNorm, Rope, WeightPolicy};
+use super::profile::{Phase, Phases};
 use crate::attention::AttentionState;
 use crate::error::{Error, Result};
 use crate::kv::{PagedKvCache, SeqId};
@@ -212,6 +213,7 @@ impl Model {
     ) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let dev = &self.device;
+        let mut prof = Phases::start(dev)?;
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let n_total = ids.len();
         let positions: Vec<usize> =
@@ -235,19 +237,22 @@ impl Model {
         } else {
             None
         };
-        // A decode batch (one token per sequence, written by `rows`): the layers that are dense
-        // for every sequence attend all of them in one launch, through tables built once per
-        // step (on first use). `HIP_BATCH_DECODE=0` attends sequence by sequence (comparisons).
+        // A decode batch (one token per sequence, written by `rows`): the layers that are dense,
+        // or HiP, for every sequence attend all of them in one launch, through tables (and HiP
+        // mask slots) built once per step on first use. `HIP_BATCH_DECODE=0` attends sequence by
+        // sequence (comparisons).
         #[cfg(feature = "cuda")]
         let batchable =
             rows.is_some() && chunks.iter().all(|c| c.tokens.len() == 1) && batch_decode_enabled();
         #[cfg(feature = "cuda")]
-        let mut batch_tables: Option<(Tensor, Tensor, Vec<usize>)> = None;
+        let mut step: Option<StepBatch> = None;
+        prof.mark(Phase::Setup)?;
         for (layer, blk) in self.blocks.iter().enumerate() {
             let xn = blk.attn_norm.forward(&x)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
             let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
+            prof.mark(Phase::Qkv)?;
             let (q, k) = match &tables {
                 Some((cos, sin)) => {
                     (rotate_tokens(&self.rope, &q, cos, sin)?, rotate_tokens(&self.rope, &k, cos, sin)?)
@@ -260,22 +265,38 @@ impl Model {
                 Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
                 None => (q, k, v),
             };
+            prof.mark(Phase::Rope)?;
             if let Some(rows) = &rows {
                 kv.write_rows(layer, rows, &k, &v)?;
             }
+            prof.mark(Phase::KvWrite)?;
             #[cfg(feature = "cuda")]
             let batched = match kv.device_pools(layer) {
-                Some(pools) if batchable && attn.dense_for_all(layer) => {
-                    if batch_tables.is_none() {
-                        let lens: Vec<usize> = starts.iter().map(|s| s + 1).collect();
-                        let seqs: Vec<(SeqId, usize)> =
-                            chunks.iter().map(|c| c.seq).zip(lens.clone()).collect();
-                        let (t, l) = kv.device_batch_tables(&seqs)?;
-                        batch_tables = Some((t, l, lens));
+                Some((k, v)) if batchable && (attn.dense_for_all(layer) || attn.hip_for_all(layer)) => {
+                    if step.is_none() {
+                        step = Some(StepBatch::new(chunks, starts, kv)?);
                     }
-                    let (t, l, lens) = batch_tables.as_ref().expect("built above");
-                    let bs = kv.config().block_size;
-                    Some(crate::attention::dense_decode_batch(&q, pools, t, l, lens, bs, scale)?)
+                    let sb = step.as_mut().expect("built above");
+                    let bkv = hip_kernels::cuda::CudaPagedBatch {
+                        k,
+                        v,
+                        block_tables: &sb.tables,
+                        lens: &sb.lens,
+                        lens_device: &sb.lens_device,
+                        block_size: kv.config().block_size,
+                    };
+                    Some(if attn.dense_for_all(layer) {
+                        crate::attention::dense_decode_batch(&q, &bkv, scale)?
+                    } else {
+                        if sb.slots.is_none() {
+                            let slots = attn.batch_slots(&sb.seqs);
+                            let on_dev: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+                            let t = Tensor::from_vec(on_dev, slots.len(), dev)?;
+                            sb.slots = Some((slots, t));
+                        }
+                        let (slots, slots_t) = sb.slots.as_ref().expect("set above");
+                        attn.hip_decode_batch(layer, &sb.seqs, &q, &bkv, slots, slots_t, scale)?
+                    })
                 }
                 _ => None,
             };
@@ -305,10 +326,13 @@ impl Model {
                     Tensor::cat(&outs, 0)?
                 }
             };
+            prof.mark(Phase::Attention)?;
             let a = out.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
             x = (x + blk.o.forward(&a)?)?;
+            prof.mark(Phase::OutProj)?;
             let h = blk.ffn_norm.forward(&x)?;
             x = (&x + blk.mlp.forward(&h)?)?;
+            prof.mark(Phase::Mlp)?;
         }
         let x = self.norm.forward(&x)?;
         // The rows that want logits, chunk by chunk (start in `want`, count), and one product
@@ -343,7 +367,32 @@ impl Model {
                 _ => Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?,
             });
         }
+        prof.mark(Phase::Head)?;
+        prof.finish()?;
         Ok(out)
+    }
+}
+
+/// What a decode step's batched layers share, built once per step: the sequences, their block
+/// tables and lengths on the device, and (for HiP layers) their mask slots.
+#[cfg(feature = "cuda")]
+struct StepBatch {
+    seqs: Vec<SeqId>,
+    tables: Tensor,
+    lens_device: Tensor,
+    lens: Vec<usize>,
+    slots: Option<(Vec<usize>, Tensor)>,
+}
+
+#[cfg(feature = "cuda")]
+impl StepBatch {
+    /// The batch of one new token per chunk (already reserved in `kv`).
+    fn new(chunks: &[SeqChunk<'_>], starts: &[usize], kv: &PagedKvCache) -> Result<Self> {
+        let seqs: Vec<SeqId> = chunks.iter().map(|c| c.seq).collect();
+        let lens: Vec<usize> = starts.iter().map(|s| s + 1).collect();
+        let pairs: Vec<(SeqId, usize)> = seqs.iter().copied().zip(lens.iter().copied()).collect();
+        let (tables, lens_device) = kv.device_batch_tables(&pairs)?;
+        Ok(StepBatch { seqs, tables, lens_device, lens, slots: None })
     }
 }
 

@@ -28,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
 
+mod batch;
 mod offload;
+pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
     HostKvStore, LayerCaches, OffloadedKv,
@@ -207,6 +209,10 @@ struct MaskArgs {
     block_k: i32,
     sink: i32,
     window: i64,
+    /// Decode batches over mask slots ([`Keys::Slots`]; zero otherwise): u32 `[batch]` slot of
+    /// each entry and u32 `[slots]` keys each slot's mask was estimated over.
+    slots: u64,
+    tks: u64,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for MaskArgs {}
@@ -260,6 +266,10 @@ pub(crate) enum Keys<'a> {
     Dense,
     /// Sink + window (+ `extra` tokens) + the mask's blocks.
     Mask(&'a CudaMask, usize),
+    /// A decode batch (one query per entry): entry `b` sees sink + window + the blocks of batch
+    /// row `slots[b]` of `mask`, the window widened by its length minus `tks[slots[b]]` (the keys
+    /// that row was estimated over). u32 tensors on the device.
+    Slots { mask: &'a CudaMask, slots: &'a Tensor, tks: &'a Tensor },
 }
 
 /// Paged K/V: storages `[num_blocks * page, heads_kv, head_dim]` and a block table.
@@ -270,7 +280,8 @@ pub(crate) struct Paged<'a> {
     pub(crate) page: usize,
     /// Tokens (with `lens`: the longest entry's).
     pub(crate) t_k: usize,
-    /// Tokens of each batch entry, u32 `[batch]` on the device (dense decode only).
+    /// Tokens of each batch entry, u32 `[batch]` on the device (decode batches: the dense and
+    /// span decode kernels and the mask search read it).
     pub(crate) lens: Option<&'a Tensor>,
     /// Offloading: the storages given to the op are the GPU bank, the rows live in a host store.
     pub(crate) offload: Option<Residency>,
@@ -303,7 +314,7 @@ pub(crate) fn check(dims: &AttnDims, dtype: DType, keys: &Keys<'_>) -> Result<()
     if !matches!(dims.head_dim, 64 | 128) {
         return Err(Error::arg("head_dim", dims.head_dim, "CUDA kernels support head dims 64 and 128"));
     }
-    if let Keys::Mask(m, _) = keys {
+    if let Keys::Mask(m, _) | Keys::Slots { mask: m, .. } = keys {
         if m.meta.block_size_q == 0 {
             return Err(Error::arg("block_size_q", 0, "must be at least 1"));
         }
@@ -396,11 +407,18 @@ impl SpanOp<'_> {
                     block_k: 1,
                     sink: 0,
                     window: i64::MAX / 4,
+                    slots: 0,
+                    tks: 0,
                 },
                 128,
                 d.t_k,
             ),
-            Keys::Mask(m, extra) => {
+            Keys::Mask(m, _) | Keys::Slots { mask: m, .. } => {
+                let (extra, slots, tks) = match self.keys {
+                    Keys::Slots { slots, tks, .. } => (0, u32_ptr(slots, dev)?, u32_ptr(tks, dev)?),
+                    Keys::Mask(_, extra) => (extra, 0, 0),
+                    Keys::Dense => unreachable!("matched above"),
+                };
                 let meta = &m.meta;
                 let window = meta.window_tokens + extra;
                 let l_max = meta.sink_tokens + meta.max_blocks * meta.block_size_k + window + d.t_q;
@@ -414,6 +432,8 @@ impl SpanOp<'_> {
                         block_k: meta.block_size_k as i32,
                         sink: meta.sink_tokens as i32,
                         window: window as i64,
+                        slots,
+                        tks,
                     },
                     meta.block_size_q,
                     l_max.min(d.t_k),
@@ -727,6 +747,10 @@ struct SearchArgs {
     groups: i32,
     n_qblocks: i32,
     cap: i32,
+    /// Decode batches into mask slots (zero otherwise): u32 `[batch]` slot each entry writes,
+    /// and u32 `[slots]` where it leaves its key count.
+    slots: u64,
+    tks: u64,
 }
 // SAFETY: plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for SearchArgs {}
@@ -767,9 +791,76 @@ fn mask_search(
     scale: f32,
 ) -> Result<CudaMask> {
     let dims = *dims;
+    let groups = check_search(q, k, &dims, cfg, scale)?;
+    let dev = cuda_dev(q)?;
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    let meta = HipMask {
+        batch: dims.batch,
+        heads: dims.heads_q,
+        n_qblocks: dims.t_q.div_ceil(cfg.block_size_q),
+        max_blocks: groups,
+        block_size_q: cfg.block_size_q,
+        block_size_k: cfg.block_size_k,
+        sink_tokens: cfg.sink_tokens,
+        window_tokens: cfg.window_tokens,
+        t_k: dims.t_k,
+        block_starts: Vec::new(),
+        counts: Vec::new(),
+    };
+    let rows = dims.batch * dims.heads_q * meta.n_qblocks;
+    let (starts, counts) = {
+        // SAFETY: plain u32s; every mask CTA writes all `groups` starts of its row and its count.
+        let (out_s, out_c) = unsafe { (dev.alloc::<u32>(rows * groups)?, dev.alloc::<u32>(rows)?) };
+        {
+            let stream = dev.cuda_stream();
+            let (sp, _g1) = out_s.device_ptr(&stream);
+            let (cp, _g2) = out_c.device_ptr(&stream);
+            let out = MaskOut { starts: sp, counts: cp, slots: 0, tks: 0 };
+            launch_mask(&q, &k, &dims, paged, cfg, scale, &dev, out, meta.n_qblocks)?;
+        }
+        let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
+        let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
+        (
+            Tensor::from_storage(
+                Storage::Cuda(s),
+                (dims.batch, dims.heads_q, meta.n_qblocks, groups),
+                BackpropOp::none(),
+                false,
+            ),
+            Tensor::from_storage(
+                Storage::Cuda(c),
+                (dims.batch, dims.heads_q, meta.n_qblocks),
+                BackpropOp::none(),
+                false,
+            ),
+        )
+    };
+    Ok(CudaMask { starts, counts, meta })
+}
+
+/// Where the mask search writes (device pointers): block starts `[rows, groups]` and counts
+/// `[rows]`; for a decode batch into mask slots, the entries' slots and the slots' key counts
+/// (zero otherwise).
+#[derive(Debug, Clone, Copy)]
+struct MaskOut {
+    starts: u64,
+    counts: u64,
+    slots: u64,
+    tks: u64,
+}
+
+/// Checks a mask search's inputs against what the CUDA search supports; returns the selected
+/// blocks per row.
+fn check_search(
+    q: &Tensor,
+    k: &Tensor,
+    dims: &AttnDims,
+    cfg: &crate::HipConfig,
+    scale: f32,
+) -> Result<usize> {
     cfg.validate()?;
     crate::layout::check_scale(scale)?;
-    check(&dims, q.dtype(), &Keys::Dense)?;
+    check(dims, q.dtype(), &Keys::Dense)?;
     if k.dtype() != q.dtype() {
         return Err(Error::DType { name: "k", expected: format!("{:?} like q", q.dtype()), got: k.dtype() });
     }
@@ -793,44 +884,7 @@ fn mask_search(
     if groups > 4096 {
         return Err(Error::arg("k", cfg.k, "at most 4096 selected blocks on CUDA"));
     }
-    let dev = cuda_dev(q)?;
-    let (q, k) = (q.contiguous()?, k.contiguous()?);
-    let meta = HipMask {
-        batch: dims.batch,
-        heads: dims.heads_q,
-        n_qblocks: dims.t_q.div_ceil(cfg.block_size_q),
-        max_blocks: groups,
-        block_size_q: cfg.block_size_q,
-        block_size_k: cfg.block_size_k,
-        sink_tokens: cfg.sink_tokens,
-        window_tokens: cfg.window_tokens,
-        t_k: dims.t_k,
-        block_starts: Vec::new(),
-        counts: Vec::new(),
-    };
-    let rows = dims.batch * dims.heads_q * meta.n_qblocks;
-    let (starts, counts) = {
-        // SAFETY: plain u32s; every mask CTA writes all `groups` starts of its row and its count.
-        let (out_s, out_c) = unsafe { (dev.alloc::<u32>(rows * groups)?, dev.alloc::<u32>(rows)?) };
-        launch_mask(&q, &k, &dims, paged, cfg, scale, &dev, &out_s, &out_c, meta.n_qblocks)?;
-        let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
-        let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
-        (
-            Tensor::from_storage(
-                Storage::Cuda(s),
-                (dims.batch, dims.heads_q, meta.n_qblocks, groups),
-                BackpropOp::none(),
-                false,
-            ),
-            Tensor::from_storage(
-                Storage::Cuda(c),
-                (dims.batch, dims.heads_q, meta.n_qblocks),
-                BackpropOp::none(),
-                false,
-            ),
-        )
-    };
-    Ok(CudaMask { starts, counts, meta })
+    Ok(groups)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -842,8 +896,7 @@ fn launch_mask(
     cfg: &crate::HipConfig,
     scale: f32,
     dev: &CudaDevice,
-    out_s: &CudaSlice<u32>,
-    out_c: &CudaSlice<u32>,
+    out: MaskOut,
     n_qblocks: usize,
 ) -> Result<()> {
     let stream = dev.cuda_stream();
@@ -879,6 +932,8 @@ fn launch_mask(
         groups: groups as i32,
         n_qblocks: n_qblocks as i32,
         cap: cap as i32,
+        slots: out.slots,
+        tks: out.tks,
     };
     // Blocks of at most 2 strided queries (decode) take the latency-tuned search: 512 threads
     // scoring keys from global memory, shared memory only for the branches.
@@ -915,8 +970,9 @@ fn launch_mask(
     let q_b = (dims.t_q * dims.heads_q * hd) as i64;
     let q_t = (dims.heads_q * hd) as i64;
     let mut b = stream.launch_builder(&f);
-    b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(out_s).arg(out_c);
-    // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows.
+    b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(&out.starts).arg(&out.counts);
+    // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows (or the
+    // slots' rows, each entry's slot below their number).
     unsafe { b.launch(cfg_l) }.map_err(cuda_err)?;
     Ok(())
 }
@@ -1025,110 +1081,6 @@ pub fn dense_attn_paged_cuda(q: &Tensor, kv: &CudaPagedKv<'_>, scale: f32) -> Re
     let dims = kv.dims(q)?;
     crate::layout::check_scale(scale)?;
     span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(kv.paged()), scale)
-}
-
-/// One decode step of several sequences over one layer's paged pool: the sequences' blocks in
-/// the rows of one table, each sequence with its own length. [`dense_decode_paged_batch_cuda`]
-/// attends all of them in one launch (instead of one [`dense_attn_paged_cuda`] per sequence).
-#[derive(Debug, Clone, Copy)]
-pub struct CudaPagedBatch<'a> {
-    /// Key blocks `[num_blocks * block_size, heads_kv, head_dim]`, shared by the sequences.
-    pub k: &'a Tensor,
-    /// Value blocks, laid out like `k`.
-    pub v: &'a Tensor,
-    /// `[batch, width]` u32 on the device: row `b` lists sequence `b`'s blocks in order (its
-    /// first `lens[b].div_ceil(block_size)` entries are read).
-    pub block_tables: &'a Tensor,
-    /// Tokens of each sequence, its newest included.
-    pub lens: &'a [usize],
-    /// `lens` as a u32 `[batch]` tensor on the device.
-    pub lens_device: &'a Tensor,
-    /// Tokens per block.
-    pub block_size: usize,
-}
-
-impl CudaPagedBatch<'_> {
-    /// Checks the batch and `q: [batch, 1, heads_q, head_dim]` against it; returns the dims of
-    /// the launch (its `t_k` the longest sequence).
-    fn dims(&self, q: &Tensor) -> Result<AttnDims> {
-        let (nk, hkv, d) = self
-            .k
-            .dims3()
-            .map_err(|_| Error::shape("k", "[num_blocks * block_size, heads_kv, head_dim]", self.k.dims()))?;
-        if self.v.dims() != self.k.dims() {
-            return Err(Error::shape("v", format!("the shape of k, {:?}", self.k.dims()), self.v.dims()));
-        }
-        let batch = self.lens.len();
-        let (tb, width) = self
-            .block_tables
-            .dims2()
-            .map_err(|_| Error::shape("block_tables", "[batch, width]", self.block_tables.dims()))?;
-        let bs = self.block_size;
-        let max_len = self.lens.iter().copied().max().unwrap_or(0);
-        if batch == 0 || tb != batch || self.block_tables.dtype() != DType::U32 {
-            return Err(Error::arg(
-                "block_tables",
-                format!("{:?} {:?}", self.block_tables.dtype(), self.block_tables.dims()),
-                format!("must be u32 [{batch} (one row per length, at least one), width]"),
-            ));
-        }
-        if bs == 0 || nk % bs != 0 || self.lens.contains(&0) || max_len > nk || width < max_len.div_ceil(bs) {
-            return Err(Error::arg(
-                "paged batch",
-                format!("block_size {bs}, lens up to {max_len}, {nk} rows, tables {width} wide"),
-                "block_size must divide the rows, every length 0 < len <= rows, the tables cover the longest",
-            ));
-        }
-        if self.lens_device.dtype() != DType::U32 || self.lens_device.dims() != [batch] {
-            return Err(Error::shape("lens_device", format!("u32 [{batch}]"), self.lens_device.dims()));
-        }
-        let (b, t_q, heads_q, qd) =
-            q.dims4().map_err(|_| Error::shape("q", "[batch, 1, heads_q, head_dim]", q.dims()))?;
-        if b != batch || t_q != 1 || qd != d || hkv == 0 || heads_q % hkv != 0 {
-            return Err(Error::shape("q", format!("[{batch}, 1, a multiple of {hkv} heads, {d}]"), q.dims()));
-        }
-        if cfg!(debug_assertions) {
-            let lens = self.lens_device.to_vec1::<u32>()?;
-            if lens.iter().zip(self.lens).any(|(&a, &b)| a as usize != b) {
-                return Err(Error::arg(
-                    "lens_device",
-                    format!("{lens:?}"),
-                    format!("must equal lens {:?}", self.lens),
-                ));
-            }
-        }
-        Ok(AttnDims { batch, t_q: 1, t_k: max_len, heads_q, heads_kv: hkv, head_dim: d })
-    }
-}
-
-/// Dense attention of one new token per sequence over a [`CudaPagedBatch`]: `q: [batch, 1,
-/// heads_q, head_dim]` (bf16 or f16 like the pool) gives `[batch, 1, heads_q, head_dim]`, row `b`
-/// what [`dense_attn_paged_cuda`] gives sequence `b` alone. GQA groups up to 8 query heads per
-/// KV head run as one launch for the whole batch; larger groups run sequence by sequence.
-///
-/// # Errors
-/// Shapes or lengths that do not fit (typed, naming the argument); unsupported dtypes or head
-/// dims.
-pub fn dense_decode_paged_batch_cuda(q: &Tensor, kv: &CudaPagedBatch<'_>, scale: f32) -> Result<Tensor> {
-    let dims = kv.dims(q)?;
-    crate::layout::check_scale(scale)?;
-    if dims.heads_q / dims.heads_kv > 8 {
-        let mut outs = Vec::with_capacity(dims.batch);
-        for (b, &len) in kv.lens.iter().enumerate() {
-            let table = kv.block_tables.get(b)?;
-            let one = CudaPagedKv { k: kv.k, v: kv.v, block_table: &table, block_size: kv.block_size, len };
-            outs.push(dense_attn_paged_cuda(&q.narrow(0, b, 1)?, &one, scale)?);
-        }
-        return Ok(Tensor::cat(&outs, 0)?);
-    }
-    let paged = Paged {
-        table: kv.block_tables,
-        page: kv.block_size,
-        t_k: dims.t_k,
-        lens: Some(kv.lens_device),
-        offload: None,
-    };
-    span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(paged), scale)
 }
 
 /// HiP mask estimation over a paged cache on CUDA (see [`hip_mask_cuda`]).
