@@ -68,7 +68,9 @@ struct Side {
 
 impl Side {
     fn new(dir: &std::path::Path, dev: &Device, backend: AttentionBackend) -> Side {
-        let model = Model::from_hf_dir(dir, dev).unwrap();
+        Side::with_model(Model::from_hf_dir(dir, dev).unwrap(), dev, backend)
+    }
+    fn with_model(model: Model, dev: &Device, backend: AttentionBackend) -> Side {
         let c = model.config().clone();
         let cfg = KvCacheConfig::for_bytes(c.layers, c.kv_heads, c.head_dim, 16, 64 << 20).unwrap();
         let kv = if dev.is_cuda() {
@@ -94,8 +96,10 @@ fn gpu_logits_match_cpu() {
     let prompt: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
     // Prefill in two chunks (the second over a cached prefix), then 10 decode steps, feeding the
     // CPU dense model's greedy tokens to every side so that they all see the same context.
-    let run = |dev: &Device, backend: AttentionBackend, feed: Option<&[u32]>| -> (Vec<Vec<f32>>, Vec<u32>) {
-        let mut side = Side::new(dir.path(), dev, backend);
+    // `weights`: the linear layers' dtype (the GPU default is bf16, the CPU's f32).
+    let run = |dev: &Device, backend: AttentionBackend, weights: DType, feed: Option<&[u32]>| {
+        let model = Model::from_hf_dir_with(dir.path(), dev, weights).unwrap();
+        let mut side = Side::with_model(model, dev, backend);
         assert_eq!(side.kv.is_on_device(), dev.is_cuda());
         let seq = side.kv.add_sequence();
         let mut logits = vec![side.step(seq, &prompt[..400]), side.step(seq, &prompt[400..])];
@@ -114,10 +118,13 @@ fn gpu_logits_match_cpu() {
         }
         (logits, fed)
     };
-    let (dense_cpu, feed) = run(&Device::Cpu, AttentionBackend::Dense, None);
-    let (dense_gpu, _) = run(&gpu, AttentionBackend::Dense, Some(&feed));
-    let (hip_cpu, _) = run(&Device::Cpu, AttentionBackend::Hip(hip.clone()), Some(&feed));
-    let (hip_gpu, _) = run(&gpu, AttentionBackend::Hip(hip), Some(&feed));
+    let f32 = DType::F32;
+    let (dense_cpu, feed) = run(&Device::Cpu, AttentionBackend::Dense, f32, None);
+    let (dense_gpu, _) = run(&gpu, AttentionBackend::Dense, f32, Some(&feed));
+    let (dense_bf16, _) = run(&gpu, AttentionBackend::Dense, DType::BF16, Some(&feed));
+    let (hip_cpu, _) = run(&Device::Cpu, AttentionBackend::Hip(hip.clone()), f32, Some(&feed));
+    let (hip_gpu, _) = run(&gpu, AttentionBackend::Hip(hip), DType::BF16, Some(&feed));
+    let (mut worst_bf16, mut agree_bf16) = (0f32, 0);
     let (mut worst_dense, mut agree_dense) = (0f32, 0);
     let (mut hip_errs, mut gaps) = (Vec::new(), Vec::new());
     for i in 0..dense_cpu.len() {
@@ -134,6 +141,10 @@ fn gpu_logits_match_cpu() {
         );
         worst_dense = worst_dense.max(e_dense);
         agree_dense += usize::from(argmax(&dense_gpu[i]) == argmax(&dense_cpu[i]));
+        let e_bf16 = rel(&dense_bf16[i], &dense_cpu[i]);
+        println!("step {i}: dense gpu with bf16 linear layers / cpu {e_bf16:.2e}");
+        worst_bf16 = worst_bf16.max(e_bf16);
+        agree_bf16 += usize::from(argmax(&dense_bf16[i]) == argmax(&dense_cpu[i]));
         hip_errs.push(e_hip);
         gaps.push(gap);
     }
@@ -141,6 +152,9 @@ fn gpu_logits_match_cpu() {
     // random on every run, so a near-tie may flip a greedy token now and then).
     assert!(worst_dense <= 0.05, "dense: worst logits rel err {worst_dense}");
     assert!(agree_dense >= 10, "dense: greedy tokens agree in {agree_dense} of 12 steps");
+    // The GPU default, bf16 weights and inputs of the linear layers, adds their rounding.
+    assert!(worst_bf16 <= 0.1, "dense, bf16 linear layers: worst logits rel err {worst_bf16}");
+    assert!(agree_bf16 >= 10, "dense, bf16 linear layers: greedy tokens agree in {agree_bf16} of 12 steps");
     // HiP: the GPU's search scores bf16 keys, so near-tied blocks can be chosen differently
     // from the f32 CPU search, and a step whose mask differs moves the logits by up to about as
     // much as HiP differs from dense (measured over fresh weights on the H200: the median step

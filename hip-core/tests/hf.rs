@@ -104,6 +104,10 @@ fn hf_folder_made_from_the_gguf_gives_the_same_logits() {
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-3, "max abs logit difference {diff}");
 
+        // Linear layers in a dtype that is not a float: refused before anything is read.
+        let err = Model::from_hf_dir_with(&dir, &Device::Cpu, candle_core::DType::U32).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+
         // Bad folders: no config, unknown architecture, missing tensor.
         assert!(matches!(Model::from_hf_dir(dir.join("nope"), &Device::Cpu), Err(Error::Io { .. })));
         let cfg_text = std::fs::read_to_string(dir.join("config.json")).unwrap();

@@ -56,14 +56,32 @@ fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 impl Model {
     /// Loads a Hugging Face model folder: `config.json` (`model_type` llama or qwen2) and every
-    /// `*.safetensors` file in it (f32, f16 or bf16; computed in f32). HF checkpoints use
-    /// half-split RoPE for both families.
+    /// `*.safetensors` file in it (f32, f16 or bf16). HF checkpoints use half-split RoPE for both
+    /// families.
+    ///
+    /// On a CUDA device the linear layers keep their weights in bf16 and take bf16 inputs (half
+    /// the bytes a decode step reads, and tensor-core products), with the residual stream, the
+    /// norms and the logits in f32; on the CPU everything is f32. [`Model::from_hf_dir_with`]
+    /// picks the weights' dtype.
     ///
     /// # Errors
     /// [`Error::Io`] for a missing folder or file, [`Error::Format`] for invalid JSON, unreadable
     /// safetensors, missing tensors or wrong shapes (naming the tensor),
     /// [`Error::UnsupportedArchitecture`].
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let weights = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+        Self::from_hf_dir_with(dir, device, weights)
+    }
+
+    /// [`Model::from_hf_dir`] with the linear layers' weights (and their inputs) in `weights`:
+    /// f32, bf16 or f16.
+    ///
+    /// # Errors
+    /// As [`Model::from_hf_dir`]; [`Error::InvalidArgument`] for another dtype.
+    pub fn from_hf_dir_with(dir: impl AsRef<Path>, device: &Device, weights: DType) -> Result<Self> {
+        if !matches!(weights, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::arg("weights", format!("{weights:?}"), "must be f32, bf16 or f16"));
+        }
         let dir = dir.as_ref();
         let cfg = read_config(dir)?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -113,9 +131,9 @@ impl Model {
         let (hd, hid) = (cfg.head_dim, cfg.hidden);
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, hid])?;
         let output = if cfg.tied_embeddings {
-            Linear::from_tensor(embed.clone(), None)
+            Linear::from_tensor(embed.to_dtype(weights)?, None)?
         } else {
-            Linear::from_tensor(get("lm_head.weight", &[cfg.vocab_size, hid])?, None)
+            Linear::from_tensor(get("lm_head.weight", &[cfg.vocab_size, hid])?.to_dtype(weights)?, None)?
         };
         let norm = RmsNorm::from_tensor(get("model.norm.weight", &[hid])?, cfg.rms_eps);
         let bias = cfg.arch == Arch::Qwen2;
@@ -123,9 +141,9 @@ impl Model {
         for l in 0..cfg.layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, rows: usize, cols: usize, with_bias: bool| -> Result<Linear> {
-                let w = get(&format!("{p}.{name}.weight"), &[rows, cols])?;
+                let w = get(&format!("{p}.{name}.weight"), &[rows, cols])?.to_dtype(weights)?;
                 let b = if with_bias { Some(get(&format!("{p}.{name}.bias"), &[rows])?) } else { None };
-                Ok(Linear::from_tensor(w, b))
+                Linear::from_tensor(w, b)
             };
             let q = lin("self_attn.q_proj", cfg.heads * hd, hid, bias)?;
             let k = lin("self_attn.k_proj", cfg.kv_heads * hd, hid, bias)?;

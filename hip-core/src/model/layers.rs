@@ -22,12 +22,25 @@ impl Linear {
         };
         Ok(Linear { w: QMatMul::from_qtensor(w)?, b })
     }
-    /// A projection with plain (f32 / f16 / bf16) weights `[out, in]`.
-    pub(crate) fn from_tensor(w: Tensor, b: Option<Tensor>) -> Self {
-        Linear { w: QMatMul::Tensor(w), b }
+    /// A projection with plain (f32 / f16 / bf16) weights `[out, in]`, computed in their dtype
+    /// (the bias is converted to it).
+    pub(crate) fn from_tensor(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+        let b = b.map(|b| b.to_dtype(w.dtype())).transpose()?;
+        Ok(Linear { w: QMatMul::Tensor(w), b })
     }
+    /// The dtype the product takes its input in (and returns): the weights' for plain weights,
+    /// f32 for quantized ones.
+    pub(crate) fn dtype(&self) -> DType {
+        match &self.w {
+            QMatMul::Tensor(w) => w.dtype(),
+            QMatMul::TensorF16(_) | QMatMul::QTensor(_) => DType::F32,
+        }
+    }
+    /// `x Wᵀ + b`, with `x` converted to [`dtype`](Self::dtype) first when it is not in it (the
+    /// result is in that dtype).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let dt = self.dtype();
+        let y = if x.dtype() == dt { self.w.forward(x)? } else { self.w.forward(&x.to_dtype(dt)?)? };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -89,8 +102,9 @@ pub(crate) struct Mlp {
 
 impl Mlp {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let x = x.to_dtype(self.gate.dtype())?; // once for both products
+        let g = candle_nn::ops::silu(&self.gate.forward(&x)?)?;
+        self.down.forward(&(g * self.up.forward(&x)?)?)
     }
 }
 

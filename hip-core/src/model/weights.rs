@@ -218,12 +218,16 @@ impl Model {
         let n_total = ids.len();
         let positions: Vec<usize> =
             chunks.iter().zip(starts).flat_map(|(c, &s)| s..s + c.tokens.len()).collect();
+        // The linear layers' input dtype (bf16 for plain weights on a GPU, else f32): the
+        // normed activations are converted once per layer, and q and k rotate in it.
+        let act = self.blocks.first().map_or(DType::F32, |b| b.q.dtype());
         // Under Dynamic RoPE the cache keeps un-rotated keys and attention positions them.
         let tables = if attn.rotates_keys() {
             attn.set_rope(&self.rope);
             None
         } else {
-            Some(self.rope.tables(&positions, dev)?)
+            let (cos, sin) = self.rope.tables(&positions, dev)?;
+            Some((cos.to_dtype(act)?, sin.to_dtype(act)?))
         };
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
@@ -248,7 +252,7 @@ impl Model {
         let mut step: Option<StepBatch> = None;
         prof.mark(Phase::Setup)?;
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let xn = blk.attn_norm.forward(&x)?;
+            let xn = blk.attn_norm.forward(&x)?.to_dtype(act)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
             let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
@@ -263,7 +267,8 @@ impl Model {
             // take the rows as they are).
             let (q, k, v) = match kv.device_dtype() {
                 Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
-                None => (q, k, v),
+                // The host cache and its kernels are f32.
+                None => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
             };
             prof.mark(Phase::Rope)?;
             if let Some(rows) = &rows {
@@ -327,11 +332,11 @@ impl Model {
                 }
             };
             prof.mark(Phase::Attention)?;
-            let a = out.to_dtype(DType::F32)?.reshape((n_total, cfg.heads * cfg.head_dim))?;
-            x = (x + blk.o.forward(&a)?)?;
+            let a = out.reshape((n_total, cfg.heads * cfg.head_dim))?;
+            x = (x + blk.o.forward(&a)?.to_dtype(DType::F32)?)?;
             prof.mark(Phase::OutProj)?;
             let h = blk.ffn_norm.forward(&x)?;
-            x = (&x + blk.mlp.forward(&h)?)?;
+            x = (&x + blk.mlp.forward(&h)?.to_dtype(DType::F32)?)?;
             prof.mark(Phase::Mlp)?;
         }
         let x = self.norm.forward(&x)?;
@@ -354,10 +359,10 @@ impl Model {
         }
         let logits = match want.len() {
             0 => None,
-            w if w == n_total => Some(self.output.forward(&x)?),
+            w if w == n_total => Some(self.output.forward(&x)?.to_dtype(DType::F32)?),
             w => {
                 let idx = Tensor::from_vec(want, w, dev)?;
-                Some(self.output.forward(&x.index_select(&idx, 0)?)?)
+                Some(self.output.forward(&x.index_select(&idx, 0)?)?.to_dtype(DType::F32)?)
             }
         };
         let mut out = Vec::with_capacity(chunks.len());

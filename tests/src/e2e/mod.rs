@@ -46,7 +46,8 @@ pub struct Row {
     /// `forward` (a real prefill) or `fill` (the prompt's KV written from random values; the
     /// prefill numbers are then the fill's).
     pub prefill: String,
-    /// `f32` or `tf32` (the precision of f32 matrix products on the GPU).
+    /// The linear layers' products: `bf16` (weights and inputs), or `f32` / `tf32` (f32 weights,
+    /// TF32 tensor cores allowed or not).
     pub matmul: String,
     /// Rounds of a paired decode (two methods alternating), 0 when decoded alone.
     pub paired_rounds: usize,

@@ -1,15 +1,15 @@
 //! `hip-bench e2e`: end-to-end prefill and decode speed of a Qwen2.5-1.5B-shaped (or
 //! Llama-3.1-8B-shaped) model with seeded random weights (speed does not depend on the values),
 //! HiP vs dense, through
-//! `hip_core::model::Model` with the KV cache on the GPU (bf16 blocks; the weights are computed in
-//! f32, as `Model::from_hf_dir` loads them).
+//! `hip_core::model::Model` with the KV cache on the GPU (bf16 blocks; the linear layers in bf16,
+//! as `Model::from_hf_dir` loads them on a GPU, or in f32 with `--weights f32`).
 //!
 //! ```text
 //! hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] [--decode-warmup 8]
 //!               [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...]
 //!               [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS,miss-stage=16384]
 //!               [--prefix copy|fork] [--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny]
-//!               [--tf32] [--fill] [--paired ROUNDS] [--write-only]
+//!               [--weights bf16|f32] [--tf32] [--fill] [--paired ROUNDS] [--write-only]
 //! ```
 //!
 //! 1. Writes the model folder (`--dir`, default `/tmp/hip-e2e-qwen2.5-1.5b`: `config.json`,
@@ -32,7 +32,8 @@
 //! model with Llama-3.1-8B's dimensions (32 layers, 32/8 heads of 128: 128 KiB of bf16 KV per
 //! token, 30 GB of f32 weights on the GPU).
 //!
-//! `--tf32` lets candle's f32 matrix products use TF32 tensor cores (both methods alike).
+//! `--weights f32` keeps the linear layers' weights and inputs in f32 (`Model::from_hf_dir_with`);
+//! `--tf32` then lets candle's f32 matrix products use TF32 tensor cores (both methods alike).
 //! `--fill` writes the prompt's KV from seeded random values through the cache's write path
 //! instead of running the prefill (decode speed does not depend on the values; an 8B-shaped
 //! prefill of 512k tokens would take minutes): the prefill columns then time the fill.
@@ -57,7 +58,7 @@ use crate::R;
 pub const USAGE: &str = "hip-bench e2e [--contexts 4096,32768,131072] [--batch 1,16] [--decode 64] \
 [--decode-warmup 8] [--chunk 4096] [--json FILE] [--dir DIR] [--hip-config k=512,window=256,...] \
 [--methods dense,hip,hip-offload] [--offload sa=8192,mask=65536,stage=BYTES,resident=LAYERS,miss-stage=16384] [--prefix copy|fork] \
-[--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny] [--tf32] [--fill] [--paired ROUNDS] [--write-only]";
+[--seed 0] [--shape qwen1.5b|llama8b|tiny] [--tiny] [--weights bf16|f32] [--tf32] [--fill] [--paired ROUNDS] [--write-only]";
 
 struct Args {
     contexts: Vec<usize>,
@@ -72,6 +73,8 @@ struct Args {
     prefix: PrefixMode,
     seed: u64,
     shape: String,
+    /// The linear layers' weights: bf16 (the GPU default) or f32.
+    weights: candle_core::DType,
     tf32: bool,
     fill: bool,
     paired: usize,
@@ -95,6 +98,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         prefix: PrefixMode::Copy,
         seed: 0,
         shape: "qwen1.5b".into(),
+        weights: candle_core::DType::BF16,
         tf32: false,
         fill: false,
         paired: 0,
@@ -132,6 +136,13 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         let val = it.next().ok_or_else(|| format!("{flag} needs a value (usage: {USAGE})"))?;
         match flag.as_str() {
             "--contexts" => a.contexts = list(&flag, &val)?,
+            "--weights" => {
+                a.weights = match val.as_str() {
+                    "bf16" => candle_core::DType::BF16,
+                    "f32" => candle_core::DType::F32,
+                    other => return Err(format!("--weights takes bf16 or f32, not {other:?}")),
+                }
+            }
             "--batch" => a.batches = list(&flag, &val)?,
             "--decode" => a.decode = num(&flag, &val)?,
             "--decode-warmup" => a.decode_warmup = num(&flag, &val)?,
@@ -251,10 +262,16 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
     #[cfg(feature = "cuda")]
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(a.tf32);
     let t = Instant::now();
-    let model = Model::from_hf_dir(&dir, &dev).map_err(|e| format!("loading {}: {e}", dir.display()))?;
+    let model = Model::from_hf_dir_with(&dir, &dev, a.weights)
+        .map_err(|e| format!("loading {}: {e}", dir.display()))?;
     let (free, total) = mem_info(&dev)?;
+    let matmul = match (a.weights, a.tf32) {
+        (candle_core::DType::F32, false) => "f32",
+        (candle_core::DType::F32, true) => "tf32",
+        _ => "bf16",
+    };
     println!(
-        "loaded in {:.1} s (weights in f32 on the device); device memory {:.1} GB free of {:.1} GB",
+        "loaded in {:.1} s (linear layers in {matmul} on the device); device memory {:.1} GB free of {:.1} GB",
         t.elapsed().as_secs_f64(),
         free as f64 / 1e9,
         total as f64 / 1e9
@@ -303,7 +320,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         a.decode_warmup,
         if a.paired > 0 { format!(" in {} alternating rounds", a.paired) } else { String::new() },
         if a.prefix == PrefixMode::Copy { "copied" } else { "forked" },
-        if a.tf32 { "tf32" } else { "f32" }
+        matmul
     );
     println!("{}", Row::markdown_header());
     let mut rows = Vec::new();
@@ -324,7 +341,7 @@ pub fn run(args: impl Iterator<Item = String>) -> R<()> {
         prefix: if m.starts_with("hip-offload") { "fork".into() } else { a.prefix.name().into() },
         model: model_name.into(),
         prefill: if a.fill { "fill" } else { "forward" }.into(),
-        matmul: if a.tf32 { "tf32" } else { "f32" }.into(),
+        matmul: matmul.into(),
         paired_rounds: a.paired,
     };
     let mut emit = |r: Row, rows: &mut Vec<Row>| -> R<()> {
