@@ -140,6 +140,9 @@ impl Model {
         let mut blocks = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let p = format!("model.layers.{l}");
+            // Gate and up stacked into one product (Mlp::fused).
+            let gate = get(&format!("{p}.mlp.gate_proj.weight"), &[cfg.ffn, hid])?.to_dtype(weights)?;
+            let up = get(&format!("{p}.mlp.up_proj.weight"), &[cfg.ffn, hid])?.to_dtype(weights)?;
             let mut lin = |name: &str, rows: usize, cols: usize, with_bias: bool| -> Result<Linear> {
                 let w = get(&format!("{p}.{name}.weight"), &[rows, cols])?.to_dtype(weights)?;
                 let b = if with_bias { Some(get(&format!("{p}.{name}.bias"), &[rows])?) } else { None };
@@ -149,16 +152,15 @@ impl Model {
             let k = lin("self_attn.k_proj", cfg.kv_heads * hd, hid, bias)?;
             let v = lin("self_attn.v_proj", cfg.kv_heads * hd, hid, bias)?;
             let o = lin("self_attn.o_proj", hid, cfg.heads * hd, false)?;
-            let gate = lin("mlp.gate_proj", cfg.ffn, hid, false)?;
-            let up = lin("mlp.up_proj", cfg.ffn, hid, false)?;
             let down = lin("mlp.down_proj", hid, cfg.ffn, false)?;
+            let mlp = Mlp::fused(gate, up, down)?;
             let attn_norm =
                 RmsNorm::from_tensor(get(&format!("{p}.input_layernorm.weight"), &[hid])?, cfg.rms_eps);
             let ffn_norm = RmsNorm::from_tensor(
                 get(&format!("{p}.post_attention_layernorm.weight"), &[hid])?,
                 cfg.rms_eps,
             );
-            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp { gate, up, down } });
+            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp });
         }
         let rope = Rope::new(hd, cfg.rope_theta, false)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })

@@ -95,16 +95,42 @@ impl RmsNorm {
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub(crate) struct Mlp {
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
-    pub(crate) down: Linear,
+    gate_up: GateUp,
+    down: Linear,
+}
+
+/// The gate and up projections: two products, or one over their weights stacked (`[2 ffn, in]`:
+/// one launch and one read of the input instead of two; plain weights only).
+#[derive(Debug)]
+enum GateUp {
+    Split(Linear, Linear),
+    Fused(Linear, usize),
 }
 
 impl Mlp {
+    /// Separate gate and up products (quantized weights).
+    pub(crate) fn new(gate: Linear, up: Linear, down: Linear) -> Self {
+        Mlp { gate_up: GateUp::Split(gate, up), down }
+    }
+    /// One product over the stacked plain weights `gate: [ffn, in]` and `up: [ffn, in]`.
+    pub(crate) fn fused(gate: Tensor, up: Tensor, down: Linear) -> Result<Self> {
+        let ffn = gate.dim(0)?;
+        let w = Tensor::cat(&[&gate, &up], 0)?;
+        Ok(Mlp { gate_up: GateUp::Fused(Linear::from_tensor(w, None)?, ffn), down })
+    }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(self.gate.dtype())?; // once for both products
-        let g = candle_nn::ops::silu(&self.gate.forward(&x)?)?;
-        self.down.forward(&(g * self.up.forward(&x)?)?)
+        let h = match &self.gate_up {
+            GateUp::Split(gate, up) => {
+                let x = x.to_dtype(gate.dtype())?; // once for both products
+                (candle_nn::ops::silu(&gate.forward(&x)?)? * up.forward(&x)?)?
+            }
+            GateUp::Fused(gate_up, ffn) => {
+                let y = gate_up.forward(x)?;
+                let last = y.rank() - 1;
+                (candle_nn::ops::silu(&y.narrow(last, 0, *ffn)?)? * y.narrow(last, *ffn, *ffn)?)?
+            }
+        };
+        self.down.forward(&h)
     }
 }
 

@@ -127,7 +127,7 @@ impl Model {
                 RmsNorm::new(f.tensor(&format!("blk.{l}.attn_norm.weight"), device)?, cfg.rms_eps, device)?;
             let ffn_norm =
                 RmsNorm::new(f.tensor(&format!("blk.{l}.ffn_norm.weight"), device)?, cfg.rms_eps, device)?;
-            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp { gate, up, down } });
+            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp::new(gate, up, down) });
         }
         let rope = Rope::new(hd, cfg.rope_theta, cfg.arch == Arch::Llama)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })
