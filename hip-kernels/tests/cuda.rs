@@ -259,25 +259,6 @@ fn batched_dense_decode_matches_each_sequence() {
     let lens = [1usize, 7, 97, 4099, 1000];
     let bs = 16;
     let needed: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
-    let blocks = needed.iter().sum::<usize>() + 3;
-    let width = needed.iter().copied().max().unwrap() + 2;
-    // Sequence b's blocks: every len(lens)-th block counted down from the last, so that the
-    // sequences' blocks interleave in the pool; table rows padded with an out-of-range index
-    // that must never be read.
-    let mut free: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut tables = vec![u32::MAX; lens.len() * width];
-    let mut orders = vec![Vec::new(); lens.len()];
-    let mut want_blocks = needed.clone();
-    while want_blocks.iter().any(|&n| n > 0) {
-        for (b, n) in want_blocks.iter_mut().enumerate() {
-            if *n > 0 {
-                let blk = free.pop().unwrap();
-                tables[b * width + orders[b].len()] = blk;
-                orders[b].push(blk);
-                *n -= 1;
-            }
-        }
-    }
     for (hq, hkv, d, dtype) in [
         (8, 2, 128, DType::BF16),
         (12, 2, 128, DType::BF16),
@@ -285,34 +266,17 @@ fn batched_dense_decode_matches_each_sequence() {
         (9, 1, 128, DType::BF16),
     ] {
         let what = format!("{dtype:?} d{d} {hq}/{hkv}");
-        let mut kpool = Tensor::zeros((blocks * bs, hkv, d), dtype, &Device::Cpu).unwrap();
-        let mut vpool = kpool.clone();
-        let mut seqs = Vec::new();
-        for (b, &len) in lens.iter().enumerate() {
-            let seed = (b * 31 + hq + d) as u64;
-            let (k, kc) = rand(len, hkv, d, dtype, seed, &Device::Cpu);
-            let (v, vc) = rand(len, hkv, d, dtype, seed + 1, &Device::Cpu);
-            for (i, &blk) in orders[b].iter().enumerate() {
-                let n = bs.min(len - i * bs);
-                let r = blk as usize * bs..blk as usize * bs + n;
-                let kp = k.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap();
-                let vp = v.squeeze(0).unwrap().narrow(0, i * bs, n).unwrap();
-                kpool = kpool.slice_assign(&[r.clone(), 0..hkv, 0..d], &kp).unwrap();
-                vpool = vpool.slice_assign(&[r, 0..hkv, 0..d], &vp).unwrap();
-            }
-            seqs.push((kc, vc));
-        }
-        let (kpool, vpool) = (kpool.to_device(&dev).unwrap(), vpool.to_device(&dev).unwrap());
+        let pool = BatchPool::new(&lens, bs, hkv, d, dtype, (hq + d) as u64, &dev);
+        let (kpool, vpool, table_t, orders) = (&pool.k, &pool.v, &pool.tables, &pool.orders);
         let (q, qc) = rand(lens.len(), hq, d, dtype, (hq * d) as u64, &dev);
         let q = q.reshape((lens.len(), 1, hq, d)).unwrap();
         let qc = qc.reshape((lens.len(), 1, hq, d)).unwrap();
-        let table_t = Tensor::from_slice(&tables, (lens.len(), width), &dev).unwrap();
         let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let lens_t = Tensor::from_slice(&lens32, lens.len(), &dev).unwrap();
         let batch = CudaPagedBatch {
-            k: &kpool,
-            v: &vpool,
-            block_tables: &table_t,
+            k: kpool,
+            v: vpool,
+            block_tables: table_t,
             lens: &lens,
             lens_device: &lens_t,
             block_size: bs,
@@ -320,13 +284,13 @@ fn batched_dense_decode_matches_each_sequence() {
         let scale = 0.09;
         let got = dense_decode_paged_batch_cuda(&q, &batch, scale).unwrap();
         assert_eq!(got.dims(), &[lens.len(), 1, hq, d], "{what}");
-        for (b, (kc, vc)) in seqs.iter().enumerate() {
+        for (b, (kc, vc)) in pool.cpu.iter().enumerate() {
             let want = dense_attn(&qc.narrow(0, b, 1).unwrap(), kc, vc, scale).unwrap();
             let row = got.narrow(0, b, 1).unwrap();
             let e = rel_err(&row, &want);
             assert!(e <= 1e-2, "{what} len {}: rel err {e} against the CPU", lens[b]);
             let table = Tensor::from_slice(&orders[b], orders[b].len(), &dev).unwrap();
-            let one = CudaPagedKv { k: &kpool, v: &vpool, block_table: &table, block_size: bs, len: lens[b] };
+            let one = CudaPagedKv { k: kpool, v: vpool, block_table: &table, block_size: bs, len: lens[b] };
             let alone = dense_attn_paged_cuda(&q.narrow(0, b, 1).unwrap(), &one, scale).unwrap();
             let alone = alone.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
             let e = rel_err(&row, &alone);
@@ -351,7 +315,8 @@ fn batched_dense_decode_matches_each_sequence() {
 }
 
 /// A decode batch's pool: sequence `b`'s `lens[b]` random K/V rows in blocks of `bs` that
-/// interleave with the other sequences' (every `lens.len()`-th block, counted down).
+/// interleave with the other sequences' (every `lens.len()`-th block, counted down), and the
+/// same rows in f32 on the CPU.
 struct BatchPool {
     k: Tensor,
     v: Tensor,
@@ -359,10 +324,12 @@ struct BatchPool {
     tables: Tensor,
     /// Each sequence's blocks.
     orders: Vec<Vec<u32>>,
+    /// Each sequence's K and V, `[1, len, hkv, d]` f32 on the CPU.
+    cpu: Vec<(Tensor, Tensor)>,
 }
 
 impl BatchPool {
-    fn new(lens: &[usize], bs: usize, hkv: usize, d: usize, dtype: DType, dev: &Device) -> Self {
+    fn new(lens: &[usize], bs: usize, hkv: usize, d: usize, dtype: DType, seed: u64, dev: &Device) -> Self {
         let needed: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
         let blocks = needed.iter().sum::<usize>() + 3;
         let width = needed.iter().copied().max().unwrap() + 2;
@@ -382,9 +349,11 @@ impl BatchPool {
         }
         let mut kpool = Tensor::zeros((blocks * bs, hkv, d), dtype, &Device::Cpu).unwrap();
         let mut vpool = kpool.clone();
+        let mut cpu = Vec::new();
         for (b, &len) in lens.iter().enumerate() {
-            let (k, _) = rand(len, hkv, d, dtype, (b * 37 + d) as u64, &Device::Cpu);
-            let (v, _) = rand(len, hkv, d, dtype, (b * 37 + d + 1) as u64, &Device::Cpu);
+            let (k, kc) = rand(len, hkv, d, dtype, seed + 37 * b as u64, &Device::Cpu);
+            let (v, vc) = rand(len, hkv, d, dtype, seed + 37 * b as u64 + 1, &Device::Cpu);
+            cpu.push((kc, vc));
             for (i, &blk) in orders[b].iter().enumerate() {
                 let n = bs.min(len - i * bs);
                 let r = blk as usize * bs..blk as usize * bs + n;
@@ -400,7 +369,7 @@ impl BatchPool {
             }
         }
         let tables = Tensor::from_slice(&tables, (lens.len(), width), dev).unwrap();
-        BatchPool { k: kpool.to_device(dev).unwrap(), v: vpool.to_device(dev).unwrap(), tables, orders }
+        BatchPool { k: kpool.to_device(dev).unwrap(), v: vpool.to_device(dev).unwrap(), tables, orders, cpu }
     }
 }
 
@@ -417,7 +386,7 @@ fn batched_hip_decode_matches_each_sequence() {
     for (hq, hkv, d, dtype) in [(12, 2, 128, DType::BF16), (8, 8, 64, DType::F16), (9, 1, 128, DType::BF16)] {
         let what = format!("{dtype:?} d{d} {hq}/{hkv}");
         let max: Vec<usize> = base.iter().map(|l| l + steps + 2).collect();
-        let pool = BatchPool::new(&max, bs, hkv, d, dtype, &dev);
+        let pool = BatchPool::new(&max, bs, hkv, d, dtype, d as u64, &dev);
         let tables_one: Vec<Tensor> =
             pool.orders.iter().map(|o| Tensor::from_slice(o, o.len(), &dev).unwrap()).collect();
         let alone_kv = |b: usize, len: usize| CudaPagedKv {

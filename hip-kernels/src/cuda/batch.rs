@@ -88,6 +88,19 @@ impl CudaPagedBatch<'_> {
     }
 }
 
+impl CudaPagedBatch<'_> {
+    /// The batch as the kernels' paged view, `t_k` the longest sequence.
+    fn paged(&self, t_k: usize) -> Paged<'_> {
+        Paged {
+            table: self.block_tables,
+            page: self.block_size,
+            t_k,
+            lens: Some(self.lens_device),
+            offload: None,
+        }
+    }
+}
+
 /// Dense attention of one new token per sequence over a [`CudaPagedBatch`]: `q: [batch, 1,
 /// heads_q, head_dim]` (bf16 or f16 like the pool) gives `[batch, 1, heads_q, head_dim]`, row `b`
 /// what [`dense_attn_paged_cuda`] gives sequence `b` alone. GQA groups up to 8 query heads per
@@ -108,13 +121,7 @@ pub fn dense_decode_paged_batch_cuda(q: &Tensor, kv: &CudaPagedBatch<'_>, scale:
         }
         return Ok(Tensor::cat(&outs, 0)?);
     }
-    let paged = Paged {
-        table: kv.block_tables,
-        page: kv.block_size,
-        t_k: dims.t_k,
-        lens: Some(kv.lens_device),
-        offload: None,
-    };
+    let paged = kv.paged(dims.t_k);
     span_attn(q, kv.k, kv.v, &dims, Keys::Dense, Some(paged), scale)
 }
 
@@ -307,13 +314,7 @@ pub fn hip_decode_paged_batch_cuda(
     }
     let all = CudaMask { starts: bufs.starts.clone(), counts: bufs.counts.clone(), meta: meta(cap, 0) };
     let keys = Keys::Slots { mask: &all, slots: slots_device, tks: &bufs.tks };
-    let paged = Paged {
-        table: kv.block_tables,
-        page: kv.block_size,
-        t_k: dims.t_k,
-        lens: Some(kv.lens_device),
-        offload: None,
-    };
+    let paged = kv.paged(dims.t_k);
     let out = span_attn(q, kv.k, kv.v, &dims, keys, Some(paged), scale)?;
     for cache in caches.iter_mut() {
         cache.stepped();
