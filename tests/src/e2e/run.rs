@@ -324,6 +324,11 @@ impl Decoding {
 
     /// Runs `n` greedy steps; when `timed`, they count towards the result (the device is
     /// synchronised before and after). Returns the seconds of these steps.
+    ///
+    /// With `HIP_CUDA_PROFILE_TIMED=1` the CUDA profiler API brackets the timed steps
+    /// (`cuProfilerStart` / `cuProfilerStop`), so that a profiler started with collection off
+    /// (`ncu --profile-from-start off`, `nsys --capture-range=cudaProfilerApi`) records only
+    /// them, not the model load, warm-up and prefill.
     pub fn steps(
         &mut self,
         model: &Model,
@@ -334,6 +339,14 @@ impl Decoding {
     ) -> Result<f64, String> {
         let e = |e: hip_core::Error| format!("decode: {e}");
         sync(model.device())?;
+        #[cfg(feature = "cuda")]
+        let _profiled = match timed && std::env::var("HIP_CUDA_PROFILE_TIMED").is_ok_and(|v| v == "1") {
+            true => Some(
+                candle_core::cuda_backend::cudarc::driver::Profiler::new()
+                    .map_err(|e| format!("cuProfilerStart: {e}"))?,
+            ),
+            false => None,
+        };
         let t0 = Instant::now();
         for _ in 0..n {
             let chunks: Vec<SeqChunk<'_>> = self
