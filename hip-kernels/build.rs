@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["span_attn", "hip_mask", "offload"];
+const KERNELS: &[&str] = &["span_attn", "hip_mask", "offload", "fused"];
 /// Kernels that use Hopper-only instructions (`wgmma`): built for sm_90a alone, and only when
 /// the target is compute capability 9.0; otherwise an empty file stands in (the library then
 /// uses the portable kernels).

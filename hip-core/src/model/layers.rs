@@ -90,6 +90,40 @@ impl RmsNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.w, self.eps)?)
     }
+    /// The residual update and this norm: `(x + delta, norm(x + delta))`, the sum in f32 (`x`
+    /// is f32, `delta` any float dtype or none), the norm converted to `dtype`. On CUDA with
+    /// `HIP_FUSED_NORM=1` one launch ([`hip_kernels::cuda::add_rms_norm_cuda`]) instead of up to
+    /// four.
+    pub(crate) fn add_forward(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && fused_norm_enabled()
+            && x.dtype() == DType::F32
+            && self.w.dtype() == DType::F32
+            && delta.is_none_or(|d| d.dtype() == dtype)
+        {
+            return Ok(hip_kernels::cuda::add_rms_norm_cuda(x, delta, &self.w, self.eps, dtype)?);
+        }
+        let x = match delta {
+            Some(d) => (x + d.to_dtype(DType::F32)?)?,
+            None => x.clone(),
+        };
+        let n = self.forward(&x)?.to_dtype(dtype)?;
+        Ok((x, n))
+    }
+}
+
+/// Whether [`RmsNorm::add_forward`] runs the fused CUDA kernel (`HIP_FUSED_NORM=1`; off by
+/// default until it has been measured on the H200).
+#[cfg(feature = "cuda")]
+fn fused_norm_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HIP_FUSED_NORM").is_ok_and(|v| v == "1"))
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

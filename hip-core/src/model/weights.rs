@@ -230,7 +230,7 @@ impl Model {
             Some((cos.to_dtype(act)?, sin.to_dtype(act)?))
         };
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
+        let x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         // Several short chunks (a decode batch) on a device cache: one K and one V scatter per
         // layer for all of them, through rows computed once per step.
@@ -250,9 +250,12 @@ impl Model {
             rows.is_some() && chunks.iter().all(|c| c.tokens.len() == 1) && batch_decode_enabled();
         #[cfg(feature = "cuda")]
         let mut step: Option<StepBatch> = None;
+        // The residual stream `x` (f32) and its next norm `xn` (in `act`): each residual update
+        // comes with the norm that follows it (RmsNorm::add_forward).
+        let first = self.blocks.first().map_or(&self.norm, |b| &b.attn_norm);
+        let (mut x, mut xn) = first.add_forward(&x, None, act)?;
         prof.mark(Phase::Setup)?;
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let xn = blk.attn_norm.forward(&x)?.to_dtype(act)?;
             let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
             let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
             let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
@@ -333,13 +336,14 @@ impl Model {
             };
             prof.mark(Phase::Attention)?;
             let a = out.reshape((n_total, cfg.heads * cfg.head_dim))?;
-            x = (x + blk.o.forward(&a)?.to_dtype(DType::F32)?)?;
+            let (x1, h) = blk.ffn_norm.add_forward(&x, Some(&blk.o.forward(&a)?), act)?;
             prof.mark(Phase::OutProj)?;
-            let h = blk.ffn_norm.forward(&x)?;
-            x = (&x + blk.mlp.forward(&h)?.to_dtype(DType::F32)?)?;
+            let next = self.blocks.get(layer + 1).map_or(&self.norm, |b| &b.attn_norm);
+            (x, xn) = next.add_forward(&x1, Some(&blk.mlp.forward(&h)?), act)?;
             prof.mark(Phase::Mlp)?;
         }
-        let x = self.norm.forward(&x)?;
+        // After the last layer `xn` is the final norm's output.
+        let x = xn;
         // The rows that want logits, chunk by chunk (start in `want`, count), and one product
         // with the output matrix for all of them: per chunk it would read the whole matrix
         // (vocab × hidden) once per sequence of a decode batch.

@@ -29,8 +29,10 @@ use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
 
 mod batch;
+mod fused;
 mod offload;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
+pub use fused::add_rms_norm_cuda;
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
     HostKvStore, LayerCaches, OffloadedKv,
