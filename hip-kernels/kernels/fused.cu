@@ -1,16 +1,7 @@
 // Small fused kernels of the transformer step around attention (see hip-kernels/src/cuda/fused.rs):
 // each replaces several one-operation launches of a decode step by one.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+#include "common.cuh"
 
 // The residual update and the next RMSNorm of one row per CTA: x_out = x + delta (f32; delta in
 // T, or none), xn = x_out * rsqrt(mean(x_out^2) + eps) * w, written in T. The sum of squares is
@@ -25,7 +16,7 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
     if (delta != nullptr) delta += off;
     float ss = 0.f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        const float v = x[i] + (delta != nullptr ? to_float(delta[i]) : 0.f);
+        const float v = x[i] + (delta != nullptr ? to_f(delta[i]) : 0.f);
         x_out[i] = v;  // read back below by this same thread
         ss += v * v;
     }
@@ -41,7 +32,7 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
     }
     __syncthreads();
     const float r = rsqrtf(red[0] / (float)h + eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) xn[i] = from_float<T>(x_out[i] * r * w[i]);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) xn[i] = from_f<T>(x_out[i] * r * w[i]);
 }
 
 #define ADD_RMS_NORM(NAME, T)                                                                            \

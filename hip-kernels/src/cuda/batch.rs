@@ -167,11 +167,17 @@ impl CudaMaskSlots {
 
     /// Buffers for at least `slots` slots of `heads × groups` blocks: grown (contents kept) when
     /// too small, replaced under a new id when the geometry changed.
-    fn ensure(&mut self, slots: usize, heads: usize, groups: usize, dev: &Device) -> Result<&SlotBufs> {
+    fn ensure(
+        &mut self,
+        slots: usize,
+        heads: usize,
+        groups: usize,
+        dev: &Device,
+    ) -> Result<(u64, &SlotBufs)> {
         let cap = self.capacity();
         let fits = self.bufs.as_ref().is_some_and(|b| b.starts.dims()[1..] == [heads, 1, groups]);
         if fits && cap >= slots {
-            return Ok(self.bufs.as_ref().expect("checked above"));
+            return Ok((self.id, self.bufs.as_ref().expect("checked above")));
         }
         let n = if fits { slots.max(2 * cap) } else { slots.max(16) };
         let new = SlotBufs {
@@ -187,7 +193,7 @@ impl CudaMaskSlots {
             }
             _ => self.id = CudaMaskSlots::new().id,
         }
-        Ok(self.bufs.insert(new))
+        Ok((self.id, self.bufs.insert(new)))
     }
 }
 
@@ -246,9 +252,8 @@ pub fn hip_decode_paged_batch_cuda(
     let cdev = cuda_dev(q)?;
     let heads = dims.heads_q;
     let top = seen.last().map_or(0, |s| s + 1);
-    masks.ensure(top, heads, groups, &dev)?;
-    let (id, cap) = (masks.id, masks.capacity());
-    let bufs = masks.bufs.as_ref().expect("ensured above");
+    let (id, bufs) = masks.ensure(top, heads, groups, &dev)?;
+    let cap = bufs.tks.dims1()?;
 
     // Which sequences refresh; the others' masks must be in their slots.
     let mut due = Vec::new();

@@ -8,7 +8,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_err, func};
+use super::{cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
 const FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
@@ -79,19 +79,6 @@ pub fn add_rms_norm_cuda(
     }
 }
 
-/// The device pointer of contiguous `t` (element type `T`).
-fn ptr<T: CudaDType>(
-    t: &Tensor,
-    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-) -> Result<u64> {
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        return Err(Error::UnsupportedDevice { op: "add_rms_norm", device: "not CUDA".into() });
-    };
-    let (p, _sync) = cs.as_cuda_slice::<T>()?.device_ptr(stream);
-    Ok(p + (l.start_offset() * std::mem::size_of::<T>()) as u64)
-}
-
 fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     x: &Tensor,
     delta: Option<&Tensor>,
@@ -102,9 +89,9 @@ fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<(Tensor, Tensor)> {
     let (rows, h) = x.dims2()?;
     let stream = dev.cuda_stream();
-    let (xp, wp) = (ptr::<f32>(x, &stream)?, ptr::<f32>(w, &stream)?);
+    let (xp, wp) = (dev_ptr::<f32>(x, dev)?, dev_ptr::<f32>(w, dev)?);
     let dp = match delta {
-        Some(d) => ptr::<T>(d, &stream)?,
+        Some(d) => dev_ptr::<T>(d, dev)?,
         None => 0,
     };
     // SAFETY: plain floats; the kernel writes every element of both (one CTA per row, every

@@ -364,12 +364,17 @@ struct SpanOp<'a> {
 
 /// The device pointer of a contiguous u32 tensor.
 fn u32_ptr(t: &Tensor, dev: &CudaDevice) -> candle_core::Result<u64> {
+    dev_ptr::<u32>(t, dev)
+}
+
+/// The device pointer of a contiguous tensor of element type `T` (at its start offset).
+fn dev_ptr<T: CudaDType>(t: &Tensor, dev: &CudaDevice) -> candle_core::Result<u64> {
     let (st, l) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*st else { candle_core::bail!("expected a CUDA tensor") };
-    let s = cs.as_cuda_slice::<u32>()?;
+    let s = cs.as_cuda_slice::<T>()?;
     let stream = dev.cuda_stream();
     let (p, _sync) = s.device_ptr(&stream);
-    Ok(p + (l.start_offset() * 4) as u64)
+    Ok(p + (l.start_offset() * std::mem::size_of::<T>()) as u64)
 }
 
 impl SpanOp<'_> {
