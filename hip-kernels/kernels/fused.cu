@@ -44,3 +44,129 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
 ADD_RMS_NORM(add_rms_norm_f32, float)
 ADD_RMS_NORM(add_rms_norm_bf16, __nv_bfloat16)
 ADD_RMS_NORM(add_rms_norm_f16, __half)
+
+// The attention input of a step in one launch: q, k and v rows of N tokens (each its own row
+// stride, so that they can be column ranges of one fused product), plus their bias (f32
+// [(H + 2 KVH) * D], q then k then v; or none), q and k rotated by RoPE (cos / sin f32
+// [N, D / 2]; pairs (i, i + D/2), or (2i, 2i + 1) when `interleaved`), q written to q_out
+// [N, H, D] and k / v into the cache pools [R, KVH, D] at row rows[n] (rows >= R are skipped).
+// One thread a rotation pair (or two values of v); grid (N, ceil(pairs / blockDim)).
+template <typename T>
+__device__ void qkv_rope_write(const T* __restrict__ q_in, const T* __restrict__ k_in, const T* __restrict__ v_in,
+                               long long q_stride, long long k_stride, long long v_stride,
+                               const float* __restrict__ bias, const float* __restrict__ cos_t,
+                               const float* __restrict__ sin_t, const unsigned* __restrict__ rows,
+                               long long n_rows, T* __restrict__ q_out, T* __restrict__ k_pool,
+                               T* __restrict__ v_pool, int heads, int heads_kv, int d, int interleaved) {
+    const int n = blockIdx.x;
+    const int half = d / 2;
+    const int p = blockIdx.y * blockDim.x + threadIdx.x;  // pair index over (q, k, v) heads
+    const int pairs = (heads + 2 * heads_kv) * half;
+    if (p >= pairs) return;
+    const int head = p / half, i = p % half;  // head over q heads, then k heads, then v heads
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const int col = head * d;                 // column of this head in the fused layout
+    const T* src;
+    T* dst;
+    if (head < heads) {
+        src = q_in + n * q_stride + col;
+        dst = q_out + ((long long)n * heads + head) * d;
+    } else {
+        const unsigned r = rows[n];
+        if (r >= n_rows) return;
+        if (head < heads + heads_kv) {
+            const int h = head - heads;
+            src = k_in + n * k_stride + h * d;
+            dst = k_pool + ((long long)r * heads_kv + h) * d;
+        } else {
+            const int h = head - heads - heads_kv;
+            src = v_in + n * v_stride + h * d;
+            dst = v_pool + ((long long)r * heads_kv + h) * d;
+        }
+    }
+    float xa = to_f(src[a]), xb = to_f(src[b]);
+    if (bias != nullptr) {
+        xa += bias[col + a];
+        xb += bias[col + b];
+    }
+    if (head < heads + heads_kv) {
+        const float c = cos_t[(long long)n * half + i], s = sin_t[(long long)n * half + i];
+        const float ra = xa * c - xb * s, rb = xa * s + xb * c;
+        xa = ra;
+        xb = rb;
+    }
+    dst[a] = from_f<T>(xa);
+    dst[b] = from_f<T>(xb);
+}
+
+#define QKV_ROPE_WRITE(NAME, T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                    \
+        NAME(const T* q_in, const T* k_in, const T* v_in, long long q_stride, long long k_stride,         \
+             long long v_stride, const float* bias, const float* cos_t, const float* sin_t,              \
+             const unsigned* rows, long long n_rows, T* q_out, T* k_pool, T* v_pool, int heads,           \
+             int heads_kv, int d, int interleaved) {                                                     \
+        qkv_rope_write<T>(q_in, k_in, v_in, q_stride, k_stride, v_stride, bias, cos_t, sin_t, rows,      \
+                          n_rows, q_out, k_pool, v_pool, heads, heads_kv, d, interleaved);               \
+    }
+
+QKV_ROPE_WRITE(qkv_rope_write_f32, float)
+QKV_ROPE_WRITE(qkv_rope_write_bf16, __nv_bfloat16)
+QKV_ROPE_WRITE(qkv_rope_write_f16, __half)
+
+// SwiGLU's gate: out[n, j] = silu(y[n, j]) * y[n, ffn + j] for y = [N, 2 ffn] (gate then up, one
+// fused product), computed in f32, written in T. Grid-stride over N * ffn.
+template <typename T>
+__device__ void silu_mul(const T* __restrict__ y, T* __restrict__ out, long long n, int ffn) {
+    const long long total = n * ffn;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long r = e / ffn;
+        const int j = (int)(e % ffn);
+        const float g = to_f(y[r * 2 * ffn + j]), u = to_f(y[r * 2 * ffn + ffn + j]);
+        out[e] = from_f<T>(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+#define SILU_MUL(NAME, T)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const T* y, T* out, long long n, int ffn) { \
+        silu_mul<T>(y, out, n, ffn);                                                                   \
+    }
+
+SILU_MUL(silu_mul_f32, float)
+SILU_MUL(silu_mul_bf16, __nv_bfloat16)
+SILU_MUL(silu_mul_f16, __half)
+
+// The arg max of each row of x [rows, cols] (f32), as packed keys: the value made order-preserving
+// as an unsigned int in the high 32 bits, ~column in the low ones, so that the largest key is the
+// largest value at its first column (NaN sorts above everything). `out` [rows] must hold zeros;
+// grid (rows, chunks), each CTA reduces its chunk and merges with one atomicMax.
+__device__ __forceinline__ unsigned long long argmax_key(float v, unsigned col) {
+    unsigned u = __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned long long)(~col);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    argmax_rows_f32(const float* __restrict__ x, long long cols, unsigned long long* __restrict__ out) {
+    const float* row = x + (long long)blockIdx.x * cols;
+    const long long per = (cols + gridDim.y - 1) / gridDim.y;
+    const long long lo = (long long)blockIdx.y * per;
+    const long long hi = min(cols, lo + per);
+    unsigned long long best = 0;
+    for (long long c = lo + threadIdx.x; c < hi; c += blockDim.x) {
+        const unsigned long long k = argmax_key(row[c], (unsigned)c);
+        best = k > best ? k : best;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+    }
+    __shared__ unsigned long long red[8];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) red[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / 32); ++w) best = red[w] > best ? red[w] : best;
+        if (best != 0) atomicMax(out + blockIdx.x, best);
+    }
+}

@@ -452,13 +452,15 @@ __device__ unsigned long long g_prof[8];
 #define PROF(i)
 #endif
 
-template <typename T, int D, int QMAX, int CS>
+// UNROLL: key-row loads in flight per lane group (8; 4 in the `_o2` form, whose 64 registers a
+// thread let two CTAs share a multiprocessor: a decode step of more rows than multiprocessors
+// then runs in one wave instead of two).
+template <typename T, int D, int QMAX, int CS, int UNROLL = 8>
 __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                     float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
     constexpr int NT = 512, WARPS = NT / 32;
     constexpr int LPK = D / 8;        // lanes per key row
     constexpr int KPW = 32 / LPK;     // key rows per warp per step
-    constexpr int UNROLL = 8;         // steps in flight
     extern __shared__ __align__(128) unsigned char smem[];
     float* score = reinterpret_cast<float*>(smem);             // [cap]
     uint32_t* gs = reinterpret_cast<uint32_t*>(score + sa.cap);  // groups / branches [cap]
@@ -615,7 +617,12 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         hip_mask_search_few<T, D, 2, 1>(q, q_b, q_t, kv, sa, scale, starts, counts);                          \
     }                                                                                                        \
     MASK_FEW_CLUSTER(NAME##_c2, T, D, 2)                                                                     \
-    MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)
+    MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)                                                                     \
+    extern "C" __global__ void __launch_bounds__(512, 2)                                                     \
+        NAME##_o2(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale,            \
+                  uint32_t* starts, uint32_t* counts) {                                                      \
+        hip_mask_search_few<T, D, 2, 1, 4>(q, q_b, q_t, kv, sa, scale, starts, counts);                       \
+    }
 
 MASK(hip_mask_bf16_d64, __nv_bfloat16, 64)
 MASK(hip_mask_bf16_d128, __nv_bfloat16, 128)

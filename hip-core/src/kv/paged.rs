@@ -69,10 +69,10 @@ pub struct PagedKvCache {
     /// `device`, laid out the same way.
     #[cfg(feature = "cuda")]
     host: Vec<Option<hip_kernels::cuda::HostKvStore>>,
-    /// With offloaded layers: the rows [`pending_rows`](Self::pending_rows) named last, on the
-    /// host (checked there) and as a u32 tensor on the device, for writes through to the stores,
-    /// with the id of the index tensor it returned (writes with another index fall back to
-    /// reading it).
+    /// The rows [`pending_rows`](Self::pending_rows) named last, on the host (checked there) and
+    /// as a u32 tensor on the device (for writes through to offloaded layers' stores, and fused
+    /// writes), with the id of the index tensor it returned (writes with another index fall back
+    /// to reading it).
     #[cfg(feature = "cuda")]
     pending: Option<(candle_core::TensorId, Vec<u32>, Tensor)>,
     /// Bytes of one K or V element: 4 on the host (f32), the dtype's size on a device.
@@ -600,7 +600,7 @@ impl PagedKvCache {
         let idx: Vec<u32> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, per)).collect();
         let idx = Tensor::from_vec(idx, (rows.len(), h, d), &device)?;
         #[cfg(feature = "cuda")]
-        if self.host.iter().any(Option::is_some) {
+        {
             let dev_rows = Tensor::from_slice(&rows, rows.len(), &device)?;
             self.pending = Some((idx.id(), rows, dev_rows));
         }
@@ -685,6 +685,19 @@ impl PagedKvCache {
             return None;
         }
         self.device.as_ref().and_then(|d| d.get(layer)).map(|(k, v)| (k, v))
+    }
+
+    /// For writing K/V rows with a fused kernel (`hip_kernels::cuda::qkv_rope_write_cuda`):
+    /// `layer`'s key and value pools and the u32 pool row `[n]` of each token that `rows` (what
+    /// [`pending_rows`](Self::pending_rows) returned last) names. `None` for a host cache, an
+    /// offloaded layer (its writes go through [`write_rows`](Self::write_rows)) or other rows.
+    #[cfg(feature = "cuda")]
+    pub fn pending_write_target(&self, layer: usize, rows: &Tensor) -> Option<(&Tensor, &Tensor, &Tensor)> {
+        let (k, v) = self.device_pools(layer)?;
+        match &self.pending {
+            Some((id, _, dev_rows)) if *id == rows.id() => Some((k, v, dev_rows)),
+            _ => None,
+        }
     }
 
     /// The block tables and lengths of a decode batch on the device, for attending all of its

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use super::config::{Arch, ModelConfig};
-use super::layers::{Linear, Mlp, RmsNorm, Rope};
+use super::layers::{Linear, Mlp, Qkv, RmsNorm, Rope};
 use super::weights::{Block, Model};
 use crate::error::{Error, Result};
 
@@ -143,14 +143,24 @@ impl Model {
             // Gate and up stacked into one product (Mlp::fused).
             let gate = get(&format!("{p}.mlp.gate_proj.weight"), &[cfg.ffn, hid])?.to_dtype(weights)?;
             let up = get(&format!("{p}.mlp.up_proj.weight"), &[cfg.ffn, hid])?.to_dtype(weights)?;
+            // q, k and v stacked into one product (Qkv::fused).
+            let (wq, wkv) = (cfg.heads * hd, cfg.kv_heads * hd);
+            let mut qkv_w = Vec::with_capacity(3);
+            let mut qkv_b = Vec::with_capacity(3);
+            for (name, rows) in [("q_proj", wq), ("k_proj", wkv), ("v_proj", wkv)] {
+                qkv_w.push(get(&format!("{p}.self_attn.{name}.weight"), &[rows, hid])?.to_dtype(weights)?);
+                if bias {
+                    qkv_b.push(get(&format!("{p}.self_attn.{name}.bias"), &[rows])?);
+                }
+            }
+            let [qw, kw, vw]: [Tensor; 3] = qkv_w.try_into().expect("three weights");
+            let b: Option<[Tensor; 3]> = qkv_b.try_into().ok();
             let mut lin = |name: &str, rows: usize, cols: usize, with_bias: bool| -> Result<Linear> {
                 let w = get(&format!("{p}.{name}.weight"), &[rows, cols])?.to_dtype(weights)?;
                 let b = if with_bias { Some(get(&format!("{p}.{name}.bias"), &[rows])?) } else { None };
                 Linear::from_tensor(w, b)
             };
-            let q = lin("self_attn.q_proj", cfg.heads * hd, hid, bias)?;
-            let k = lin("self_attn.k_proj", cfg.kv_heads * hd, hid, bias)?;
-            let v = lin("self_attn.v_proj", cfg.kv_heads * hd, hid, bias)?;
+            let qkv = Qkv::fused(qw, kw, vw, b)?;
             let o = lin("self_attn.o_proj", hid, cfg.heads * hd, false)?;
             let down = lin("mlp.down_proj", hid, cfg.ffn, false)?;
             let mlp = Mlp::fused(gate, up, down)?;
@@ -160,7 +170,7 @@ impl Model {
                 get(&format!("{p}.post_attention_layernorm.weight"), &[hid])?,
                 cfg.rms_eps,
             );
-            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp });
+            blocks.push(Block { attn_norm, qkv, o, ffn_norm, mlp });
         }
         let rope = Rope::new(hd, cfg.rope_theta, false)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use hip_kernels::PagedKv;
 
 use super::config::{Arch, ModelConfig};
-use super::layers::{dequant, rotate_tokens, Linear, Mlp, RmsNorm, Rope, WeightPolicy};
+use super::layers::{dequant, rotate_tokens, Linear, Mlp, Qkv, RmsNorm, Rope, WeightPolicy};
 use super::profile::{Phase, Phases};
 use crate::attention::AttentionState;
 use crate::error::{Error, Result};
@@ -16,9 +16,7 @@ use crate::loader::gguf::GgufFile;
 #[derive(Debug)]
 pub(super) struct Block {
     pub(super) attn_norm: RmsNorm,
-    pub(super) q: Linear,
-    pub(super) k: Linear,
-    pub(super) v: Linear,
+    pub(super) qkv: Qkv,
     pub(super) o: Linear,
     pub(super) ffn_norm: RmsNorm,
     pub(super) mlp: Mlp,
@@ -127,7 +125,8 @@ impl Model {
                 RmsNorm::new(f.tensor(&format!("blk.{l}.attn_norm.weight"), device)?, cfg.rms_eps, device)?;
             let ffn_norm =
                 RmsNorm::new(f.tensor(&format!("blk.{l}.ffn_norm.weight"), device)?, cfg.rms_eps, device)?;
-            blocks.push(Block { attn_norm, q, k, v, o, ffn_norm, mlp: Mlp::new(gate, up, down) });
+            let qkv = Qkv::Split(q, k, v);
+            blocks.push(Block { attn_norm, qkv, o, ffn_norm, mlp: Mlp::new(gate, up, down) });
         }
         let rope = Rope::new(hd, cfg.rope_theta, cfg.arch == Arch::Llama)?;
         Ok(Model { cfg, embed, blocks, norm, output, rope, device: device.clone(), fingerprint })
@@ -220,22 +219,27 @@ impl Model {
             chunks.iter().zip(starts).flat_map(|(c, &s)| s..s + c.tokens.len()).collect();
         // The linear layers' input dtype (bf16 for plain weights on a GPU, else f32): the
         // normed activations are converted once per layer, and q and k rotate in it.
-        let act = self.blocks.first().map_or(DType::F32, |b| b.q.dtype());
+        let act = self.blocks.first().map_or(DType::F32, |b| b.qkv.dtype());
         // Under Dynamic RoPE the cache keeps un-rotated keys and attention positions them.
         let tables = if attn.rotates_keys() {
             attn.set_rope(&self.rope);
             None
         } else {
+            // In `act` for the rotation by candle's kernels, f32 for the fused kernel.
             let (cos, sin) = self.rope.tables(&positions, dev)?;
-            Some((cos.to_dtype(act)?, sin.to_dtype(act)?))
+            Some((cos.to_dtype(act)?, sin.to_dtype(act)?, cos, sin))
         };
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        // Several short chunks (a decode batch) on a device cache: one K and one V scatter per
-        // layer for all of them, through rows computed once per step.
+        // A decode step (several short chunks, or one token) on a device cache: the K and V rows
+        // of all of them written at once per layer (fused with RoPE where the weights allow),
+        // through rows computed once per step; and one attention launch for all of them below,
+        // a batch of one included, so that a sequence decodes the same way alone or in a batch.
         let distinct = || chunks.iter().enumerate().all(|(i, c)| chunks[..i].iter().all(|o| o.seq != c.seq));
-        let rows = if kv.is_on_device() && chunks.len() > 1 && n_total <= 1024 && distinct() {
+        // (A lone token on an offloaded cache keeps the per-sequence path it was tested on.)
+        let decode_step = (chunks.len() > 1 && n_total <= 1024) || (n_total == 1 && kv.host_bytes() == 0);
+        let rows = if kv.is_on_device() && decode_step && distinct() {
             let pending: Vec<(SeqId, usize)> = chunks.iter().map(|c| (c.seq, c.tokens.len())).collect();
             Some(kv.pending_rows(&pending)?)
         } else {
@@ -256,27 +260,54 @@ impl Model {
         let (mut x, mut xn) = first.add_forward(&x, None, act)?;
         prof.mark(Phase::Setup)?;
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let q = blk.q.forward(&xn)?.reshape((n_total, cfg.heads, cfg.head_dim))?;
-            let k = blk.k.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
-            let v = blk.v.forward(&xn)?.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
-            prof.mark(Phase::Qkv)?;
-            let (q, k) = match &tables {
-                Some((cos, sin)) => {
-                    (rotate_tokens(&self.rope, &q, cos, sin)?, rotate_tokens(&self.rope, &k, cos, sin)?)
+            // A decode batch on a device cache with fused q/k/v weights: bias, RoPE, q out and the
+            // K/V write in one launch. Otherwise the products with bias, the rotation, a
+            // conversion to the cache's dtype and the writes (here for a batch, or per sequence
+            // below).
+            #[cfg(feature = "cuda")]
+            let fused = match (&rows, &tables) {
+                (Some(rows), Some((_, _, cos, sin))) => {
+                    attention_input(blk, &xn, rows, cos, sin, &self.rope, cfg.heads, layer, kv)?
                 }
-                None => (q.contiguous()?, k.contiguous()?),
+                _ => None,
             };
-            // On a device cache, convert once for all sequences (the writes and the kernels then
-            // take the rows as they are).
-            let (q, k, v) = match kv.device_dtype() {
-                Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
-                // The host cache and its kernels are f32.
-                None => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
+            #[cfg(not(feature = "cuda"))]
+            let fused: Option<Tensor> = None;
+            let (q, per_seq_kv) = match fused {
+                Some(q) => {
+                    prof.mark(Phase::Qkv)?;
+                    (q, None)
+                }
+                None => {
+                    let (q, k, v) = blk.qkv.forward(&xn)?;
+                    let q = q.reshape((n_total, cfg.heads, cfg.head_dim))?;
+                    let k = k.reshape((n_total, cfg.kv_heads, cfg.head_dim))?;
+                    let v = v.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
+                    prof.mark(Phase::Qkv)?;
+                    let (q, k) = match &tables {
+                        Some((cos, sin, _, _)) => (
+                            rotate_tokens(&self.rope, &q, cos, sin)?,
+                            rotate_tokens(&self.rope, &k, cos, sin)?,
+                        ),
+                        None => (q.contiguous()?, k.contiguous()?),
+                    };
+                    // On a device cache, convert once for all sequences (the writes and the
+                    // kernels then take the rows as they are).
+                    let (q, k, v) = match kv.device_dtype() {
+                        Some(dt) => (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?),
+                        // The host cache and its kernels are f32.
+                        None => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
+                    };
+                    prof.mark(Phase::Rope)?;
+                    match &rows {
+                        Some(rows) => {
+                            kv.write_rows(layer, rows, &k, &v)?;
+                            (q, None)
+                        }
+                        None => (q, Some((k, v))),
+                    }
+                }
             };
-            prof.mark(Phase::Rope)?;
-            if let Some(rows) = &rows {
-                kv.write_rows(layer, rows, &k, &v)?;
-            }
             prof.mark(Phase::KvWrite)?;
             #[cfg(feature = "cuda")]
             let batched = match kv.device_pools(layer) {
@@ -317,7 +348,7 @@ impl Model {
                     let mut off = 0;
                     for (c, &start) in chunks.iter().zip(starts) {
                         let n = c.tokens.len();
-                        if rows.is_none() {
+                        if let Some((k, v)) = &per_seq_kv {
                             kv.write_tensor(c.seq, layer, &k.narrow(0, off, n)?, &v.narrow(0, off, n)?)?;
                         }
                         let qc = q.narrow(0, off, n)?.unsqueeze(0)?;
@@ -380,6 +411,46 @@ impl Model {
         prof.finish()?;
         Ok(out)
     }
+}
+
+/// A decode batch's attention input through one fused launch (bias, RoPE, q out, K/V into the
+/// cache: `hip_kernels::cuda::qkv_rope_write_cuda`), when the layer's weights are fused, its
+/// pools on the device in the products' dtype and `rows` the step's pending rows; `None`
+/// otherwise (and with `HIP_FUSED=0`).
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn attention_input(
+    blk: &Block,
+    xn: &Tensor,
+    rows: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    rope: &Rope,
+    heads: usize,
+    layer: usize,
+    kv: &PagedKvCache,
+) -> Result<Option<Tensor>> {
+    if !xn.device().is_cuda() || !super::layers::fused_enabled() || kv.device_dtype() != Some(blk.qkv.dtype())
+    {
+        return Ok(None);
+    }
+    let Some((k_pool, v_pool, pool_rows)) = kv.pending_write_target(layer, rows) else { return Ok(None) };
+    let Some(y) = blk.qkv.unbiased(xn) else { return Ok(None) };
+    let ([q, k, v], bias) = y?;
+    let args = hip_kernels::cuda::QkvRopeWrite {
+        q: &q,
+        k: &k,
+        v: &v,
+        bias,
+        cos,
+        sin,
+        interleaved: rope.interleaved(),
+        rows: pool_rows,
+        k_pool,
+        v_pool,
+        heads,
+    };
+    Ok(Some(hip_kernels::cuda::qkv_rope_write_cuda(&args)?))
 }
 
 /// What a decode step's batched layers share, built once per step: the sequences, their block

@@ -2,17 +2,17 @@
 //! several one-operation launches of a decode step, whose count (not bytes) bounds a step of a
 //! small model on a large GPU.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{cuda_err, dev_ptr, func};
+use super::{alloc_out, cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
-const FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
-const FUSED_MODULE: &str = "hip_fused";
+pub(super) const FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
+pub(super) const FUSED_MODULE: &str = "hip_fused";
 
 /// The residual update and the next RMSNorm in one launch: returns `(x + delta, rms_norm(x +
 /// delta) * w)`, the first in f32, the second in `out` (f32, bf16 or f16). `x: [rows, h]` f32,
@@ -79,7 +79,7 @@ pub fn add_rms_norm_cuda(
     }
 }
 
-fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::WithDType>(
     x: &Tensor,
     delta: Option<&Tensor>,
     w: &Tensor,
@@ -94,9 +94,8 @@ fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         Some(d) => dev_ptr::<T>(d, dev)?,
         None => 0,
     };
-    // SAFETY: plain floats; the kernel writes every element of both (one CTA per row, every
-    // column of it).
-    let (xo, xn) = unsafe { (dev.alloc::<f32>(rows * h)?, dev.alloc::<T>(rows * h)?) };
+    // The kernel writes every element of both (one CTA per row, every column of it).
+    let (xo, xn) = (alloc_out::<f32>(dev, rows * h)?, alloc_out::<T>(dev, rows * h)?);
     {
         let (xop, _g1) = xo.device_ptr(&stream);
         let (xnp, _g2) = xn.device_ptr(&stream);
@@ -113,4 +112,111 @@ fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         wrap(CudaStorage::wrap_cuda_slice(xo, dev.clone())),
         wrap(CudaStorage::wrap_cuda_slice(xn, dev.clone())),
     ))
+}
+
+/// SwiGLU's gate over one fused gate/up product: `y: [rows, 2 ffn]` (gate columns, then up)
+/// gives `silu(y[.., ..ffn]) * y[.., ffn..]`, `[rows, ffn]` in `y`'s dtype (f32, bf16 or f16;
+/// computed in f32). One launch instead of a silu and a product over two strided views.
+///
+/// # Errors
+/// A `y` that is not a CUDA `[rows, even]` float tensor (typed).
+pub fn silu_mul_cuda(y: &Tensor) -> Result<Tensor> {
+    let Device::Cuda(dev) = y.device() else {
+        return Err(Error::UnsupportedDevice {
+            op: "silu_mul",
+            device: format!("{:?}", y.device().location()),
+        });
+    };
+    let (rows, w) = y.dims2().map_err(|_| Error::shape("y", "[rows, 2 ffn]", y.dims()))?;
+    if w % 2 != 0 {
+        return Err(Error::shape("y", "[rows, 2 ffn] (an even width)", y.dims()));
+    }
+    let ffn = w / 2;
+    if rows * ffn == 0 {
+        return Ok(Tensor::zeros((rows, ffn), y.dtype(), y.device())?);
+    }
+    let y = y.contiguous()?;
+    match y.dtype() {
+        DType::BF16 => silu_mul_launch::<bf16>(&y, dev, "silu_mul_bf16"),
+        DType::F16 => silu_mul_launch::<f16>(&y, dev, "silu_mul_f16"),
+        DType::F32 => silu_mul_launch::<f32>(&y, dev, "silu_mul_f32"),
+        other => Err(Error::DType { name: "y", expected: "f32, bf16 or f16".into(), got: other }),
+    }
+}
+
+fn silu_mul_launch<
+    T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::WithDType,
+>(
+    y: &Tensor,
+    dev: &candle_core::CudaDevice,
+    name: &str,
+) -> Result<Tensor> {
+    let (rows, w) = y.dims2()?;
+    let ffn = w / 2;
+    let stream = dev.cuda_stream();
+    let yp = dev_ptr::<T>(y, dev)?;
+    // The grid-stride loop writes every element.
+    let out = alloc_out::<T>(dev, rows * ffn)?;
+    {
+        let (op, _g) = out.device_ptr(&stream);
+        let f = func(dev, FUSED, FUSED_MODULE, name)?;
+        let total = (rows * ffn) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(4096), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, f32_ffn) = (rows as i64, ffn as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&yp).arg(&op).arg(&n).arg(&f32_ffn);
+        // SAFETY: argument list matches `silu_mul_*`; y holds rows * 2 ffn, out rows * ffn.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    }
+    let s = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Ok(Tensor::from_storage(Storage::Cuda(s), (rows, ffn), BackpropOp::none(), false))
+}
+
+/// The arg max of each row of `x: [rows, cols]` (f32, CUDA), the lowest column among equal
+/// maxima, copied to the host: what `x.argmax(1)?.to_vec1::<u32>()` gives, in one launch over
+/// many CTAs a row (candle's runs one CTA a row). NaN counts as larger than any number.
+///
+/// # Errors
+/// A `x` that is not a CUDA `[rows, cols > 0]` f32 tensor (typed); CUDA errors.
+pub fn argmax_rows_cuda(x: &Tensor) -> Result<Vec<u32>> {
+    let Device::Cuda(dev) = x.device() else {
+        return Err(Error::UnsupportedDevice {
+            op: "argmax_rows",
+            device: format!("{:?}", x.device().location()),
+        });
+    };
+    let (rows, cols) = x.dims2().map_err(|_| Error::shape("x", "[rows, cols]", x.dims()))?;
+    if x.dtype() != DType::F32 {
+        return Err(Error::DType { name: "x", expected: "f32".into(), got: x.dtype() });
+    }
+    if cols == 0 || cols > u32::MAX as usize {
+        return Err(Error::shape("x", "[rows, 1..2^32 cols]", x.dims()));
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let x = x.contiguous()?;
+    let stream = dev.cuda_stream();
+    let xp = dev_ptr::<f32>(&x, dev)?;
+    let mut keys = stream.alloc_zeros::<u64>(rows).map_err(cuda_err)?;
+    {
+        let (kp, _g) = keys.device_ptr_mut(&stream);
+        let f = func(dev, FUSED, FUSED_MODULE, "argmax_rows_f32")?;
+        // ~16k columns a CTA: 10 CTAs a row of a 152k vocabulary.
+        let chunks = cols.div_ceil(16 * 1024).clamp(1, 1024) as u32;
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, chunks, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let c = cols as i64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xp).arg(&c).arg(&kp);
+        // SAFETY: argument list matches `argmax_rows_f32`; x holds rows * cols, keys rows.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    }
+    let host = stream.clone_dtoh(&keys).map_err(cuda_err)?;
+    // The low 32 bits hold the column inverted (see argmax_key in fused.cu).
+    Ok(host.into_iter().map(|k| !(k as u32)).collect())
 }

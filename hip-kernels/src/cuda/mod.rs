@@ -31,12 +31,14 @@ use crate::ops::hip_mask::HipMask;
 mod batch;
 mod fused;
 mod offload;
+mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
-pub use fused::add_rms_norm_cuda;
+pub use fused::{add_rms_norm_cuda, argmax_rows_cuda, silu_mul_cuda};
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
     HostKvStore, LayerCaches, OffloadedKv,
 };
+pub use qkv::{qkv_rope_write_cuda, QkvRopeWrite};
 
 /// `span_attn.cu` compiled by `build.rs`: SASS for sm_90 plus PTX (loaded without JIT on Hopper).
 const SPAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/span_attn.fatbin"));
@@ -630,6 +632,27 @@ fn poison() -> bool {
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
 }
 
+/// Whether the decode mask search without a cluster runs its two-CTAs-per-multiprocessor form
+/// (`HIP_MASK_OCC=2`; opt-in until it has been measured on the H200).
+fn mask_two_per_sm() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HIP_MASK_OCC").is_ok_and(|v| v == "2"))
+}
+
+/// An output buffer of `n` elements for a kernel that writes every one of them: filled with NaN
+/// first under `HIP_CUDA_POISON=1` (tests: an element a kernel misses shows), else uninitialized.
+fn alloc_out<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    dev: &CudaDevice,
+    n: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    if poison() {
+        dev.clone_htod(&vec![T::from_f64(f64::NAN); n])
+    } else {
+        // SAFETY: plain values, and the caller's kernel writes each before anything reads it.
+        unsafe { dev.alloc::<T>(n) }
+    }
+}
+
 /// Lets `f` launch with `smem` bytes of dynamic shared memory (above the default 48 KB).
 fn allow_smem(f: &CudaFunction, smem: usize) -> candle_core::Result<()> {
     f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -952,7 +975,10 @@ fn launch_mask(
     let (name, threads, smem, per_row) = if few {
         // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
         let smem = cap * 28;
-        let mut pick = (format!("hip_mask_few_{tn}_d{hd}"), 512, smem, 1);
+        // `HIP_MASK_OCC=2` (opt-in until measured on the H200): the form of two CTAs per
+        // multiprocessor (64 registers a thread, 4 key rows in flight instead of 8).
+        let plain = if mask_two_per_sm() { "_o2" } else { "" };
+        let mut pick = (format!("hip_mask_few_{tn}_d{hd}{plain}"), 512, smem, 1);
         for cs in [4usize, 2] {
             let name = format!("hip_mask_few_{tn}_d{hd}_c{cs}");
             if rows <= max_active_clusters(dev, &name, cs, 512, smem)? {

@@ -114,10 +114,17 @@ fn sync(dev: &Device) -> Result<(), String> {
     dev.synchronize().map_err(|e| format!("device sync: {e}"))
 }
 
-/// Greedy next token of each logits row `[1, vocab]`, argmax taken on the device.
+/// Greedy next token of each logits row `[1, vocab]`, argmax taken on the device (one launch
+/// of many CTAs a row on CUDA: candle's argmax runs one CTA a row, 0.16 ms for 16 rows of a
+/// 152k vocabulary on the H200).
 fn greedy(logits: &[Tensor]) -> Result<Vec<u32>, String> {
     let e = |e: candle_core::Error| format!("argmax: {e}");
-    Tensor::cat(logits, 0).map_err(e)?.argmax(1).map_err(e)?.to_vec1::<u32>().map_err(e)
+    let all = Tensor::cat(logits, 0).map_err(e)?;
+    #[cfg(feature = "cuda")]
+    if all.device().is_cuda() {
+        return hip_kernels::cuda::argmax_rows_cuda(&all).map_err(|e| format!("argmax: {e}"));
+    }
+    all.argmax(1).map_err(e)?.to_vec1::<u32>().map_err(e)
 }
 
 /// The cache geometry of `model` for `tokens` tokens in blocks of `block_size`.
