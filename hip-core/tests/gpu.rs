@@ -17,9 +17,14 @@ use hip_core::model::{LogitsWanted, Model, SeqChunk};
 const VOCAB: usize = 512;
 
 fn tiny_llama(dir: &std::path::Path) {
+    tiny_model(dir, "llama");
+}
+
+/// A small model of `arch` ("llama", or "qwen2": with q/k/v biases) with fresh random weights.
+fn tiny_model(dir: &std::path::Path, arch: &str) {
     let (hid, heads, kv, hd, ffn, layers) = (256, 4, 2, 64, 512, 3);
     let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": hid, "num_attention_heads": heads,
+        "model_type": arch, "hidden_size": hid, "num_attention_heads": heads,
         "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": ffn,
         "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
@@ -39,6 +44,11 @@ fn tiny_llama(dir: &std::path::Path) {
         add(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hid], 0.15, 0.0);
         add(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, hid], 0.15, 0.0);
         add(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, hid], 0.06, 0.0);
+        if arch == "qwen2" {
+            add(format!("{p}.self_attn.q_proj.bias"), &[heads * hd], 0.3, 0.0);
+            add(format!("{p}.self_attn.k_proj.bias"), &[kv * hd], 0.3, 0.0);
+            add(format!("{p}.self_attn.v_proj.bias"), &[kv * hd], 0.1, 0.0);
+        }
         add(format!("{p}.self_attn.o_proj.weight"), &[hid, heads * hd], 0.06, 0.0);
         add(format!("{p}.mlp.gate_proj.weight"), &[ffn, hid], 0.06, 0.0);
         add(format!("{p}.mlp.up_proj.weight"), &[ffn, hid], 0.06, 0.0);
@@ -89,8 +99,17 @@ impl Side {
 
 #[test]
 fn gpu_logits_match_cpu() {
+    // Llama, and Qwen2 (q/k/v biases: on the GPU the fused bias + RoPE + cache-write kernel adds
+    // them in decode steps).
+    for arch in ["llama", "qwen2"] {
+        println!("{arch}:");
+        logits_match_cpu(arch);
+    }
+}
+
+fn logits_match_cpu(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
-    tiny_llama(dir.path());
+    tiny_model(dir.path(), arch);
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let hip = sparse_hip();
     let prompt: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
@@ -150,18 +169,24 @@ fn gpu_logits_match_cpu() {
     }
     // Dense: bf16 K/V and attention inputs on the GPU against f32 on the CPU (the weights are
     // random on every run, so a near-tie may flip a greedy token now and then).
-    assert!(worst_dense <= 0.05, "dense: worst logits rel err {worst_dense}");
-    assert!(agree_dense >= 10, "dense: greedy tokens agree in {agree_dense} of 12 steps");
+    assert!(worst_dense <= 0.05, "{arch} dense: worst logits rel err {worst_dense}");
+    assert!(agree_dense >= 10, "{arch} dense: greedy tokens agree in {agree_dense} of 12 steps");
     // The GPU default, bf16 weights and inputs of the linear layers, adds their rounding.
-    assert!(worst_bf16 <= 0.1, "dense, bf16 linear layers: worst logits rel err {worst_bf16}");
-    assert!(agree_bf16 >= 10, "dense, bf16 linear layers: greedy tokens agree in {agree_bf16} of 12 steps");
+    assert!(worst_bf16 <= 0.1, "{arch} dense, bf16 linear layers: worst logits rel err {worst_bf16}");
+    assert!(
+        agree_bf16 >= 10,
+        "{arch} dense, bf16 linear layers: greedy tokens agree in {agree_bf16} of 12 steps"
+    );
     // HiP: the GPU's search scores bf16 keys, so near-tied blocks can be chosen differently
     // from the f32 CPU search, and a step whose mask differs moves the logits by up to about as
     // much as HiP differs from dense (measured over fresh weights on the H200: the median step
     // is ~5e-2 against a HiP-vs-dense gap of ~0.7, single steps up to ~0.5). Wiring faults
     // (a stale or foreign decode mask, a wrong block table) move every step by the full gap.
     let (m_hip, m_gap) = (median(&mut hip_errs), median(&mut gaps));
-    assert!(m_hip <= 0.3 * m_gap, "hip: median gpu/cpu rel err {m_hip} vs median hip/dense gap {m_gap}");
+    assert!(
+        m_hip <= 0.3 * m_gap,
+        "{arch} hip: median gpu/cpu rel err {m_hip} vs median hip/dense gap {m_gap}"
+    );
 }
 
 /// A decode batch written to a device cache with one scatter per layer (`pending_rows` +

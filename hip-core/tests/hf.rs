@@ -122,3 +122,99 @@ fn hf_folder_made_from_the_gguf_gives_the_same_logits() {
     .join()
     .unwrap();
 }
+
+/// A Qwen2 folder (q/k/v biases, which `Model::from_hf_dir` stacks into one product with the q/k/v
+/// weights) against candle-transformers' own Qwen2 on the same random weights: last-token logits
+/// of a prompt, and of a decode step over the cached prompt.
+#[test]
+fn hf_qwen2_with_biases_matches_candle_transformers() {
+    use candle_transformers::models::qwen2;
+    let (hid, heads, kv_heads, ffn, layers, vocab) = (128usize, 4usize, 2usize, 256usize, 2usize, 300usize);
+    let hd = hid / heads;
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut add = |name: String, shape: &[usize], std: f32, mean: f32| {
+        t.insert(name, Tensor::randn(mean, std, shape, &dev).unwrap());
+    };
+    add("model.embed_tokens.weight".into(), &[vocab, hid], 1.0, 0.0);
+    add("lm_head.weight".into(), &[vocab, hid], 0.05, 0.0);
+    add("model.norm.weight".into(), &[hid], 0.05, 1.0);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, rows, std) in
+            [("q_proj", heads * hd, 0.15), ("k_proj", kv_heads * hd, 0.15), ("v_proj", kv_heads * hd, 0.06)]
+        {
+            add(format!("{p}.self_attn.{name}.weight"), &[rows, hid], std, 0.0);
+            add(format!("{p}.self_attn.{name}.bias"), &[rows], 0.3, 0.0);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), &[hid, heads * hd], 0.06, 0.0);
+        add(format!("{p}.mlp.gate_proj.weight"), &[ffn, hid], 0.06, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), &[ffn, hid], 0.06, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), &[hid, ffn], 0.06, 0.0);
+        add(format!("{p}.input_layernorm.weight"), &[hid], 0.05, 1.0);
+        add(format!("{p}.post_attention_layernorm.weight"), &[hid], 0.05, 1.0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "model_type": "qwen2", "vocab_size": vocab, "hidden_size": hid, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": ffn,
+        "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 512,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+
+    let ours = Model::from_hf_dir(dir.path(), &dev).unwrap();
+    let cfg = qwen2::Config {
+        vocab_size: vocab,
+        hidden_size: hid,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        max_position_embeddings: 512,
+        sliding_window: 512,
+        max_window_layers: layers,
+        tie_word_embeddings: false,
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(t, candle_core::DType::F32, &dev);
+    let mut theirs = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+
+    let prompt: Vec<u32> = (0..97u32).map(|i| (i * 37 + 5) % vocab as u32).collect();
+    let c = ours.config();
+    let mut kv =
+        PagedKvCache::new(KvCacheConfig::for_bytes(c.layers, c.kv_heads, c.head_dim, 16, 16 << 20).unwrap())
+            .unwrap();
+    let mut attn = AttentionState::new(AttentionBackend::Dense).unwrap();
+    let seq = kv.add_sequence();
+    let mut step = |tokens: &[u32]| -> Vec<f32> {
+        let chunk = SeqChunk { seq, tokens, logits: LogitsWanted::Last };
+        ours.forward(&[chunk], &mut kv, &mut attn).unwrap()[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let mut theirs_step = |tokens: &[u32], offset: usize| -> Vec<f32> {
+        let ids = Tensor::new(tokens, &dev).unwrap().unsqueeze(0).unwrap();
+        theirs.forward(&ids, offset).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let next = 17u32;
+    for (what, a, b) in [
+        ("prompt", step(&prompt), theirs_step(&prompt, 0)),
+        ("decode step", step(&[next]), theirs_step(&[next], prompt.len())),
+    ] {
+        assert_eq!(a.len(), vocab, "{what}");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(scale > 0.1, "{what}: logits too small to compare ({scale})");
+        assert!(
+            diff <= 1e-3 * scale.max(1.0),
+            "{what}: max abs logit difference {diff} (max |logit| {scale})"
+        );
+    }
+}
