@@ -452,10 +452,13 @@ __device__ unsigned long long g_prof[8];
 #define PROF(i)
 #endif
 
-// UNROLL: key-row loads in flight per lane group (8; 4 in the `_o2` form, whose 64 registers a
+// UNROLL: key-row loads in flight per lane group (8; 4 in the `_o2` forms, whose 64 registers a
 // thread let two CTAs share a multiprocessor: a decode step of more rows than multiprocessors
-// then runs in one wave instead of two).
-template <typename T, int D, int QMAX, int CS, int UNROLL = 8>
+// then runs in one wave instead of two). PLACE (the `_p` forms): each iteration first finds
+// where every scored key row is (one `kv_loc` a slot, all threads at once, into shared memory
+// after the branch arrays: cap * keys-per-branch offsets), so that a pass of loads no longer
+// waits for its block-table reads first. Both opt-in until measured (HIP_MASK_FEW).
+template <typename T, int D, int QMAX, int CS, int UNROLL = 8, bool PLACE = false>
 __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                     float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
     constexpr int NT = 512, WARPS = NT / 32;
@@ -509,6 +512,18 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
         __syncthreads();
         // Score every branch: the max over its center block's strided keys and the queries.
         const int slots = nb * kpb;
+        if constexpr (PLACE) {
+            long long* sloc = reinterpret_cast<long long*>(su2 + 2 * sa.cap);  // [cap * kpb] row offsets
+            for (int c = tid; c < slots; c += NT) {
+                const int bi = kpb_shift >= 0 ? c >> kpb_shift : c / kpb;
+                const int r = c - bi * kpb;
+                const int center = gs[bi] + (ge[bi] - gs[bi]) / 2;
+                const int j = sa.sink + center * sa.block_k + r * sa.stride_k;
+                const bool ok = j < search_end && j < sa.sink + (center + 1) * sa.block_k;
+                sloc[c] = ok ? kv_loc<D>(kv, b, j, hk, false) : 0;
+            }
+            __syncthreads();
+        }
         for (int base = (rank * WARPS + warp) * KPW * UNROLL; base < slots; base += CS * WARPS * KPW * UNROLL) {
             uint4 kr[UNROLL];
             int br[UNROLL];
@@ -526,7 +541,11 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                     if (j >= search_end || j >= sa.sink + (center + 1) * sa.block_k) j = -1;
                     if (j >= 0) br[u] = bi;
                 }
-                const long long loc = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : 0;
+                long long loc;
+                if constexpr (PLACE)
+                    loc = j >= 0 ? reinterpret_cast<const long long*>(su2 + 2 * sa.cap)[c] : 0;
+                else
+                    loc = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : 0;
                 miss_j[u] = j >= 0 && loc >= 0 ? j : -1;
                 kr[u] = j >= 0 ? *reinterpret_cast<const uint4*>(kv_at<T>(K, kv.bank_k, loc) + lk * 8)
                                : make_uint4(0, 0, 0, 0);
@@ -610,6 +629,14 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
              uint32_t* counts) {                                                                               \
         hip_mask_search_few<T, D, 2, CS>(q, q_b, q_t, kv, sa, scale, starts, counts);                         \
     }
+// The opt-in forms of the decode search without a cluster (see hip_mask_search_few): MINB CTAs a
+// multiprocessor, UNROLL loads in flight, PLACE.
+#define MASK_FEW_FORM(NAME, T, D, MINB, UNROLL, PLACE)                                                       \
+    extern "C" __global__ void __launch_bounds__(512, MINB)                                                  \
+        NAME(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale, uint32_t* starts, \
+             uint32_t* counts) {                                                                               \
+        hip_mask_search_few<T, D, 2, 1, UNROLL, PLACE>(q, q_b, q_t, kv, sa, scale, starts, counts);           \
+    }
 #define MASK_FEW(NAME, T, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
                                                            SearchArgs sa, float scale, uint32_t* starts,       \
@@ -618,11 +645,9 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     }                                                                                                        \
     MASK_FEW_CLUSTER(NAME##_c2, T, D, 2)                                                                     \
     MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)                                                                     \
-    extern "C" __global__ void __launch_bounds__(512, 2)                                                     \
-        NAME##_o2(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale,            \
-                  uint32_t* starts, uint32_t* counts) {                                                      \
-        hip_mask_search_few<T, D, 2, 1, 4>(q, q_b, q_t, kv, sa, scale, starts, counts);                       \
-    }
+    MASK_FEW_FORM(NAME##_o2, T, D, 2, 4, false)                                                              \
+    MASK_FEW_FORM(NAME##_p, T, D, 1, 8, true)                                                                \
+    MASK_FEW_FORM(NAME##_o2p, T, D, 2, 4, true)
 
 MASK(hip_mask_bf16_d64, __nv_bfloat16, 64)
 MASK(hip_mask_bf16_d128, __nv_bfloat16, 128)

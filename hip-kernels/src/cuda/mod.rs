@@ -632,11 +632,17 @@ fn poison() -> bool {
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
 }
 
-/// Whether the decode mask search without a cluster runs its two-CTAs-per-multiprocessor form
-/// (`HIP_MASK_OCC=2`; opt-in until it has been measured on the H200).
-fn mask_two_per_sm() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HIP_MASK_OCC").is_ok_and(|v| v == "2"))
+/// The form of the decode mask search without a cluster: `HIP_MASK_FEW=o2|p|o2p` picks an
+/// opt-in one (kernel name suffix `_o2`, `_p`, `_o2p`; see `hip_mask_search_few`), anything else
+/// the default (empty suffix).
+fn mask_few_form() -> &'static str {
+    static FORM: OnceLock<&'static str> = OnceLock::new();
+    FORM.get_or_init(|| match std::env::var("HIP_MASK_FEW").as_deref() {
+        Ok("o2") => "_o2",
+        Ok("p") => "_p",
+        Ok("o2p") => "_o2p",
+        _ => "",
+    })
 }
 
 /// An output buffer of `n` elements for a kernel that writes every one of them: filled with NaN
@@ -975,10 +981,13 @@ fn launch_mask(
     let (name, threads, smem, per_row) = if few {
         // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
         let smem = cap * 28;
-        // `HIP_MASK_OCC=2` (opt-in until measured on the H200): the form of two CTAs per
-        // multiprocessor (64 registers a thread, 4 key rows in flight instead of 8).
-        let plain = if mask_two_per_sm() { "_o2" } else { "" };
-        let mut pick = (format!("hip_mask_few_{tn}_d{hd}{plain}"), 512, smem, 1);
+        // `HIP_MASK_FEW` (opt-in forms until measured on the H200): `o2` two CTAs per
+        // multiprocessor (64 registers a thread, 4 key rows in flight instead of 8), `p` the key
+        // rows placed once per iteration (`o2p` both); these add the placements' offsets.
+        let form = mask_few_form();
+        let place =
+            if form.ends_with('p') { cap * cfg.block_size_k.div_ceil(cfg.block_stride_k) * 8 } else { 0 };
+        let mut pick = (format!("hip_mask_few_{tn}_d{hd}{form}"), 512, smem + place, 1);
         for cs in [4usize, 2] {
             let name = format!("hip_mask_few_{tn}_d{hd}_c{cs}");
             if rows <= max_active_clusters(dev, &name, cs, 512, smem)? {
