@@ -13,6 +13,8 @@ mod request;
 
 use std::collections::BTreeMap;
 
+use candle_core::Tensor;
+
 pub use request::{Event, FinishReason, GenerateParams, RequestId};
 
 use crate::attention::{AttentionBackend, AttentionState};
@@ -690,6 +692,20 @@ impl Engine {
                 return Ok(events);
             }
         };
+        // The rows to sample, read back in one copy (on a GPU one transfer and one wait per
+        // step instead of one per request).
+        let mut sampled: Vec<Tensor> = Vec::new();
+        for (&(seq, _, _, _), logit) in plan.iter().zip(&logits) {
+            if logit.dim(0)? > 0 && self.seqs.get(&seq).is_some_and(|s| s.request.is_some()) {
+                sampled.push(logit.clone());
+            }
+        }
+        let mut rows = match sampled.len() {
+            0 => Vec::new(),
+            1 => vec![sampled[0].flatten_all()?.to_vec1::<f32>()?],
+            _ => Tensor::cat(&sampled, 0)?.to_vec2::<f32>()?,
+        }
+        .into_iter();
         for (&(seq, _, end, _), logit) in plan.iter().zip(logits) {
             let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             s.cached = end;
@@ -703,7 +719,10 @@ impl Engine {
                 continue;
             }
             let Some(rid) = s.request else { continue };
-            let row = logit.squeeze(0)?.to_vec1::<f32>()?;
+            // One row per (chunk with logits, request), taken in the same order as above.
+            let row = rows
+                .next()
+                .ok_or_else(|| Error::arg("logits", seq.0, "no row read back for this request"))?;
             self.sample_and_report(rid, &row, &mut events)?;
         }
         Ok(events)
