@@ -332,10 +332,13 @@ constexpr int DECODE_CS = 8;      // CTAs per row (one cluster)
 constexpr int DECODE_WARPS = 8;
 constexpr int DECODE_CHUNK = 128;  // keys staged in shared memory at a time
 
-template <typename T, int D>
+// CS and CHUNK default to DECODE_CS / DECODE_CHUNK; the opt-in forms `_c4` (clusters of 4 CTAs: half
+// the CTAs, each over twice the keys) and `_k64` (64-key chunks: half the shared memory, so more
+// CTAs share a multiprocessor) are there to be measured against them (HIP_SPAN_DECODE).
+template <typename T, int D, int CS_ = DECODE_CS, int CHUNK_ = DECODE_CHUNK>
 __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, MaskArgs mask, float scale_log2) {
-    constexpr int WARPS = DECODE_WARPS, CS = DECODE_CS, CHUNK = DECODE_CHUNK, NT = 32 * WARPS;
+    constexpr int WARPS = DECODE_WARPS, CS = CS_, CHUNK = CHUNK_, NT = 32 * WARPS;
     constexpr int E = D / 32;  // elements per lane
     constexpr int CH = D / 8;  // 16-byte chunks per row
     extern __shared__ __align__(128) unsigned char smem[];
@@ -675,12 +678,16 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
                                                               float scale_log2) {                                 \
         span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
     }
-#define DECODE(NAME, T, D)                                                                                         \
-    extern "C" __global__ void __cluster_dims__(DECODE_CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS)              \
+#define DECODE_FORM(NAME, T, D, CS, CHUNK)                                                                         \
+    extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS)                     \
         NAME(const T* q, T* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,       \
              float scale_log2) {                                                                                   \
-        span_attn_decode<T, D>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                                \
+        span_attn_decode<T, D, CS, CHUNK>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                     \
     }
+#define DECODE(NAME, T, D)                                 \
+    DECODE_FORM(NAME, T, D, DECODE_CS, DECODE_CHUNK)       \
+    DECODE_FORM(NAME##_c4, T, D, 4, DECODE_CHUNK)          \
+    DECODE_FORM(NAME##_k64, T, D, DECODE_CS, 64)
 #define COMBINE(NAME, T, D)                                                                                        \
     extern "C" __global__ void NAME(const float* part_m, const float* part_l, const float* part_acc, int n_splits, \
                                     T* o, long long o_b, long long o_t, int t_q, int heads_q, int rows) {          \

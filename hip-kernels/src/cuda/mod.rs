@@ -488,13 +488,15 @@ impl SpanOp<'_> {
             self.combine::<T>(&parts, splits, op, rows)?;
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
             // Split-KV decode, one query per row (so any query block size works): a cluster of
-            // DECODE_CLUSTER CTAs per row splits its keys and merges the partials itself.
-            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}"))?;
-            // K and V rows of DECODE_CHUNK keys, and per key its row location (i64) and token (i32).
-            let smem = DECODE_CHUNK * (2 * hd * 2 + 8 + 4);
+            // DECODE_CLUSTER CTAs (or the form's) per row splits its keys and merges the partials
+            // itself.
+            let (form, cluster, chunk) = span_decode_form();
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}{form}"))?;
+            // K and V rows of `chunk` keys, and per key its row location (i64) and token (i32).
+            let smem = chunk * (2 * hd * 2 + 8 + 4);
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
-                grid_dim: (DECODE_CLUSTER, d.heads_q as u32, (d.batch * d.t_q) as u32),
+                grid_dim: (cluster, d.heads_q as u32, (d.batch * d.t_q) as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
@@ -508,8 +510,8 @@ impl SpanOp<'_> {
                 .arg(&kv)
                 .arg(&mask)
                 .arg(&scale_log2);
-            // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of
-            // DECODE_CLUSTER CTAs along x, 256 threads); it writes every output row.
+            // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of `cluster`
+            // CTAs along x, 256 threads, `chunk` keys of staging); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
             // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of one producer and
@@ -675,6 +677,18 @@ const DECODE_CLUSTER: u32 = 8;
 const DENSE_DEC_STAGES: usize = 3;
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;
+
+/// The form of `span_decode_*`: kernel name suffix, CTAs per row (its cluster) and keys staged at a
+/// time. `HIP_SPAN_DECODE=c4` (clusters of 4) or `k64` (64-key chunks) pick an opt-in form to be
+/// measured against the default (8 CTAs, 128 keys).
+fn span_decode_form() -> (&'static str, u32, usize) {
+    static FORM: OnceLock<(&'static str, u32, usize)> = OnceLock::new();
+    *FORM.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
+        Ok("c4") => ("_c4", 4, DECODE_CHUNK),
+        Ok("k64") => ("_k64", DECODE_CLUSTER, 64),
+        _ => ("", DECODE_CLUSTER, DECODE_CHUNK),
+    })
+}
 
 /// Keys per split and splits of a split-KV decode over at most `keys` keys with `ctas` CTAs per
 /// split: about 4 CTAs per multiprocessor of the H200 in all, at least `min_per` keys a split.
