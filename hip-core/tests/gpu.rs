@@ -6,10 +6,8 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
-use common::{argmax, sparse_hip};
+use common::{argmax, sparse_hip, tiny_hf_model, TinyDims};
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache, SeqId};
 use hip_core::model::{LogitsWanted, Model, SeqChunk};
@@ -22,41 +20,18 @@ fn tiny_llama(dir: &std::path::Path) {
 
 /// A small model of `arch` ("llama", or "qwen2": with q/k/v biases) with fresh random weights.
 fn tiny_model(dir: &std::path::Path, arch: &str) {
-    let (hid, heads, kv, hd, ffn, layers) = (256, 4, 2, 64, 512, 3);
-    let config = serde_json::json!({
-        "model_type": arch, "hidden_size": hid, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": ffn,
-        "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let dev = Device::Cpu;
-    let mut t = HashMap::new();
-    let mut add = |name: String, shape: &[usize], std: f64, mean: f64| {
-        t.insert(name, Tensor::randn(mean as f32, std as f32, shape, &dev).unwrap());
+    let dims = TinyDims {
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        layers: 3,
+        vocab: VOCAB,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        max_positions: 4096,
     };
-    add("model.embed_tokens.weight".into(), &[VOCAB, hid], 1.0, 0.0);
-    add("lm_head.weight".into(), &[VOCAB, hid], 0.05, 0.0);
-    add("model.norm.weight".into(), &[hid], 0.05, 1.0);
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        // Large q/k weights make attention peaked, so that the HiP selection matters.
-        add(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hid], 0.15, 0.0);
-        add(format!("{p}.self_attn.k_proj.weight"), &[kv * hd, hid], 0.15, 0.0);
-        add(format!("{p}.self_attn.v_proj.weight"), &[kv * hd, hid], 0.06, 0.0);
-        if arch == "qwen2" {
-            add(format!("{p}.self_attn.q_proj.bias"), &[heads * hd], 0.3, 0.0);
-            add(format!("{p}.self_attn.k_proj.bias"), &[kv * hd], 0.3, 0.0);
-            add(format!("{p}.self_attn.v_proj.bias"), &[kv * hd], 0.1, 0.0);
-        }
-        add(format!("{p}.self_attn.o_proj.weight"), &[hid, heads * hd], 0.06, 0.0);
-        add(format!("{p}.mlp.gate_proj.weight"), &[ffn, hid], 0.06, 0.0);
-        add(format!("{p}.mlp.up_proj.weight"), &[ffn, hid], 0.06, 0.0);
-        add(format!("{p}.mlp.down_proj.weight"), &[hid, ffn], 0.06, 0.0);
-        add(format!("{p}.input_layernorm.weight"), &[hid], 0.05, 1.0);
-        add(format!("{p}.post_attention_layernorm.weight"), &[hid], 0.05, 1.0);
-    }
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    tiny_hf_model(dir, arch, dims);
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f32 {

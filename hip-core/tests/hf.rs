@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use common::smollm2;
+use common::{smollm2, tiny_hf_model, TinyDims};
 use hip_core::attention::{AttentionBackend, AttentionState};
 use hip_core::kv::{KvCacheConfig, PagedKvCache};
 use hip_core::model::{LogitsWanted, Model, SeqChunk, WeightPolicy};
@@ -130,39 +130,20 @@ fn hf_folder_made_from_the_gguf_gives_the_same_logits() {
 fn hf_qwen2_with_biases_matches_candle_transformers() {
     use candle_transformers::models::qwen2;
     let (hid, heads, kv_heads, ffn, layers, vocab) = (128usize, 4usize, 2usize, 256usize, 2usize, 300usize);
-    let hd = hid / heads;
     let dev = Device::Cpu;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let mut add = |name: String, shape: &[usize], std: f32, mean: f32| {
-        t.insert(name, Tensor::randn(mean, std, shape, &dev).unwrap());
-    };
-    add("model.embed_tokens.weight".into(), &[vocab, hid], 1.0, 0.0);
-    add("lm_head.weight".into(), &[vocab, hid], 0.05, 0.0);
-    add("model.norm.weight".into(), &[hid], 0.05, 1.0);
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, rows, std) in
-            [("q_proj", heads * hd, 0.15), ("k_proj", kv_heads * hd, 0.15), ("v_proj", kv_heads * hd, 0.06)]
-        {
-            add(format!("{p}.self_attn.{name}.weight"), &[rows, hid], std, 0.0);
-            add(format!("{p}.self_attn.{name}.bias"), &[rows], 0.3, 0.0);
-        }
-        add(format!("{p}.self_attn.o_proj.weight"), &[hid, heads * hd], 0.06, 0.0);
-        add(format!("{p}.mlp.gate_proj.weight"), &[ffn, hid], 0.06, 0.0);
-        add(format!("{p}.mlp.up_proj.weight"), &[ffn, hid], 0.06, 0.0);
-        add(format!("{p}.mlp.down_proj.weight"), &[hid, ffn], 0.06, 0.0);
-        add(format!("{p}.input_layernorm.weight"), &[hid], 0.05, 1.0);
-        add(format!("{p}.post_attention_layernorm.weight"), &[hid], 0.05, 1.0);
-    }
     let dir = tempfile::tempdir().unwrap();
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "model_type": "qwen2", "vocab_size": vocab, "hidden_size": hid, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": ffn,
-        "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 512,
-        "tie_word_embeddings": false
-    });
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let dims = TinyDims {
+        hidden: hid,
+        heads,
+        kv_heads,
+        ffn,
+        layers,
+        vocab,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        max_positions: 512,
+    };
+    let t = tiny_hf_model(dir.path(), "qwen2", dims);
 
     let ours = Model::from_hf_dir(dir.path(), &dev).unwrap();
     let cfg = qwen2::Config {
