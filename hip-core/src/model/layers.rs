@@ -183,30 +183,30 @@ impl Qkv {
                     Some((_, b)) => y.broadcast_add(b)?,
                     None => y,
                 };
-                let last = y.rank() - 1;
-                Ok((
-                    y.narrow(last, 0, *q_width)?,
-                    y.narrow(last, *q_width, *kv_width)?,
-                    y.narrow(last, q_width + kv_width, *kv_width)?,
-                ))
+                let [q, k, v] = qkv_columns(&y, *q_width, *kv_width)?;
+                Ok((q, k, v))
             }
         }
     }
+
     /// Fused weights only: the product `[n, q_width + 2 kv_width]` without bias, the q/k/v
     /// column ranges of it and the f32 bias, for a kernel that adds the bias itself.
     #[cfg(feature = "cuda")]
     pub(crate) fn unbiased(&self, x: &Tensor) -> Option<Result<([Tensor; 3], Option<&Tensor>)>> {
         let Qkv::Fused { w, bias, q_width, kv_width } = self else { return None };
-        let run = || -> Result<[Tensor; 3]> {
-            let y = w.forward(x)?;
-            Ok([
-                y.narrow(1, 0, *q_width)?,
-                y.narrow(1, *q_width, *kv_width)?,
-                y.narrow(1, q_width + kv_width, *kv_width)?,
-            ])
-        };
-        Some(run().map(|t| (t, bias.as_ref().map(|(b, _)| b))))
+        let cols = w.forward(x).and_then(|y| qkv_columns(&y, *q_width, *kv_width));
+        Some(cols.map(|t| (t, bias.as_ref().map(|(b, _)| b))))
     }
+}
+
+/// The q, k and v column ranges of a fused product `y: [.., q_width + 2 kv_width]`.
+fn qkv_columns(y: &Tensor, q_width: usize, kv_width: usize) -> Result<[Tensor; 3]> {
+    let last = y.rank() - 1;
+    Ok([
+        y.narrow(last, 0, q_width)?,
+        y.narrow(last, q_width, kv_width)?,
+        y.narrow(last, q_width + kv_width, kv_width)?,
+    ])
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

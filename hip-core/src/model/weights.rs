@@ -225,10 +225,11 @@ impl Model {
             attn.set_rope(&self.rope);
             None
         } else {
-            // In `act` for the rotation by candle's kernels, f32 for the fused kernel.
-            let (cos, sin) = self.rope.tables(&positions, dev)?;
-            Some((cos.to_dtype(act)?, sin.to_dtype(act)?, cos, sin))
+            Some(self.rope.tables(&positions, dev)?) // f32
         };
+        // The tables in `act` for the rotation by candle's kernels, converted on first use (the
+        // fused kernel takes them in f32).
+        let mut act_tables: Option<(Tensor, Tensor)> = None;
         let ids_t = Tensor::from_vec(ids, n_total, dev)?;
         let x = self.embed.index_select(&ids_t, 0)?; // [N, hidden]
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
@@ -266,7 +267,7 @@ impl Model {
             // below).
             #[cfg(feature = "cuda")]
             let fused = match (&rows, &tables) {
-                (Some(rows), Some((_, _, cos, sin))) => {
+                (Some(rows), Some((cos, sin))) => {
                     attention_input(blk, &xn, rows, cos, sin, &self.rope, cfg.heads, layer, kv)?
                 }
                 _ => None,
@@ -285,10 +286,16 @@ impl Model {
                     let v = v.reshape((n_total, cfg.kv_heads, cfg.head_dim))?.contiguous()?;
                     prof.mark(Phase::Qkv)?;
                     let (q, k) = match &tables {
-                        Some((cos, sin, _, _)) => (
-                            rotate_tokens(&self.rope, &q, cos, sin)?,
-                            rotate_tokens(&self.rope, &k, cos, sin)?,
-                        ),
+                        Some((cos, sin)) => {
+                            if act_tables.is_none() {
+                                act_tables = Some((cos.to_dtype(act)?, sin.to_dtype(act)?));
+                            }
+                            let (cos, sin) = act_tables.as_ref().expect("set above");
+                            (
+                                rotate_tokens(&self.rope, &q, cos, sin)?,
+                                rotate_tokens(&self.rope, &k, cos, sin)?,
+                            )
+                        }
                         None => (q.contiguous()?, k.contiguous()?),
                     };
                     // On a device cache, convert once for all sequences (the writes and the

@@ -5,10 +5,10 @@
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{alloc_out, cuda_err, dev_ptr, func};
+use super::{alloc_out, cuda_device, cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
 pub(super) const FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
@@ -29,12 +29,7 @@ pub fn add_rms_norm_cuda(
     eps: f32,
     out: DType,
 ) -> Result<(Tensor, Tensor)> {
-    let Device::Cuda(dev) = x.device() else {
-        return Err(Error::UnsupportedDevice {
-            op: "add_rms_norm",
-            device: format!("{:?}", x.device().location()),
-        });
-    };
+    let dev = &cuda_device(x.device(), "add_rms_norm")?;
     let (rows, h) = x.dims2().map_err(|_| Error::shape("x", "[rows, hidden]", x.dims()))?;
     if x.dtype() != DType::F32 {
         return Err(Error::DType { name: "x", expected: "f32".into(), got: x.dtype() });
@@ -121,12 +116,7 @@ fn launch<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr +
 /// # Errors
 /// A `y` that is not a CUDA `[rows, even]` float tensor (typed).
 pub fn silu_mul_cuda(y: &Tensor) -> Result<Tensor> {
-    let Device::Cuda(dev) = y.device() else {
-        return Err(Error::UnsupportedDevice {
-            op: "silu_mul",
-            device: format!("{:?}", y.device().location()),
-        });
-    };
+    let dev = &cuda_device(y.device(), "silu_mul")?;
     let (rows, w) = y.dims2().map_err(|_| Error::shape("y", "[rows, 2 ffn]", y.dims()))?;
     if w % 2 != 0 {
         return Err(Error::shape("y", "[rows, 2 ffn] (an even width)", y.dims()));
@@ -183,12 +173,7 @@ fn silu_mul_launch<
 /// # Errors
 /// A `x` that is not a CUDA `[rows, cols > 0]` f32 tensor (typed); CUDA errors.
 pub fn argmax_rows_cuda(x: &Tensor) -> Result<Vec<u32>> {
-    let Device::Cuda(dev) = x.device() else {
-        return Err(Error::UnsupportedDevice {
-            op: "argmax_rows",
-            device: format!("{:?}", x.device().location()),
-        });
-    };
+    let dev = &cuda_device(x.device(), "argmax_rows")?;
     let (rows, cols) = x.dims2().map_err(|_| Error::shape("x", "[rows, cols]", x.dims()))?;
     if x.dtype() != DType::F32 {
         return Err(Error::DType { name: "x", expected: "f32".into(), got: x.dtype() });

@@ -327,9 +327,14 @@ pub(crate) fn check(dims: &AttnDims, dtype: DType, keys: &Keys<'_>) -> Result<()
 }
 
 fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
+    cuda_device(t.device(), "span attention")
+}
+
+/// The CUDA device of `device`, or [`Error::UnsupportedDevice`] naming `op`.
+fn cuda_device(device: &Device, op: &'static str) -> Result<CudaDevice> {
+    match device {
         Device::Cuda(d) => Ok(d.clone()),
-        d => Err(Error::UnsupportedDevice { op: "span attention", device: format!("{:?}", d.location()) }),
+        d => Err(Error::UnsupportedDevice { op, device: format!("{:?}", d.location()) }),
     }
 }
 

@@ -50,10 +50,7 @@ const OFF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/offload.fatbin"));
 const OFF_MODULE: &str = "hip_offload";
 
 fn cuda_device(device: &Device) -> Result<CudaDevice> {
-    match device {
-        Device::Cuda(d) => Ok(d.clone()),
-        d => Err(Error::UnsupportedDevice { op: "KV offloading", device: format!("{:?}", d.location()) }),
-    }
+    super::cuda_device(device, "KV offloading")
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {

@@ -5,11 +5,11 @@
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::fused::{FUSED, FUSED_MODULE};
-use super::{alloc_out, cuda_err, dev_ptr, func};
+use super::{alloc_out, cuda_device, cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
 /// The inputs of [`qkv_rope_write_cuda`].
@@ -48,12 +48,7 @@ pub struct QkvRopeWrite<'a> {
 /// # Errors
 /// Shapes, dtypes, strides or devices that do not fit (typed, naming the argument).
 pub fn qkv_rope_write_cuda(a: &QkvRopeWrite<'_>) -> Result<Tensor> {
-    let Device::Cuda(dev) = a.q.device() else {
-        return Err(Error::UnsupportedDevice {
-            op: "qkv_rope_write",
-            device: format!("{:?}", a.q.device().location()),
-        });
-    };
+    let dev = &cuda_device(a.q.device(), "qkv_rope_write")?;
     let dt = a.q.dtype();
     if !matches!(dt, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::DType { name: "q", expected: "f32, bf16 or f16".into(), got: dt });
