@@ -9,16 +9,37 @@
 template <typename T>
 __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ delta, const float* __restrict__ w,
                              float eps, int h, float* __restrict__ x_out, T* __restrict__ xn) {
+    // A row of up to VPT * blockDim values stays in registers, its loads all issued at once (a
+    // loop of dependent loads, one round trip each, made a 16 x 1536 norm 7 us on the H200);
+    // longer rows take the loop, reading their sums back from x_out.
+    constexpr int VPT = 16;
     const long long off = (long long)blockIdx.x * h;
     x += off;
     x_out += off;
     xn += off;
     if (delta != nullptr) delta += off;
+    const int nt = blockDim.x;
+    const bool regs = h <= VPT * nt;
+    float v[VPT];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        const float v = x[i] + (delta != nullptr ? to_f(delta[i]) : 0.f);
-        x_out[i] = v;  // read back below by this same thread
-        ss += v * v;
+    if (regs) {
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            const int i = threadIdx.x + k * nt;
+            v[k] = i < h ? x[i] + (delta != nullptr ? to_f(delta[i]) : 0.f) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            const int i = threadIdx.x + k * nt;
+            if (i < h) x_out[i] = v[k];
+            ss += v[k] * v[k];
+        }
+    } else {
+        for (int i = threadIdx.x; i < h; i += nt) {
+            const float s = x[i] + (delta != nullptr ? to_f(delta[i]) : 0.f);
+            x_out[i] = s;  // read back below by this same thread
+            ss += s * s;
+        }
     }
     __shared__ float red[32];
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -26,13 +47,21 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
     if (lane == 0) red[warp] = ss;
     __syncthreads();
     if (warp == 0) {
-        float v = lane < (int)(blockDim.x / 32) ? red[lane] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) red[0] = v;
+        float t = lane < (int)(blockDim.x / 32) ? red[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (lane == 0) red[0] = t;
     }
     __syncthreads();
     const float r = rsqrtf(red[0] / (float)h + eps);
-    for (int i = threadIdx.x; i < h; i += blockDim.x) xn[i] = from_f<T>(x_out[i] * r * w[i]);
+    if (regs) {
+#pragma unroll
+        for (int k = 0; k < VPT; k++) {
+            const int i = threadIdx.x + k * nt;
+            if (i < h) xn[i] = from_f<T>(v[k] * r * w[i]);
+        }
+    } else {
+        for (int i = threadIdx.x; i < h; i += nt) xn[i] = from_f<T>(x_out[i] * r * w[i]);
+    }
 }
 
 #define ADD_RMS_NORM(NAME, T)                                                                            \

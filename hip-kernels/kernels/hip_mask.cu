@@ -457,7 +457,7 @@ __device__ unsigned long long g_prof[8];
 // then runs in one wave instead of two). PLACE (the `_p` forms): each iteration first finds
 // where every scored key row is (one `kv_loc` a slot, all threads at once, into shared memory
 // after the branch arrays: cap * keys-per-branch offsets), so that a pass of loads no longer
-// waits for its block-table reads first. Both opt-in until measured (HIP_MASK_FEW).
+// waits for its block-table reads first. `_o2p` (both) is the default (HIP_MASK_FEW, src/cuda/mod.rs).
 template <typename T, int D, int QMAX, int CS, int UNROLL = 8, bool PLACE = false>
 __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                     float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
@@ -629,7 +629,7 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
              uint32_t* counts) {                                                                               \
         hip_mask_search_few<T, D, 2, CS>(q, q_b, q_t, kv, sa, scale, starts, counts);                         \
     }
-// The opt-in forms of the decode search without a cluster (see hip_mask_search_few): MINB CTAs a
+// The forms of the decode search without a cluster (see hip_mask_search_few): MINB CTAs a
 // multiprocessor, UNROLL loads in flight, PLACE.
 #define MASK_FEW_FORM(NAME, T, D, MINB, UNROLL, PLACE)                                                       \
     extern "C" __global__ void __launch_bounds__(512, MINB)                                                  \

@@ -332,23 +332,28 @@ constexpr int DECODE_CS = 8;      // CTAs per row (one cluster)
 constexpr int DECODE_WARPS = 8;
 constexpr int DECODE_CHUNK = 128;  // keys staged in shared memory at a time
 
-// CS and CHUNK default to DECODE_CS / DECODE_CHUNK; the opt-in forms `_c4` (clusters of 4 CTAs: half
-// the CTAs, each over twice the keys) and `_k64` (64-key chunks: half the shared memory, so more
-// CTAs share a multiprocessor) are there to be measured against them (HIP_SPAN_DECODE).
-template <typename T, int D, int CS_ = DECODE_CS, int CHUNK_ = DECODE_CHUNK>
+// The form: CS CTAs a row, CHUNK keys a stage, STAGES stages (2: the next chunk's keys are placed
+// and its rows loaded while the warps attend to this one's). hip-kernels/src/cuda/mod.rs's
+// `span_decode_form` picks one by the number of rows (many rows: `_p2`, two CTAs a row over two
+// stages of 64 keys); HIP_SPAN_DECODE forces one, for measurements. The dynamic shared memory holds STAGES x (K and V rows of CHUNK
+// keys, their locations and tokens); after the key loop its start is reused for the warps' states
+// (`decode_epilogue_bytes`), so nothing else is static.
+template <int D>
+__host__ __device__ constexpr int decode_epilogue_bytes() { return (DECODE_WARPS * D + 2 * DECODE_WARPS + D + 2) * 4; }
+
+template <typename T, int D, int CS_ = DECODE_CS, int CHUNK_ = DECODE_CHUNK, int STAGES = 1>
 __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, MaskArgs mask, float scale_log2) {
     constexpr int WARPS = DECODE_WARPS, CS = CS_, CHUNK = CHUNK_, NT = 32 * WARPS;
     constexpr int E = D / 32;  // elements per lane
     constexpr int CH = D / 8;  // 16-byte chunks per row
+    static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+    static_assert(STAGES * CHUNK * D * 2 * (int)sizeof(T) >= decode_epilogue_bytes<D>(), "epilogue fits");
     extern __shared__ __align__(128) unsigned char smem[];
-    T* Ks = reinterpret_cast<T*>(smem);                           // [CHUNK][D]
-    T* Vs = Ks + CHUNK * D;                                       // [CHUNK][D]
-    long long* kloc = reinterpret_cast<long long*>(Vs + CHUNK * D);  // [CHUNK] `kv_loc` of the key, -1 none
-    int* kjs = reinterpret_cast<int*>(kloc + CHUNK);                 // [CHUNK] its token, -1 none
-    __shared__ float sm_m[WARPS], sm_l[WARPS];
-    __shared__ float sm_acc[WARPS][D];
-    __shared__ float part[D + 2];  // this CTA's merged state: acc[D], m, l (read by the cluster's first CTA)
+    T* Ks0 = reinterpret_cast<T*>(smem);                                   // [STAGES][CHUNK][D]
+    T* Vs0 = Ks0 + STAGES * CHUNK * D;                                     // [STAGES][CHUNK][D]
+    long long* kloc0 = reinterpret_cast<long long*>(Vs0 + STAGES * CHUNK * D);  // [STAGES][CHUNK] -1 none
+    int* kjs0 = reinterpret_cast<int*>(kloc0 + STAGES * CHUNK);                 // [STAGES][CHUNK] -1 none
 
     cg::cluster_group cluster = cg::this_cluster();
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -376,9 +381,11 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
     const bool staging = kv_stages(kv);
-    for (int c0 = start; c0 < end; c0 += CHUNK) {
-        const int n = min(CHUNK, end - c0);
-        // Where each key of the chunk is.
+    // Where each key of the chunk at c0 (n keys) is, into stage s; then (after a barrier) its K and
+    // V rows, zero rows for no key, as one cp.async group.
+    auto place = [&](int c0, int n, int s) {
+        int* kjs = kjs0 + s * CHUNK;
+        long long* kloc = kloc0 + s * CHUNK;
         for (int c = tid; c < n; c += NT) {
             int seg = -1;
             int j = keys.at(c0 + c, &seg);
@@ -387,8 +394,11 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
             kjs[c] = j;
             kloc[c] = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : -1;
         }
-        __syncthreads();
-        // All of its K and V rows at once (zero rows for no key).
+    };
+    auto load = [&](int n, int s) {
+        const long long* kloc = kloc0 + s * CHUNK;
+        T* Ks = Ks0 + s * CHUNK * D;
+        T* Vs = Vs0 + s * CHUNK * D;
         for (int c = tid; c < n * CH; c += NT) {
             const int r = c / CH, x = (c % CH) * 8;
             const long long loc = kloc[r];
@@ -396,17 +406,46 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
             cp_async16(Vs + r * D + x, loc != -1 ? kv_at<T>(V, kv.bank_v, loc) + x : V, loc != -1 ? 16 : 0);
         }
         cp_async_commit();
-        cp_async_wait_0();
+    };
+    if constexpr (STAGES == 2) {
+        if (start < end) {
+            place(start, min(CHUNK, end - start), 0);
+            __syncthreads();
+            load(min(CHUNK, end - start), 0);
+        }
+    }
+    int stage = 0;
+    for (int c0 = start; c0 < end; c0 += CHUNK, stage = STAGES == 2 ? stage ^ 1 : 0) {
+        const int n = min(CHUNK, end - c0);
+        if constexpr (STAGES == 1) {
+            place(c0, n, 0);
+            __syncthreads();
+            load(n, 0);
+            cp_async_wait_0();
+        } else if (c0 + CHUNK < end) {
+            // The next chunk into the other stage (free: the last iteration ended in a barrier).
+            const int n1 = min(CHUNK, end - c0 - CHUNK);
+            place(c0 + CHUNK, n1, stage ^ 1);
+            __syncthreads();
+            load(n1, stage ^ 1);
+            cp_async_wait_1();
+        } else {
+            cp_async_wait_0();
+        }
         __syncthreads();
+        const T* Ks = Ks0 + stage * CHUNK * D;
+        const T* Vs = Vs0 + stage * CHUNK * D;
+        const int* kjs = kjs0 + stage * CHUNK;
+        const long long* kloc = kloc0 + stage * CHUNK;
         if (staging) {
             // Offloading: leave the rows read over the bus where the cache update finds them.
             for (int r = warp; r < n; r += WARPS) {
                 if (kjs[r] < 0 || kloc[r] < 0) continue;  // no key, or read from the GPU bank
-                int place = lane == 0 ? kv_stage_claim(kv, kjs[r], hk) : -1;
-                place = __shfl_sync(0xffffffffu, place, 0);
-                if (place < 0) continue;
-                T* sk = static_cast<T*>(kv.stage.k) + (long long)place * D + lane * E;
-                T* sv = static_cast<T*>(kv.stage.v) + (long long)place * D + lane * E;
+                int slot = lane == 0 ? kv_stage_claim(kv, kjs[r], hk) : -1;
+                slot = __shfl_sync(0xffffffffu, slot, 0);
+                if (slot < 0) continue;
+                T* sk = static_cast<T*>(kv.stage.k) + (long long)slot * D + lane * E;
+                T* sv = static_cast<T*>(kv.stage.v) + (long long)slot * D + lane * E;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
                     sk[e] = Ks[r * D + lane * E + e];
@@ -450,11 +489,17 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
                 if (kjs[c] >= 0) kv_record(kv, kjs[c], hk);
         __syncthreads();  // every warp is done with the chunk's rows
     }
+    // The key loop ended in a barrier (or staged nothing): its shared memory now holds the warps'
+    // states and this CTA's merged one, `part` (acc[D], m, l), which the cluster's first CTA reads.
+    float* sm_acc = reinterpret_cast<float*>(smem);  // [WARPS][D]
+    float* sm_m = sm_acc + WARPS * D;
+    float* sm_l = sm_m + WARPS;
+    float* part = sm_l + WARPS;
     if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
-    for (int e = 0; e < E; e++) sm_acc[warp][lane * E + e] = acc[e];
+    for (int e = 0; e < E; e++) sm_acc[warp * D + lane * E + e] = acc[e];
     __syncthreads();
     if (warp == 0) {
-        const float2 ml = merge_states<E, WARPS>(sm_m, sm_l, &sm_acc[0][0], D, lane, acc);
+        const float2 ml = merge_states<E, WARPS>(sm_m, sm_l, sm_acc, D, lane, acc);
         for (int e = 0; e < E; e++) part[lane * E + e] = acc[e];
         if (lane == 0) { part[D] = ml.x; part[D + 1] = ml.y; }
     }
@@ -678,16 +723,22 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
                                                               float scale_log2) {                                 \
         span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
     }
-#define DECODE_FORM(NAME, T, D, CS, CHUNK)                                                                         \
-    extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS)                     \
+#define DECODE_FORM(NAME, T, D, CS, CHUNK, STAGES, MINB)                                                          \
+    extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS, MINB)               \
         NAME(const T* q, T* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,       \
              float scale_log2) {                                                                                   \
-        span_attn_decode<T, D, CS, CHUNK>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                     \
+        span_attn_decode<T, D, CS, CHUNK, STAGES>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);             \
     }
-#define DECODE(NAME, T, D)                                 \
-    DECODE_FORM(NAME, T, D, DECODE_CS, DECODE_CHUNK)       \
-    DECODE_FORM(NAME##_c4, T, D, 4, DECODE_CHUNK)          \
-    DECODE_FORM(NAME##_k64, T, D, DECODE_CS, 64)
+// The forms of hip-kernels/src/cuda/mod.rs's `span_decode_form` (suffix, CTAs a row, keys a stage,
+// stages, CTAs a multiprocessor the registers must allow).
+#define DECODE(NAME, T, D)                                    \
+    DECODE_FORM(NAME, T, D, DECODE_CS, DECODE_CHUNK, 1, 0)    \
+    DECODE_FORM(NAME##_c4, T, D, 4, DECODE_CHUNK, 1, 0)       \
+    DECODE_FORM(NAME##_k64, T, D, DECODE_CS, 64, 1, 0)        \
+    DECODE_FORM(NAME##_p8, T, D, DECODE_CS, 32, 2, 6)         \
+    DECODE_FORM(NAME##_p4, T, D, 4, 32, 2, 6)                 \
+    DECODE_FORM(NAME##_p4w, T, D, 4, 64, 2, 3)                \
+    DECODE_FORM(NAME##_p2, T, D, 2, 64, 2, 3)
 #define COMBINE(NAME, T, D)                                                                                        \
     extern "C" __global__ void NAME(const float* part_m, const float* part_l, const float* part_acc, int n_splits, \
                                     T* o, long long o_b, long long o_t, int t_q, int heads_q, int rows) {          \

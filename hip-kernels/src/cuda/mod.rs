@@ -493,15 +493,13 @@ impl SpanOp<'_> {
             self.combine::<T>(&parts, splits, op, rows)?;
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
             // Split-KV decode, one query per row (so any query block size works): a cluster of
-            // DECODE_CLUSTER CTAs (or the form's) per row splits its keys and merges the partials
-            // itself.
-            let (form, cluster, chunk) = span_decode_form();
-            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}{form}"))?;
-            // K and V rows of `chunk` keys, and per key its row location (i64) and token (i32).
-            let smem = chunk * (2 * hd * 2 + 8 + 4);
+            // the form's CTAs per row splits its keys and merges the partials itself.
+            let form = span_decode_form(d.batch * d.t_q * d.heads_q, sm_count(dev)?);
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}{}", form.suffix))?;
+            let smem = form.smem(hd);
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
-                grid_dim: (cluster, d.heads_q as u32, (d.batch * d.t_q) as u32),
+                grid_dim: (form.cluster, d.heads_q as u32, (d.batch * d.t_q) as u32),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
@@ -515,8 +513,9 @@ impl SpanOp<'_> {
                 .arg(&kv)
                 .arg(&mask)
                 .arg(&scale_log2);
-            // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of `cluster`
-            // CTAs along x, 256 threads, `chunk` keys of staging); it writes every output row.
+            // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of
+            // `form.cluster` CTAs along x, 256 threads, `form.stages` x `form.chunk` keys of
+            // staging); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
             // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of one producer and
@@ -639,16 +638,18 @@ fn poison() -> bool {
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
 }
 
-/// The form of the decode mask search without a cluster: `HIP_MASK_FEW=o2|p|o2p` picks an
-/// opt-in one (kernel name suffix `_o2`, `_p`, `_o2p`; see `hip_mask_search_few`), anything else
-/// the default (empty suffix).
+/// The form of the decode mask search without a cluster (kernel name suffix; see
+/// `hip_mask_search_few`): by default `_o2p` (two CTAs a multiprocessor, 64 registers a thread, 4
+/// key rows in flight, the rows placed once an iteration: the fastest correct form on the H200,
+/// 128k x 16 HiP 7.92 -> 7.24 ms a step). `HIP_MASK_FEW=base|o2|p` picks another to measure
+/// against it (`base`: one CTA a multiprocessor, 8 rows in flight, no placement).
 fn mask_few_form() -> &'static str {
     static FORM: OnceLock<&'static str> = OnceLock::new();
     FORM.get_or_init(|| match std::env::var("HIP_MASK_FEW").as_deref() {
+        Ok("base") => "",
         Ok("o2") => "_o2",
         Ok("p") => "_p",
-        Ok("o2p") => "_o2p",
-        _ => "",
+        _ => "_o2p",
     })
 }
 
@@ -683,16 +684,57 @@ const DENSE_DEC_STAGES: usize = 3;
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;
 
-/// The form of `span_decode_*`: kernel name suffix, CTAs per row (its cluster) and keys staged at a
-/// time. `HIP_SPAN_DECODE=c4` (clusters of 4) or `k64` (64-key chunks) pick an opt-in form to be
-/// measured against the default (8 CTAs, 128 keys).
-fn span_decode_form() -> (&'static str, u32, usize) {
-    static FORM: OnceLock<(&'static str, u32, usize)> = OnceLock::new();
-    *FORM.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
-        Ok("c4") => ("_c4", 4, DECODE_CHUNK),
-        Ok("k64") => ("_k64", DECODE_CLUSTER, 64),
-        _ => ("", DECODE_CLUSTER, DECODE_CHUNK),
-    })
+/// The form of `span_decode_*` (kernels/span_attn.cu's `DECODE` list).
+#[derive(Clone, Copy, Debug)]
+struct SpanDecodeForm {
+    /// Kernel name suffix.
+    suffix: &'static str,
+    /// CTAs a row (the kernel's cluster).
+    cluster: u32,
+    /// Keys a stage of shared memory holds.
+    chunk: usize,
+    /// Stages: 2 loads the next chunk while the warps attend to this one.
+    stages: usize,
+}
+
+impl SpanDecodeForm {
+    /// Dynamic shared memory: per stage the K and V rows of `chunk` keys and per key its row
+    /// location (i64) and token (i32); at least the epilogue's warp states
+    /// (`decode_epilogue_bytes`), which reuse it.
+    fn smem(&self, head_dim: usize) -> usize {
+        let stages = self.stages * self.chunk * (2 * head_dim * 2 + 8 + 4);
+        stages.max((8 * head_dim + 2 * 8 + head_dim + 2) * 4)
+    }
+}
+
+/// The form of `span_decode_*` for `rows` query rows on `sms` multiprocessors: the fewest CTAs a
+/// row (2, 4 or 8) that still give every multiprocessor two of them, each over two stages of
+/// 64 keys (8 a row: one stage of 64). On the H200 at 128k x 16 (192 rows) two CTAs a row over two
+/// stages took a HiP step from 7.39 to 6.89 ms (the former default, 8 CTAs over one stage of 128
+/// keys). `HIP_SPAN_DECODE=base|c4|k64|p8|p4|p4w|p2` forces one, to measure against the others.
+fn span_decode_form(rows: usize, sms: usize) -> SpanDecodeForm {
+    let form = |suffix, cluster, chunk, stages| SpanDecodeForm { suffix, cluster, chunk, stages };
+    static FORCED: OnceLock<Option<SpanDecodeForm>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
+        Ok("base") => Some(form("", DECODE_CLUSTER, DECODE_CHUNK, 1)),
+        Ok("c4") => Some(form("_c4", 4, DECODE_CHUNK, 1)),
+        Ok("k64") => Some(form("_k64", DECODE_CLUSTER, 64, 1)),
+        Ok("p8") => Some(form("_p8", DECODE_CLUSTER, 32, 2)),
+        Ok("p4") => Some(form("_p4", 4, 32, 2)),
+        Ok("p4w") => Some(form("_p4w", 4, 64, 2)),
+        Ok("p2") => Some(form("_p2", 2, 64, 2)),
+        _ => None,
+    });
+    if let Some(f) = forced {
+        return *f;
+    }
+    if rows * 2 >= 2 * sms {
+        form("_p2", 2, 64, 2)
+    } else if rows * 4 >= 2 * sms {
+        form("_p4w", 4, 64, 2)
+    } else {
+        form("_k64", DECODE_CLUSTER, 64, 1)
+    }
 }
 
 /// Keys per split and splits of a split-KV decode over at most `keys` keys with `ctas` CTAs per
@@ -747,6 +789,26 @@ pub fn block_sparse_attn_cuda(
     crate::layout::check_scale(scale)?;
     check_mask_fits(mask, &dims)?;
     span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
+}
+
+/// The multiprocessors of `dev` (132 on the H200).
+fn sm_count(dev: &CudaDevice) -> candle_core::Result<usize> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(cuda_err)?;
+    Ok(n.max(1) as usize)
+}
+
+/// The most shared memory a CTA may ask for on `dev` (227 KB on Hopper).
+fn max_smem_optin(dev: &CudaDevice) -> Result<usize> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(cuda_err)?;
+    Ok(n.max(0) as usize)
 }
 
 /// How many clusters of `cs` CTAs of the mask kernel `name` (`threads` threads, `smem` bytes of
@@ -1000,12 +1062,17 @@ fn launch_mask(
     let (name, threads, smem, per_row) = if few {
         // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
         let smem = cap * 28;
-        // `HIP_MASK_FEW` (opt-in forms until measured on the H200): `o2` two CTAs per
-        // multiprocessor (64 registers a thread, 4 key rows in flight instead of 8), `p` the key
-        // rows placed once per iteration (`o2p` both); these add the placements' offsets.
-        let form = mask_few_form();
-        let place =
+        // `mask_few_form`: the `p` forms (the default `_o2p` among them) add the placements'
+        // offsets to the shared memory.
+        // A search too wide for both in one CTA's shared memory (a budget of thousands of blocks)
+        // takes the form without the placement.
+        let mut form = mask_few_form();
+        let mut place =
             if form.ends_with('p') { cap * cfg.block_size_k.div_ceil(cfg.block_stride_k) * 8 } else { 0 };
+        if place > 0 && smem + place > max_smem_optin(dev)? {
+            form = if form == "_o2p" { "_o2" } else { "" };
+            place = 0;
+        }
         let mut pick = (format!("hip_mask_few_{tn}_d{hd}{form}"), 512, smem + place, 1);
         for cs in [4usize, 2] {
             let name = format!("hip_mask_few_{tn}_d{hd}_c{cs}");

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the H200 (device runner), from the repository root: the kernel forms of the HiP decode against
+# the defaults. Correctness first (the CUDA tests under each form), then one e2e decode measurement
+# per form at 128k x 16 (Qwen2.5-1.5B shapes, KV filled from random values), so that the fastest
+# correct form can become the default. Expects the `make cuda` binaries unpacked with
+# scripts/gpu-unpack.sh into $HIP_BIN (cuda, gpu, hip-bench among them) and writes $OUT/summary.txt.
+#
+#   HIP_BIN=/tmp/b bash scripts/h200/forms.sh            (FORMS_E2E=0: the tests alone)
+set -u
+B=${HIP_BIN:-/tmp/hip-bin}
+O=${OUT:-/tmp}
+S=$O/summary.txt
+MASK_FORMS=${MASK_FORMS:-base o2 p}
+SPAN_FORMS=${SPAN_FORMS:-c4 k64 p8 p4 p4w p2}
+for f in $MASK_FORMS; do
+  HIP_MASK_FEW=$f timeout 60 "$B"/cuda mask batched_hip decode_keeps --test-threads 2 >"$O/cuda_mask_$f.log" 2>&1
+  echo "cuda (HIP_MASK_FEW=$f) rc=$?" >>"$S"; grep -E "test result|panicked" "$O/cuda_mask_$f.log" >>"$S"
+done
+for f in $SPAN_FORMS; do
+  HIP_SPAN_DECODE=$f timeout 60 "$B"/cuda batched_hip decode_keeps block_sparse paged dense_matches --test-threads 2 >"$O/cuda_span_$f.log" 2>&1
+  echo "cuda (HIP_SPAN_DECODE=$f) rc=$?" >>"$S"; grep -E "test result|panicked" "$O/cuda_span_$f.log" >>"$S"
+done
+timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu.log" 2>&1; echo "gpu rc=$?" >>"$S"
+grep -E "test result|panicked" "$O/gpu.log" >>"$S"
+[[ ${FORMS_E2E:-1} == 0 ]] && exit 0
+run() {  # name, then env assignments
+  local name=$1; shift
+  env "$@" timeout 90 "$B"/hip-bench e2e --fill --contexts 131072 --batch ${E2E_BATCH:-16} --methods hip --decode 16 \
+    >"$O/e2e_$name.log" 2>&1
+  echo "e2e $name rc=$?: $(grep -E '^\| hip-core' "$O/e2e_$name.log" | tr '\n' ' ')" >>"$S"
+}
+run default
+for f in $SPAN_FORMS; do run "span_$f" HIP_SPAN_DECODE=$f; done
+for f in ${E2E_MASK_FORMS:-}; do run "mask_$f" HIP_MASK_FEW=$f; done
+run default_again
