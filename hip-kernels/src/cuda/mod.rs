@@ -494,7 +494,10 @@ impl SpanOp<'_> {
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
             // Split-KV decode, one query per row (so any query block size works): a cluster of
             // the form's CTAs per row splits its keys and merges the partials itself.
-            let form = span_decode_form(d.batch * d.t_q * d.heads_q, sm_count(dev)?);
+            let form = span_decode_form(
+                d.batch * d.t_q * d.heads_q,
+                device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1),
+            );
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}{}", form.suffix))?;
             let smem = form.smem(hd);
             allow_smem(&f, smem)?;
@@ -791,23 +794,10 @@ pub fn block_sparse_attn_cuda(
     span_attn(q, k, v, &dims, Keys::Mask(mask, extra_window_tokens), None, scale)
 }
 
-/// The multiprocessors of `dev` (132 on the H200).
-fn sm_count(dev: &CudaDevice) -> candle_core::Result<usize> {
-    let n = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(cuda_err)?;
-    Ok(n.max(1) as usize)
-}
-
-/// The most shared memory a CTA may ask for on `dev` (227 KB on Hopper).
-fn max_smem_optin(dev: &CudaDevice) -> Result<usize> {
-    let n = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(cuda_err)?;
+/// An integer attribute of `dev`'s device, e.g. `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT` (132 on
+/// the H200) or `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` (227 KB on Hopper).
+fn device_attr(dev: &CudaDevice, attr: CUdevice_attribute) -> candle_core::Result<usize> {
+    let n = dev.cuda_stream().context().attribute(attr).map_err(cuda_err)?;
     Ok(n.max(0) as usize)
 }
 
@@ -1069,7 +1059,10 @@ fn launch_mask(
         let mut form = mask_few_form();
         let mut place =
             if form.ends_with('p') { cap * cfg.block_size_k.div_ceil(cfg.block_stride_k) * 8 } else { 0 };
-        if place > 0 && smem + place > max_smem_optin(dev)? {
+        if place > 0
+            && smem + place
+                > device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+        {
             form = if form == "_o2p" { "_o2" } else { "" };
             place = 0;
         }
