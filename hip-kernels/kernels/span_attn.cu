@@ -332,28 +332,32 @@ constexpr int DECODE_CS = 8;      // CTAs per row (one cluster)
 constexpr int DECODE_WARPS = 8;
 constexpr int DECODE_CHUNK = 128;  // keys staged in shared memory at a time
 
-// The form: CS CTAs a row, CHUNK keys a stage, STAGES stages (2: the next chunk's keys are placed
-// and its rows loaded while the warps attend to this one's). hip-kernels/src/cuda/mod.rs's
-// `span_decode_form` picks one by the number of rows (many rows: `_p2`, two CTAs a row over two
-// stages of 64 keys); HIP_SPAN_DECODE forces one, for measurements. The dynamic shared memory holds STAGES x (K and V rows of CHUNK
-// keys, their locations and tokens); after the key loop its start is reused for the warps' states
-// (`decode_epilogue_bytes`), so nothing else is static.
+// The form: CS CTAs a row, CHUNK keys a stage, STAGES stages. With MAXK = 0 each chunk's keys are
+// placed just before its rows load (2 stages: the next chunk is placed and loaded while the warps
+// attend to this one). With MAXK > 0 the keys of up to MAXK list positions are placed at once,
+// then their rows stream through a ring of STAGES chunks, STAGES - 1 of them in flight while the
+// warps attend to one. hip-kernels/src/cuda/mod.rs's `span_decode_form` picks a form by the
+// number of rows; HIP_SPAN_DECODE forces one, for measurements. The dynamic shared memory holds
+// STAGES x the K and V rows of CHUNK keys, then the keys' locations and tokens; after the key
+// loop its start is reused for the warps' states (`decode_epilogue_bytes`), so nothing else is
+// static.
 template <int D>
 __host__ __device__ constexpr int decode_epilogue_bytes() { return (DECODE_WARPS * D + 2 * DECODE_WARPS + D + 2) * 4; }
 
-template <typename T, int D, int CS_ = DECODE_CS, int CHUNK_ = DECODE_CHUNK, int STAGES = 1>
+template <typename T, int D, int CS_ = DECODE_CS, int CHUNK_ = DECODE_CHUNK, int STAGES = 1, int MAXK = 0>
 __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, long long q_b, long long q_t, int t_q,
                                  int heads_q, KvArgs kv, MaskArgs mask, float scale_log2) {
     constexpr int WARPS = DECODE_WARPS, CS = CS_, CHUNK = CHUNK_, NT = 32 * WARPS;
     constexpr int E = D / 32;  // elements per lane
     constexpr int CH = D / 8;  // 16-byte chunks per row
-    static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+    static_assert(MAXK > 0 ? MAXK % CHUNK == 0 && STAGES >= 2 : STAGES == 1 || STAGES == 2, "a form");
     static_assert(STAGES * CHUNK * D * 2 * (int)sizeof(T) >= decode_epilogue_bytes<D>(), "epilogue fits");
+    constexpr int NLOC = MAXK > 0 ? MAXK : STAGES * CHUNK;  // key locations and tokens held
     extern __shared__ __align__(128) unsigned char smem[];
     T* Ks0 = reinterpret_cast<T*>(smem);                                   // [STAGES][CHUNK][D]
     T* Vs0 = Ks0 + STAGES * CHUNK * D;                                     // [STAGES][CHUNK][D]
-    long long* kloc0 = reinterpret_cast<long long*>(Vs0 + STAGES * CHUNK * D);  // [STAGES][CHUNK] -1 none
-    int* kjs0 = reinterpret_cast<int*>(kloc0 + STAGES * CHUNK);                 // [STAGES][CHUNK] -1 none
+    long long* kloc0 = reinterpret_cast<long long*>(Vs0 + STAGES * CHUNK * D);  // [NLOC] -1 none
+    int* kjs0 = reinterpret_cast<int*>(kloc0 + NLOC);                           // [NLOC] -1 none
 
     cg::cluster_group cluster = cg::this_cluster();
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -381,11 +385,9 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
     const bool staging = kv_stages(kv);
-    // Where each key of the chunk at c0 (n keys) is, into stage s; then (after a barrier) its K and
-    // V rows, zero rows for no key, as one cp.async group.
-    auto place = [&](int c0, int n, int s) {
-        int* kjs = kjs0 + s * CHUNK;
-        long long* kloc = kloc0 + s * CHUNK;
+    // Where each of the n keys from list position c0 is (kjs, kloc); then (after a barrier) the K
+    // and V rows of n keys at kloc into stage s, zero rows for no key, as one cp.async group.
+    auto place = [&](int c0, int n, int* kjs, long long* kloc) {
         for (int c = tid; c < n; c += NT) {
             int seg = -1;
             int j = keys.at(c0 + c, &seg);
@@ -395,8 +397,7 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
             kloc[c] = j >= 0 ? kv_loc<D>(kv, b, j, hk, false) : -1;
         }
     };
-    auto load = [&](int n, int s) {
-        const long long* kloc = kloc0 + s * CHUNK;
+    auto load = [&](const long long* kloc, int n, int s) {
         T* Ks = Ks0 + s * CHUNK * D;
         T* Vs = Vs0 + s * CHUNK * D;
         for (int c = tid; c < n * CH; c += NT) {
@@ -407,27 +408,50 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
         }
         cp_async_commit();
     };
-    if constexpr (STAGES == 2) {
+    if constexpr (MAXK == 0 && STAGES == 2) {
         if (start < end) {
-            place(start, min(CHUNK, end - start), 0);
+            place(start, min(CHUNK, end - start), kjs0, kloc0);
             __syncthreads();
-            load(min(CHUNK, end - start), 0);
+            load(kloc0, min(CHUNK, end - start), 0);
         }
     }
     int stage = 0;
     for (int c0 = start; c0 < end; c0 += CHUNK, stage = STAGES == 2 ? stage ^ 1 : 0) {
         const int n = min(CHUNK, end - c0);
-        if constexpr (STAGES == 1) {
-            place(c0, n, 0);
+        int koff = stage * CHUNK;  // this chunk's first key in kjs0 / kloc0
+        if constexpr (MAXK > 0) {
+            // Chunk ci of the group of MAXK positions from s0 (ns of them, nch chunks).
+            const int s0 = c0 - (c0 - start) % MAXK, ns = min(MAXK, end - s0);
+            const int ci = (c0 - s0) / CHUNK, nch = (ns + CHUNK - 1) / CHUNK;
+            if (ci == 0) {
+                // Every key of the group at once, then the first STAGES - 1 chunks' rows (the
+                // ring is free: the last iteration ended in a barrier and its groups are done).
+                place(s0, ns, kjs0, kloc0);
+                __syncthreads();
+#pragma unroll
+                for (int a = 0; a < STAGES - 1; a++) {
+                    if (a < nch) load(kloc0 + a * CHUNK, min(CHUNK, ns - a * CHUNK), a % STAGES);
+                    else cp_async_commit();  // an empty group keeps the count uniform
+                }
+            }
+            // Chunk ci + STAGES - 1 into the stage chunk ci - 1 left (or an empty group).
+            const int ahead = ci + STAGES - 1;
+            if (ahead < nch) load(kloc0 + ahead * CHUNK, min(CHUNK, ns - ahead * CHUNK), ahead % STAGES);
+            else cp_async_commit();
+            cp_async_wait_all_but<STAGES - 1>();
+            stage = ci % STAGES;
+            koff = ci * CHUNK;
+        } else if constexpr (STAGES == 1) {
+            place(c0, n, kjs0, kloc0);
             __syncthreads();
-            load(n, 0);
+            load(kloc0, n, 0);
             cp_async_wait_0();
         } else if (c0 + CHUNK < end) {
             // The next chunk into the other stage (free: the last iteration ended in a barrier).
             const int n1 = min(CHUNK, end - c0 - CHUNK);
-            place(c0 + CHUNK, n1, stage ^ 1);
+            place(c0 + CHUNK, n1, kjs0 + (stage ^ 1) * CHUNK, kloc0 + (stage ^ 1) * CHUNK);
             __syncthreads();
-            load(n1, stage ^ 1);
+            load(kloc0 + (stage ^ 1) * CHUNK, n1, stage ^ 1);
             cp_async_wait_1();
         } else {
             cp_async_wait_0();
@@ -435,8 +459,8 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
         __syncthreads();
         const T* Ks = Ks0 + stage * CHUNK * D;
         const T* Vs = Vs0 + stage * CHUNK * D;
-        const int* kjs = kjs0 + stage * CHUNK;
-        const long long* kloc = kloc0 + stage * CHUNK;
+        const int* kjs = kjs0 + koff;
+        const long long* kloc = kloc0 + koff;
         if (staging) {
             // Offloading: leave the rows read over the bus where the cache update finds them.
             for (int r = warp; r < n; r += WARPS) {
@@ -723,22 +747,25 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
                                                               float scale_log2) {                                 \
         span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
     }
-#define DECODE_FORM(NAME, T, D, CS, CHUNK, STAGES, MINB)                                                          \
+#define DECODE_FORM(NAME, T, D, CS, CHUNK, STAGES, MINB, MAXK)                                                    \
     extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS, MINB)               \
         NAME(const T* q, T* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,       \
              float scale_log2) {                                                                                   \
-        span_attn_decode<T, D, CS, CHUNK, STAGES>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);             \
+        span_attn_decode<T, D, CS, CHUNK, STAGES, MAXK>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);       \
     }
 // The forms of hip-kernels/src/cuda/mod.rs's `span_decode_form` (suffix, CTAs a row, keys a stage,
-// stages, CTAs a multiprocessor the registers must allow).
-#define DECODE(NAME, T, D)                                    \
-    DECODE_FORM(NAME, T, D, DECODE_CS, DECODE_CHUNK, 1, 0)    \
-    DECODE_FORM(NAME##_c4, T, D, 4, DECODE_CHUNK, 1, 0)       \
-    DECODE_FORM(NAME##_k64, T, D, DECODE_CS, 64, 1, 0)        \
-    DECODE_FORM(NAME##_p8, T, D, DECODE_CS, 32, 2, 6)         \
-    DECODE_FORM(NAME##_p4, T, D, 4, 32, 2, 6)                 \
-    DECODE_FORM(NAME##_p4w, T, D, 4, 64, 2, 3)                \
-    DECODE_FORM(NAME##_p2, T, D, 2, 64, 2, 3)
+// stages, CTAs a multiprocessor the registers must allow, keys placed at once).
+#define DECODE(NAME, T, D)                                       \
+    DECODE_FORM(NAME, T, D, DECODE_CS, DECODE_CHUNK, 1, 0, 0)    \
+    DECODE_FORM(NAME##_c4, T, D, 4, DECODE_CHUNK, 1, 0, 0)       \
+    DECODE_FORM(NAME##_k64, T, D, DECODE_CS, 64, 1, 0, 0)        \
+    DECODE_FORM(NAME##_p8, T, D, DECODE_CS, 32, 2, 6, 0)         \
+    DECODE_FORM(NAME##_p4, T, D, 4, 32, 2, 6, 0)                 \
+    DECODE_FORM(NAME##_p4w, T, D, 4, 64, 2, 3, 0)                \
+    DECODE_FORM(NAME##_p2, T, D, 2, 64, 2, 3, 0)                 \
+    DECODE_FORM(NAME##_q2, T, D, 2, 32, 4, 3, 512)               \
+    DECODE_FORM(NAME##_q2w, T, D, 2, 64, 3, 2, 512)              \
+    DECODE_FORM(NAME##_q8, T, D, DECODE_CS, 32, 3, 4, 128)
 #define COMBINE(NAME, T, D)                                                                                        \
     extern "C" __global__ void NAME(const float* part_m, const float* part_l, const float* part_acc, int n_splits, \
                                     T* o, long long o_b, long long o_t, int t_q, int heads_q, int rows) {          \

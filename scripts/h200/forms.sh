@@ -3,15 +3,18 @@
 # the defaults. Correctness first (the CUDA tests under each form), then one e2e decode measurement
 # per form at 128k x 16 (Qwen2.5-1.5B shapes, KV filled from random values), so that the fastest
 # correct form can become the default. Expects the `make cuda` binaries unpacked with
-# scripts/gpu-unpack.sh into $HIP_BIN (cuda, gpu, hip-bench among them) and writes $OUT/summary.txt.
+# scripts/gpu-unpack.sh into $HIP_BIN (cuda, gpu, hip-bench among them) and writes $OUT/summary.txt and
+# $OUT/forms-logs.tgz.
 #
-#   HIP_BIN=/tmp/b bash scripts/h200/forms.sh            (FORMS_E2E=0: the tests alone)
+#   HIP_BIN=/tmp/b bash scripts/h200/forms.sh   (FORMS_E2E=0: the tests alone; SPAN_FORMS, MASK_FORMS,
+#   E2E_MASK_FORMS, E2E_BATCH pick what runs; the span forms: hip-kernels/src/cuda/mod.rs)
 set -u
 B=${HIP_BIN:-/tmp/hip-bin}
-O=${OUT:-/tmp}
-S=$O/summary.txt
-MASK_FORMS=${MASK_FORMS:-base o2 p}
-SPAN_FORMS=${SPAN_FORMS:-c4 k64 p8 p4 p4w p2}
+S=${OUT:-/tmp}/summary.txt
+O=$(mktemp -d)  # the logs, packed into $OUT/forms-logs.tgz at the end (the runner returns 8 files)
+trap 'tar czf "${OUT:-/tmp}/forms-logs.tgz" -C "$O" .' EXIT
+MASK_FORMS=${MASK_FORMS:-base}
+SPAN_FORMS=${SPAN_FORMS:-q2 q2w q8 base}
 for f in $MASK_FORMS; do
   HIP_MASK_FEW=$f timeout 60 "$B"/cuda mask batched_hip decode_keeps --test-threads 2 >"$O/cuda_mask_$f.log" 2>&1
   echo "cuda (HIP_MASK_FEW=$f) rc=$?" >>"$S"; grep -E "test result|panicked" "$O/cuda_mask_$f.log" >>"$S"

@@ -518,7 +518,7 @@ impl SpanOp<'_> {
                 .arg(&scale_log2);
             // SAFETY: argument list matches `span_decode_*` (compiled with a cluster of
             // `form.cluster` CTAs along x, 256 threads, `form.stages` x `form.chunk` keys of
-            // staging); it writes every output row.
+            // staging, `form.maxk` placed at once); it writes every output row.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         } else if matches!(self.keys, Keys::Dense) && hd == 128 && kv.res == 0 && sm90(dev) {
             // Dense prefill on Hopper's warpgroup MMA: 128 queries per CTA of one producer and
@@ -698,15 +698,23 @@ struct SpanDecodeForm {
     chunk: usize,
     /// Stages: 2 loads the next chunk while the warps attend to this one.
     stages: usize,
+    /// Keys placed at once before their rows stream through the stages (0: a chunk's keys are
+    /// placed just before its rows load).
+    maxk: usize,
 }
 
 impl SpanDecodeForm {
-    /// Dynamic shared memory: per stage the K and V rows of `chunk` keys and per key its row
-    /// location (i64) and token (i32); at least the epilogue's warp states
+    const fn new(suffix: &'static str, cluster: u32, chunk: usize, stages: usize, maxk: usize) -> Self {
+        SpanDecodeForm { suffix, cluster, chunk, stages, maxk }
+    }
+
+    /// Dynamic shared memory: per stage the K and V rows of `chunk` keys, then per key placed its
+    /// row location (i64) and token (i32); at least the epilogue's warp states
     /// (`decode_epilogue_bytes`), which reuse it.
     fn smem(&self, head_dim: usize) -> usize {
-        let stages = self.stages * self.chunk * (2 * head_dim * 2 + 8 + 4);
-        stages.max((8 * head_dim + 2 * 8 + head_dim + 2) * 4)
+        let placed = if self.maxk > 0 { self.maxk } else { self.stages * self.chunk };
+        let bytes = self.stages * self.chunk * 2 * head_dim * 2 + placed * (8 + 4);
+        bytes.max((8 * head_dim + 2 * 8 + head_dim + 2) * 4)
     }
 }
 
@@ -714,29 +722,34 @@ impl SpanDecodeForm {
 /// row (2, 4 or 8) that still give every multiprocessor two of them, each over two stages of
 /// 64 keys (8 a row: one stage of 64). On the H200 at 128k x 16 (192 rows) two CTAs a row over two
 /// stages took a HiP step from 7.39 to 6.89 ms (the former default, 8 CTAs over one stage of 128
-/// keys). `HIP_SPAN_DECODE=base|c4|k64|p8|p4|p4w|p2` forces one, to measure against the others.
+/// keys). `HIP_SPAN_DECODE=base|c4|k64|p8|p4|p4w|p2|q2|q2w|q8` forces one, to measure against the
+/// others (`q*`: every key of a CTA placed at once, then its rows through a ring of 3–4 stages;
+/// not yet measured).
 fn span_decode_form(rows: usize, sms: usize) -> SpanDecodeForm {
-    let form = |suffix, cluster, chunk, stages| SpanDecodeForm { suffix, cluster, chunk, stages };
+    let form = SpanDecodeForm::new;
     static FORCED: OnceLock<Option<SpanDecodeForm>> = OnceLock::new();
     let forced = FORCED.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
-        Ok("base") => Some(form("", DECODE_CLUSTER, DECODE_CHUNK, 1)),
-        Ok("c4") => Some(form("_c4", 4, DECODE_CHUNK, 1)),
-        Ok("k64") => Some(form("_k64", DECODE_CLUSTER, 64, 1)),
-        Ok("p8") => Some(form("_p8", DECODE_CLUSTER, 32, 2)),
-        Ok("p4") => Some(form("_p4", 4, 32, 2)),
-        Ok("p4w") => Some(form("_p4w", 4, 64, 2)),
-        Ok("p2") => Some(form("_p2", 2, 64, 2)),
+        Ok("base") => Some(form("", DECODE_CLUSTER, DECODE_CHUNK, 1, 0)),
+        Ok("c4") => Some(form("_c4", 4, DECODE_CHUNK, 1, 0)),
+        Ok("k64") => Some(form("_k64", DECODE_CLUSTER, 64, 1, 0)),
+        Ok("p8") => Some(form("_p8", DECODE_CLUSTER, 32, 2, 0)),
+        Ok("p4") => Some(form("_p4", 4, 32, 2, 0)),
+        Ok("p4w") => Some(form("_p4w", 4, 64, 2, 0)),
+        Ok("p2") => Some(form("_p2", 2, 64, 2, 0)),
+        Ok("q2") => Some(form("_q2", 2, 32, 4, 512)),
+        Ok("q2w") => Some(form("_q2w", 2, 64, 3, 512)),
+        Ok("q8") => Some(form("_q8", DECODE_CLUSTER, 32, 3, 128)),
         _ => None,
     });
     if let Some(f) = forced {
         return *f;
     }
     if rows * 2 >= 2 * sms {
-        form("_p2", 2, 64, 2)
+        form("_p2", 2, 64, 2, 0)
     } else if rows * 4 >= 2 * sms {
-        form("_p4w", 4, 64, 2)
+        form("_p4w", 4, 64, 2, 0)
     } else {
-        form("_k64", DECODE_CLUSTER, 64, 1)
+        form("_k64", DECODE_CLUSTER, 64, 1, 0)
     }
 }
 
