@@ -199,3 +199,78 @@ extern "C" __global__ void __launch_bounds__(256)
         if (best != 0) atomicMax(out + blockIdx.x, best);
     }
 }
+
+// y[M, N] = x[M, K] · W[N, K]ᵀ for a decode step's few rows (M <= 16): bf16 / f16 in, f32
+// accumulation on tensor cores, y in T. One CTA per 8 output columns; its warps split K in blocks
+// of 32 and stream their weight rows with 16-byte loads straight into mma.sync m16n8k16 operands
+// (no shared memory on the way), then add their partial 16 x 8 tiles in shared memory.
+// The mma's k order is a permutation of the block's: lane (g, t) = (lane / 4, lane % 4) loads
+// elements 8t .. 8t + 7 of a 32-wide block of W row n0 + g and of x rows g and g + 8; the first
+// mma takes elements 8t + 0..3 as its k pairs (2t, 2t + 8), the second 8t + 4..7 — the same
+// permutation for x and W, so the sum over k is unchanged. Needs N % 8 == 0 and K % 32 == 0.
+template <typename T, int WARPS>
+__device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int m, int n,
+                             int k) {
+    constexpr int U = 4;  // 32-wide blocks in flight per warp
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int n0 = blockIdx.x * 8;
+    const T* wr = w + (long long)(n0 + g) * k + t * 8;
+    // Rows past m read row m - 1 instead (valid memory): a row of the product depends on its own
+    // row of x alone, and those rows are not written.
+    const T* x0 = x + (long long)min(g, m - 1) * k + t * 8;
+    const T* x1 = x + (long long)min(g + 8, m - 1) * k + t * 8;
+    const bool r0 = g < m, r1 = g + 8 < m;
+    const int kb = k / 32;
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    auto step = [&](const uint4& wv, const uint4& av, const uint4& bv) {
+        const uint32_t a_lo[4] = {av.x, bv.x, av.y, bv.y};
+        mma16816<T>(c, a_lo, wv.x, wv.y);
+        const uint32_t a_hi[4] = {av.z, bv.z, av.w, bv.w};
+        mma16816<T>(c, a_hi, wv.z, wv.w);
+    };
+    int b0 = warp * U;
+    for (; b0 + U <= kb; b0 += WARPS * U) {
+        uint4 wv[U], av[U], bv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            wv[u] = __ldg(reinterpret_cast<const uint4*>(wr + (b0 + u) * 32));
+            av[u] = __ldg(reinterpret_cast<const uint4*>(x0 + (b0 + u) * 32));
+            bv[u] = __ldg(reinterpret_cast<const uint4*>(x1 + (b0 + u) * 32));
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) step(wv[u], av[u], bv[u]);
+    }
+    // The last blocks of a warp's share (fewer than U).
+    for (int b = b0; b < min(b0 + U, kb); b++)
+        step(__ldg(reinterpret_cast<const uint4*>(wr + b * 32)), __ldg(reinterpret_cast<const uint4*>(x0 + b * 32)),
+             __ldg(reinterpret_cast<const uint4*>(x1 + b * 32)));
+    __shared__ float red[WARPS][32][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) red[warp][lane][i] = c[i];
+    __syncthreads();
+    if (warp != 0) return;
+    for (int v = 1; v < WARPS; v++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) c[i] += red[v][lane][i];
+    // c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8.
+    const int col = n0 + 2 * t;
+    if (r0) {
+        y[(long long)g * n + col] = from_f<T>(c[0]);
+        y[(long long)g * n + col + 1] = from_f<T>(c[1]);
+    }
+    if (r1) {
+        y[(long long)(g + 8) * n + col] = from_f<T>(c[2]);
+        y[(long long)(g + 8) * n + col + 1] = from_f<T>(c[3]);
+    }
+}
+
+#define MATMUL_SMALL(NAME, T, W)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * W) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
+        matmul_small<T, W>(x, w, y, m, n, k);                                                             \
+    }
+
+MATMUL_SMALL(matmul_small_bf16_w4, __nv_bfloat16, 4)
+MATMUL_SMALL(matmul_small_bf16_w8, __nv_bfloat16, 8)
+MATMUL_SMALL(matmul_small_f16_w4, __half, 4)
+MATMUL_SMALL(matmul_small_f16_w8, __half, 8)

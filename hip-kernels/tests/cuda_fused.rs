@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use hip_kernels::cuda::{
-    add_rms_norm_cuda, argmax_rows_cuda, qkv_rope_write_cuda, silu_mul_cuda, QkvRopeWrite,
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, qkv_rope_write_cuda, silu_mul_cuda, QkvRopeWrite,
 };
 use hip_kernels::{Error, Rope};
 
@@ -267,4 +267,52 @@ fn argmax_rows_matches_cpu() {
     assert!(matches!(argmax_rows_cuda(&b), Err(Error::DType { .. })));
     let e = Tensor::zeros((2, 0), DType::F32, &dev).unwrap();
     assert!(matches!(argmax_rows_cuda(&e), Err(Error::Shape { .. })));
+}
+
+/// The few-row product against an f32 CPU matmul of the same bf16 / f16 values, at every row
+/// count it takes (1, 7, 16 among them) and at the shapes of Qwen2.5-1.5B's products (q/k/v 2048,
+/// o 1536, gate/up 17920 over k 1536; down 1536 over k 8960) plus awkward ones; bad shapes and
+/// dtypes are typed errors.
+#[test]
+fn matmul_small_matches_matmul() {
+    let dev = gpu();
+    let shapes =
+        [(1usize, 32usize, 8usize), (7, 1536, 2048), (16, 8960, 1536), (13, 96, 4104), (16, 1536, 17920)];
+    for (m, k, n) in shapes.into_iter().chain((1..=16).map(|m| (m, 160, 24))) {
+        for dt in [DType::BF16, DType::F16] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dt).unwrap();
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
+            let got = matmul_small_cuda(&x, &w).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (&[m, n][..], dt));
+            let want = cpu32(&x).matmul(&cpu32(&w).t().unwrap()).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(e <= tol(dt), "{m}x{k} . {n}x{k} {dt:?}: rel err {e}");
+        }
+    }
+    // A strided x (a column range) is made contiguous first.
+    let wide = Tensor::randn(0f32, 1.0, (5, 96), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let x = wide.narrow(1, 32, 64).unwrap();
+    let w = Tensor::randn(0f32, 0.1, (16, 64), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+    let want = cpu32(&x).matmul(&cpu32(&w).t().unwrap()).unwrap();
+    assert!(rel_err(&matmul_small_cuda(&x, &w).unwrap(), &want) <= 1e-2);
+    let bf = |shape: (usize, usize)| Tensor::zeros(shape, DType::BF16, &dev).unwrap();
+    for (x, w) in [
+        (bf((17, 64)), bf((8, 64))), // too many rows
+        (bf((0, 64)), bf((8, 64))),  // none
+        (bf((4, 48)), bf((8, 48))),  // k not a multiple of 32
+        (bf((4, 64)), bf((8, 32))),  // k differs
+        (bf((4, 64)), bf((12, 64))), // n not a multiple of 8
+    ] {
+        assert!(
+            matches!(matmul_small_cuda(&x, &w), Err(Error::Shape { .. })),
+            "{:?} {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let x32 = Tensor::zeros((4, 64), DType::F32, &dev).unwrap();
+    let w32 = Tensor::zeros((8, 64), DType::F32, &dev).unwrap();
+    assert!(matches!(matmul_small_cuda(&x32, &w32), Err(Error::DType { .. })));
+    let xf = Tensor::zeros((4, 64), DType::F16, &dev).unwrap();
+    assert!(matches!(matmul_small_cuda(&xf, &bf((8, 64))), Err(Error::DType { .. })));
 }

@@ -3,7 +3,7 @@
 # the defaults. Correctness first (the CUDA tests under each form), then one e2e decode measurement
 # per form at 128k x 16 (Qwen2.5-1.5B shapes, KV filled from random values), so that the fastest
 # correct form can become the default. Expects the `make cuda` binaries unpacked with
-# scripts/gpu-unpack.sh into $HIP_BIN (cuda, gpu, hip-bench among them) and writes $OUT/summary.txt and
+# scripts/gpu-unpack.sh into $HIP_BIN (cuda, cuda_fused, gpu, hip-bench among them) and writes $OUT/summary.txt and
 # $OUT/forms-logs.tgz.
 #
 #   HIP_BIN=/tmp/b bash scripts/h200/forms.sh   (FORMS_E2E=0: the tests alone; SPAN_FORMS, MASK_FORMS,
@@ -25,6 +25,11 @@ for f in $SPAN_FORMS; do
 done
 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu.log" 2>&1; echo "gpu rc=$?" >>"$S"
 grep -E "test result|panicked" "$O/gpu.log" >>"$S"
+# The few-row product (opt-in HIP_SMALL_MATMUL=1): its kernel test, and the model tests through it.
+timeout 60 "$B"/cuda_fused matmul_small >"$O/cuda_fused_matmul.log" 2>&1; echo "cuda_fused matmul_small rc=$?" >>"$S"
+grep -E "test result|panicked" "$O/cuda_fused_matmul.log" >>"$S"
+HIP_SMALL_MATMUL=1 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu_small.log" 2>&1; echo "gpu (HIP_SMALL_MATMUL=1) rc=$?" >>"$S"
+grep -E "test result|panicked" "$O/gpu_small.log" >>"$S"
 [[ ${FORMS_E2E:-1} == 0 ]] && exit 0
 run() {  # name, then env assignments
   local name=$1; shift
@@ -35,4 +40,5 @@ run() {  # name, then env assignments
 run default
 for f in $SPAN_FORMS; do run "span_$f" HIP_SPAN_DECODE=$f; done
 for f in ${E2E_MASK_FORMS:-}; do run "mask_$f" HIP_MASK_FEW=$f; done
+run small_matmul HIP_SMALL_MATMUL=1
 run default_again

@@ -40,11 +40,51 @@ impl Linear {
     /// result is in that dtype).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = self.dtype();
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.forward_small(x)? {
+            return Ok(match &self.b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let y = if x.dtype() == dt { self.w.forward(x)? } else { self.w.forward(&x.to_dtype(dt)?)? };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Linear {
+    /// With `HIP_SMALL_MATMUL=1` (opt-in until measured on the H200): a product of at most 16 rows
+    /// with plain bf16 / f16 weights on the GPU takes `hip_kernels::cuda::matmul_small_cuda` (one
+    /// launch streaming the weights into tensor-core operands) instead of cuBLAS; `None` when
+    /// it does not apply.
+    fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var("HIP_SMALL_MATMUL").is_ok_and(|v| v == "1")) {
+            return Ok(None);
+        }
+        let QMatMul::Tensor(w) = &self.w else { return Ok(None) };
+        let (n, k) = w.dims2()?;
+        let rows = if x.rank() == 0 || k == 0 { 0 } else { x.elem_count() / k };
+        if !x.device().is_cuda()
+            || !matches!(w.dtype(), DType::BF16 | DType::F16)
+            || x.dims().last() != Some(&k)
+            || !(1..=hip_kernels::cuda::MATMUL_SMALL_MAX_ROWS).contains(&rows)
+            || k % 32 != 0
+            || n % 8 != 0
+        {
+            return Ok(None);
+        }
+        let x2 = x.to_dtype(w.dtype())?.reshape((rows, k))?;
+        let y = hip_kernels::cuda::matmul_small_cuda(&x2, w)?;
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok(Some(y.reshape(shape)?))
     }
 }
 

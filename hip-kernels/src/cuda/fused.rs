@@ -205,3 +205,86 @@ pub fn argmax_rows_cuda(x: &Tensor) -> Result<Vec<u32>> {
     // The low 32 bits hold the column inverted (see argmax_key in fused.cu).
     Ok(host.into_iter().map(|k| !(k as u32)).collect())
 }
+
+/// `x Wᵀ` for a decode step's few rows: `x: [m, k]` with 1 ≤ m ≤ 16, `w: [n, k]` (a linear
+/// layer's weights), both bf16 or both f16 on one CUDA device, `n % 8 == 0`, `k % 32 == 0`;
+/// returns `[m, n]` in their dtype (f32 accumulation on tensor cores). One launch of `n / 8`
+/// CTAs that stream the weights straight into the MMA operands; equals
+/// `x.matmul(&w.t())` up to the order of the f32 sums.
+///
+/// # Errors
+/// Shapes, dtypes or devices that do not fit (typed, naming the argument).
+pub fn matmul_small_cuda(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dev = &cuda_device(x.device(), "matmul_small")?;
+    if !w.device().same_device(x.device()) {
+        return Err(Error::UnsupportedDevice {
+            op: "matmul_small (w)",
+            device: format!("{:?}", w.device().location()),
+        });
+    }
+    let (m, k) = x.dims2().map_err(|_| Error::shape("x", "[m, k]", x.dims()))?;
+    let (n, kw) = w.dims2().map_err(|_| Error::shape("w", "[n, k]", w.dims()))?;
+    if !(1..=MATMUL_SMALL_MAX_ROWS).contains(&m) {
+        return Err(Error::shape("x", "[1..=16 rows, k]", x.dims()));
+    }
+    if kw != k || k % 32 != 0 || k == 0 {
+        return Err(Error::shape("w", "[n, k] with x's k, a multiple of 32", w.dims()));
+    }
+    if n % 8 != 0 || n == 0 || n > (u32::MAX as usize) * 8 {
+        return Err(Error::shape("w", "[n, k] with n a multiple of 8", w.dims()));
+    }
+    if w.dtype() != x.dtype() {
+        return Err(Error::DType {
+            name: "w",
+            expected: format!("{:?} (x's dtype)", x.dtype()),
+            got: w.dtype(),
+        });
+    }
+    let warps = if k >= 2048 { 8 } else { 4 };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match x.dtype() {
+        DType::BF16 => {
+            matmul_small_launch::<bf16>(&x, &w, dev, &format!("matmul_small_bf16_w{warps}"), warps)
+        }
+        DType::F16 => matmul_small_launch::<f16>(&x, &w, dev, &format!("matmul_small_f16_w{warps}"), warps),
+        other => Err(Error::DType { name: "x", expected: "bf16 or f16".into(), got: other }),
+    }
+}
+
+/// The most rows [`matmul_small_cuda`] takes (one MMA tile).
+pub const MATMUL_SMALL_MAX_ROWS: usize = 16;
+
+fn matmul_small_launch<
+    T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::WithDType,
+>(
+    x: &Tensor,
+    w: &Tensor,
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    warps: u32,
+) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let n = w.dims2()?.0;
+    let stream = dev.cuda_stream();
+    let (xp, wp) = (dev_ptr::<T>(x, dev)?, dev_ptr::<T>(w, dev)?);
+    // Warp 0 of each CTA writes its 8 columns of every one of the m rows.
+    let out = alloc_out::<T>(dev, m * n)?;
+    {
+        let (op, _g) = out.device_ptr(&stream);
+        let f = func(dev, FUSED, FUSED_MODULE, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n / 8) as u32, 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xp).arg(&wp).arg(&op).arg(&m32).arg(&n32).arg(&k32);
+        // SAFETY: argument list matches `matmul_small_*_w{warps}` (compiled for 32 * warps
+        // threads); x holds m * k, w n * k and out m * n elements; 1 <= m <= 16, n % 8 == 0,
+        // k % 32 == 0 (checked by the caller).
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    }
+    let s = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Ok(Tensor::from_storage(Storage::Cuda(s), (m, n), BackpropOp::none(), false))
+}

@@ -33,7 +33,9 @@ mod fused;
 mod offload;
 mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
-pub use fused::{add_rms_norm_cuda, argmax_rows_cuda, silu_mul_cuda};
+pub use fused::{
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, silu_mul_cuda, MATMUL_SMALL_MAX_ROWS,
+};
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
     HostKvStore, LayerCaches, OffloadedKv,
