@@ -41,13 +41,14 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = self.dtype();
         #[cfg(feature = "cuda")]
-        if let Some(y) = self.forward_small(x)? {
-            return Ok(match &self.b {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
-        }
-        let y = if x.dtype() == dt { self.w.forward(x)? } else { self.w.forward(&x.to_dtype(dt)?)? };
+        let small = self.forward_small(x)?;
+        #[cfg(not(feature = "cuda"))]
+        let small = None;
+        let y = match small {
+            Some(y) => y,
+            None if x.dtype() == dt => self.w.forward(x)?,
+            None => self.w.forward(&x.to_dtype(dt)?)?,
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,

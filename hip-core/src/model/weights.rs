@@ -287,10 +287,10 @@ impl Model {
                     prof.mark(Phase::Qkv)?;
                     let (q, k) = match &tables {
                         Some((cos, sin)) => {
-                            if act_tables.is_none() {
-                                act_tables = Some((cos.to_dtype(act)?, sin.to_dtype(act)?));
-                            }
-                            let (cos, sin) = act_tables.as_ref().expect("set above");
+                            let (cos, sin) = match act_tables {
+                                Some(ref t) => t,
+                                None => act_tables.insert((cos.to_dtype(act)?, sin.to_dtype(act)?)),
+                            };
                             (
                                 rotate_tokens(&self.rope, &q, cos, sin)?,
                                 rotate_tokens(&self.rope, &k, cos, sin)?,

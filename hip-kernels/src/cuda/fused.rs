@@ -8,7 +8,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{alloc_out, cuda_device, cuda_err, dev_ptr, func};
+use super::{alloc_out, check_same_device, cuda_device, cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
 pub(super) const FUSED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused.fatbin"));
@@ -52,16 +52,7 @@ pub fn add_rms_norm_cuda(
             });
         }
     }
-    for (name, t) in [("w", Some(w)), ("delta", delta)] {
-        if let Some(t) = t {
-            if !t.device().same_device(x.device()) {
-                return Err(Error::UnsupportedDevice {
-                    op: name,
-                    device: format!("{:?}", t.device().location()),
-                });
-            }
-        }
-    }
+    check_same_device(x, std::iter::once(w).chain(delta), "add_rms_norm")?;
     if rows == 0 || h == 0 {
         return Ok((x.clone(), x.to_dtype(out)?));
     }
@@ -216,12 +207,7 @@ pub fn argmax_rows_cuda(x: &Tensor) -> Result<Vec<u32>> {
 /// Shapes, dtypes or devices that do not fit (typed, naming the argument).
 pub fn matmul_small_cuda(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dev = &cuda_device(x.device(), "matmul_small")?;
-    if !w.device().same_device(x.device()) {
-        return Err(Error::UnsupportedDevice {
-            op: "matmul_small (w)",
-            device: format!("{:?}", w.device().location()),
-        });
-    }
+    check_same_device(x, [w], "matmul_small")?;
     let (m, k) = x.dims2().map_err(|_| Error::shape("x", "[m, k]", x.dims()))?;
     let (n, kw) = w.dims2().map_err(|_| Error::shape("w", "[n, k]", w.dims()))?;
     if !(1..=MATMUL_SMALL_MAX_ROWS).contains(&m) {

@@ -332,6 +332,18 @@ fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
     cuda_device(t.device(), "span attention")
 }
 
+/// [`Error::UnsupportedDevice`] naming `op` for the first of `tensors` not on `like`'s device.
+fn check_same_device<'a>(
+    like: &Tensor,
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+    op: &'static str,
+) -> Result<()> {
+    match tensors.into_iter().find(|t| !t.device().same_device(like.device())) {
+        Some(t) => Err(Error::UnsupportedDevice { op, device: format!("{:?}", t.device().location()) }),
+        None => Ok(()),
+    }
+}
+
 /// The CUDA device of `device`, or [`Error::UnsupportedDevice`] naming `op`.
 fn cuda_device(device: &Device, op: &'static str) -> Result<CudaDevice> {
     match device {
@@ -1068,9 +1080,8 @@ fn launch_mask(
         // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
         let smem = cap * 28;
         // `mask_few_form`: the `p` forms (the default `_o2p` among them) add the placements'
-        // offsets to the shared memory.
-        // A search too wide for both in one CTA's shared memory (a budget of thousands of blocks)
-        // takes the form without the placement.
+        // offsets to the shared memory; a search too wide for both in one CTA's shared memory (a
+        // budget of thousands of blocks) takes the form without the placement.
         let mut form = mask_few_form();
         let mut place =
             if form.ends_with('p') { cap * cfg.block_size_k.div_ceil(cfg.block_stride_k) * 8 } else { 0 };

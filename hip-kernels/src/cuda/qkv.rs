@@ -9,7 +9,7 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::fused::{FUSED, FUSED_MODULE};
-use super::{alloc_out, cuda_device, cuda_err, dev_ptr, func};
+use super::{alloc_out, check_same_device, cuda_device, cuda_err, dev_ptr, func};
 use crate::error::{Error, Result};
 
 /// The inputs of [`qkv_rope_write_cuda`].
@@ -103,14 +103,7 @@ pub fn qkv_rope_write_cuda(a: &QkvRopeWrite<'_>) -> Result<Tensor> {
         }
     }
     let all = [a.k, a.v, a.cos, a.sin, a.rows, a.k_pool, a.v_pool];
-    for t in all.iter().copied().chain(a.bias) {
-        if !t.device().same_device(a.q.device()) {
-            return Err(Error::UnsupportedDevice {
-                op: "qkv_rope_write",
-                device: format!("{:?}", t.device().location()),
-            });
-        }
-    }
+    check_same_device(a.q, all.into_iter().chain(a.bias), "qkv_rope_write")?;
     if n == 0 {
         return Ok(Tensor::zeros((0, a.heads, d), dt, a.q.device())?);
     }
