@@ -155,11 +155,13 @@ fn logits_match_cpu(arch: &str) {
     // HiP: the GPU's search scores bf16 keys, so near-tied blocks can be chosen differently
     // from the f32 CPU search, and a step whose mask differs moves the logits by up to about as
     // much as HiP differs from dense (measured over fresh weights on the H200: the median step
-    // is ~5e-2 against a HiP-vs-dense gap of ~0.7, single steps up to ~0.5). Wiring faults
-    // (a stale or foreign decode mask, a wrong block table) move every step by the full gap.
+    // is ~5e-2 against a HiP-vs-dense gap of ~0.7, single steps up to ~0.5; two runs in about
+    // a dozen, on 2026-12-03 and 12-04, had medians of 0.37 and 0.33 of the gap, when many steps'
+    // masks flipped). Wiring faults (a stale or foreign decode mask, a wrong block table) move
+    // every step by the full gap, so half the gap still tells them apart.
     let (m_hip, m_gap) = (median(&mut hip_errs), median(&mut gaps));
     assert!(
-        m_hip <= 0.3 * m_gap,
+        m_hip <= 0.5 * m_gap,
         "{arch} hip: median gpu/cpu rel err {m_hip} vs median hip/dense gap {m_gap}"
     );
 }

@@ -201,76 +201,99 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // y[M, N] = x[M, K] · W[N, K]ᵀ for a decode step's few rows (M <= 16): bf16 / f16 in, f32
-// accumulation on tensor cores, y in T. One CTA per 8 output columns; its warps split K in blocks
-// of 32 and stream their weight rows with 16-byte loads straight into mma.sync m16n8k16 operands
-// (no shared memory on the way), then add their partial 16 x 8 tiles in shared memory.
+// accumulation on tensor cores, y in T. One CTA per 8 * NT output columns; its WARPS warps split K
+// in blocks of 32 (block b to warp b % WARPS) and stream their weight rows with 16-byte loads
+// straight into mma.sync m16n8k16 operands (no shared memory on the way): U blocks a warp at a
+// time, every load of them issued before the first mma (predicated, no serial tail), one x
+// fragment serving NT column tiles (x is re-read from L2 by every CTA: NT > 1 cuts that traffic,
+// which for 8 columns a CTA was twice the weights'). The partial tiles are added in shared memory,
+// one output element a thread. With M <= 8 the second half of the A operand is zero and x's rows
+// 8.. are not read.
 // The mma's k order is a permutation of the block's: lane (g, t) = (lane / 4, lane % 4) loads
 // elements 8t .. 8t + 7 of a 32-wide block of W row n0 + g and of x rows g and g + 8; the first
 // mma takes elements 8t + 0..3 as its k pairs (2t, 2t + 8), the second 8t + 4..7 — the same
-// permutation for x and W, so the sum over k is unchanged. Needs N % 8 == 0 and K % 32 == 0.
-template <typename T, int WARPS>
+// permutation for x and W, so the sum over k is unchanged. Needs N % (8 NT) == 0, K % 32 == 0.
+__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+template <typename T, int WARPS, int NT>
 __device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int m, int n,
                              int k) {
-    constexpr int U = 4;  // 32-wide blocks in flight per warp
+    constexpr int U = NT == 4 ? 2 : 4;  // 32-wide blocks in flight per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int n0 = blockIdx.x * 8;
+    const int n0 = blockIdx.x * 8 * NT;
     const T* wr = w + (long long)(n0 + g) * k + t * 8;
     // Rows past m read row m - 1 instead (valid memory): a row of the product depends on its own
     // row of x alone, and those rows are not written.
     const T* x0 = x + (long long)min(g, m - 1) * k + t * 8;
     const T* x1 = x + (long long)min(g + 8, m - 1) * k + t * 8;
-    const bool r0 = g < m, r1 = g + 8 < m;
+    const bool hi = m > 8;
     const int kb = k / 32;
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    auto step = [&](const uint4& wv, const uint4& av, const uint4& bv) {
-        const uint32_t a_lo[4] = {av.x, bv.x, av.y, bv.y};
-        mma16816<T>(c, a_lo, wv.x, wv.y);
-        const uint32_t a_hi[4] = {av.z, bv.z, av.w, bv.w};
-        mma16816<T>(c, a_hi, wv.z, wv.w);
-    };
-    int b0 = warp * U;
-    for (; b0 + U <= kb; b0 += WARPS * U) {
-        uint4 wv[U], av[U], bv[U];
+    float c[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+    for (int j0 = warp; j0 < kb; j0 += WARPS * U) {
+        uint4 wv[U][NT], av[U], bv[U];
+        // Every load of the U blocks is issued before the first mma, unconditionally: past the
+        // last block a warp re-reads the last one (valid memory) and zeroes its x, so the mma adds
+        // nothing. (Loads under a condition, or a skipped mma, let the compiler sink each load to
+        // just before its mma: one round trip per block. So does ptxas when it aims at two CTAs
+        // a multiprocessor: hence __launch_bounds__(.., 1) below; check with nvdisasm that the
+        // LDGs of an iteration come before its HMMAs.)
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            wv[u] = __ldg(reinterpret_cast<const uint4*>(wr + (b0 + u) * 32));
-            av[u] = __ldg(reinterpret_cast<const uint4*>(x0 + (b0 + u) * 32));
-            bv[u] = __ldg(reinterpret_cast<const uint4*>(x1 + (b0 + u) * 32));
+            const int b = min(j0 + u * WARPS, kb - 1);
+#pragma unroll
+            for (int j = 0; j < NT; j++) wv[u][j] = ldg16(wr + (long long)j * 8 * k + b * 32);
+            av[u] = ldg16(x0 + b * 32);
+            bv[u] = ldg16((hi ? x1 : x0) + b * 32);
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) step(wv[u], av[u], bv[u]);
-    }
-    // The last blocks of a warp's share (fewer than U).
-    for (int b = b0; b < min(b0 + U, kb); b++)
-        step(__ldg(reinterpret_cast<const uint4*>(wr + b * 32)), __ldg(reinterpret_cast<const uint4*>(x0 + b * 32)),
-             __ldg(reinterpret_cast<const uint4*>(x1 + b * 32)));
-    __shared__ float red[WARPS][32][4];
+        for (int u = 0; u < U; u++) {
+            const uint32_t keep = j0 + u * WARPS < kb ? ~0u : 0u, keep_hi = hi ? keep : 0u;
+            av[u] = make_uint4(av[u].x & keep, av[u].y & keep, av[u].z & keep, av[u].w & keep);
+            bv[u] = make_uint4(bv[u].x & keep_hi, bv[u].y & keep_hi, bv[u].z & keep_hi, bv[u].w & keep_hi);
+            const uint32_t a_lo[4] = {av[u].x, bv[u].x, av[u].y, bv[u].y};
+            const uint32_t a_hi[4] = {av[u].z, bv[u].z, av[u].w, bv[u].w};
 #pragma unroll
-    for (int i = 0; i < 4; i++) red[warp][lane][i] = c[i];
+            for (int j = 0; j < NT; j++) {
+                mma16816<T>(c[j], a_lo, wv[u][j].x, wv[u][j].y);
+                mma16816<T>(c[j], a_hi, wv[u][j].z, wv[u][j].w);
+            }
+        }
+    }
+    __shared__ float red[WARPS][NT * 4][32];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[warp][j * 4 + i][lane] = c[j][i];
     __syncthreads();
-    if (warp != 0) return;
-    for (int v = 1; v < WARPS; v++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) c[i] += red[v][lane][i];
-    // c0, c1: row g, columns 2t, 2t + 1; c2, c3: row g + 8.
-    const int col = n0 + 2 * t;
-    if (r0) {
-        y[(long long)g * n + col] = from_f<T>(c[0]);
-        y[(long long)g * n + col + 1] = from_f<T>(c[1]);
-    }
-    if (r1) {
-        y[(long long)(g + 8) * n + col] = from_f<T>(c[2]);
-        y[(long long)(g + 8) * n + col + 1] = from_f<T>(c[3]);
+    // c[j][0..1]: row g, columns 2t, 2t + 1 of tile j; c[j][2..3]: row g + 8.
+    for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
+        const int vi = e / 32, ln = e % 32, j = vi / 4, i = vi % 4;
+        const int row = ln / 4 + 8 * (i / 2), col = n0 + j * 8 + 2 * (ln % 4) + (i % 2);
+        if (row >= m) continue;
+        float sum = 0.f;
+#pragma unroll 4
+        for (int v = 0; v < WARPS; v++) sum += red[v][vi][ln];
+        y[(long long)row * n + col] = from_f<T>(sum);
     }
 }
 
-#define MATMUL_SMALL(NAME, T, W)                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * W) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
-        matmul_small<T, W>(x, w, y, m, n, k);                                                             \
+#define MATMUL_SMALL(NAME, T, W, NT)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * W, 1) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
+        matmul_small<T, W, NT>(x, w, y, m, n, k);                                                         \
     }
+#define MATMUL_SMALL_NT(W, NT)                                                                             \
+    MATMUL_SMALL(matmul_small_bf16_w##W##_t##NT, __nv_bfloat16, W, NT)                                    \
+    MATMUL_SMALL(matmul_small_f16_w##W##_t##NT, __half, W, NT)
 
-MATMUL_SMALL(matmul_small_bf16_w4, __nv_bfloat16, 4)
-MATMUL_SMALL(matmul_small_bf16_w8, __nv_bfloat16, 8)
-MATMUL_SMALL(matmul_small_f16_w4, __half, 4)
-MATMUL_SMALL(matmul_small_f16_w8, __half, 8)
+MATMUL_SMALL_NT(4, 1)
+MATMUL_SMALL_NT(4, 2)
+MATMUL_SMALL_NT(4, 4)
+MATMUL_SMALL_NT(8, 1)
+MATMUL_SMALL_NT(8, 2)
+MATMUL_SMALL_NT(8, 4)
+MATMUL_SMALL_NT(16, 1)
+MATMUL_SMALL_NT(16, 2)
+MATMUL_SMALL_NT(16, 4)

@@ -555,26 +555,46 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
     cluster.sync();  // no CTA leaves while the first one still reads its shared memory
 }
 
-// Dense decode, GQA-aware, on tensor cores: one CTA per (split, KV head, batch * t_q) handles
-// every query head of the KV head's group (G <= 8), so each K/V row is read once. The G queries
-// are the first rows of a 16-row mma A tile kept in registers. K/V tiles of BN = 64 keys stream
-// through a STAGES-deep cp.async pipeline (swizzled rows: conflict-free ldmatrix); each warp takes
-// 16 keys of a tile: S = Q K^T (m16n8k16), an online softmax per head row, O += P V with P
-// straight from the S registers — the prefill kernel's structure with warps splitting the keys
-// instead of the queries. The warps' states merge in shared memory at the end; partials go to the
-// workspace `span_attn_combine` reduces.
+// Decode, GQA-aware, on tensor cores: one CTA per (split, KV head, batch * t_q) handles every
+// query head of the KV head's group (G <= 8), so each K/V row is read once for the group. The G
+// queries are the first rows of a 16-row mma A tile kept in registers. K/V tiles of BN = 64 keys
+// stream through a STAGES-deep cp.async pipeline (swizzled rows: conflict-free ldmatrix); each
+// warp takes 16 keys of a tile: S = Q K^T (m16n8k16), an online softmax per head row, O += P V
+// with P straight from the S registers — the prefill kernel's structure with warps splitting the
+// keys instead of the queries. The warps' states merge in shared memory at the end; partials go
+// to the workspace `span_attn_combine` reduces.
+//
+// Dense (LIST false): the keys are the tokens [0, p]; every row admits each.
+// HiP (LIST true): the keys are the group's list, the shared segments once for all heads (sink,
+// then window) and after them each head's mask blocks (every slot, as in `key_list` uncounted):
+//   [0, len_a)                       sink      admitted by every head of the group
+//   [len_a, len_a + len_c)           window    admitted by every head
+//   + r * max_blocks * block_k ...   head r's blocks, admitted by head r alone (as `admit` says)
+// so a token two heads selected is loaded twice but attended once per head. The CTA places up
+// to GROUP list positions at once (location and a bit per admitting head, in shared memory),
+// then streams their rows through the stages. One CTA thus serves G rows that the one-row span
+// decode serves with G CTAs, and the scores run on tensor cores.
 
 constexpr int DENSE_DEC_STAGES = 3;
+constexpr int GQA_GROUP = 512;  // list positions placed at once (LIST)
 
-template <typename T, int D>
-__device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
-                                 KvArgs kv, float scale_log2, int keys_per_split, float* __restrict__ part_m,
-                                 float* __restrict__ part_l, float* __restrict__ part_acc, int n_splits) {
+template <int D>
+__host__ __device__ constexpr int gqa_decode_smem(bool list) {
+    return DENSE_DEC_STAGES * 2 * 64 * D * 2 + 16 * (D + 8) * 2 + (list ? GQA_GROUP * (8 + 1) : 0);
+}
+
+template <typename T, int D, bool LIST>
+__device__ void gqa_decode_mma(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
+                               KvArgs kv, MaskArgs mask, float scale_log2, int keys_per_split,
+                               float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
+                               int n_splits) {
     constexpr int WARPS = 4, NT = 32 * WARPS, BN = 16 * WARPS, STAGES = DENSE_DEC_STAGES;
     constexpr int CH = D / 8, KD = D / 16, NO = D / 8, LDQ = D + 8;
     extern __shared__ __align__(128) unsigned char smem[];
     T* tiles = reinterpret_cast<T*>(smem);            // [STAGES][2][BN][D]: K then V of each stage
     T* Qs = tiles + STAGES * 2 * BN * D;              // [16][LDQ]
+    long long* kloc = reinterpret_cast<long long*>(Qs + 16 * LDQ);  // LIST: [GQA_GROUP], -1 none
+    unsigned char* khm = reinterpret_cast<unsigned char*>(kloc + GQA_GROUP);  // LIST: head bits
     float* mrg = reinterpret_cast<float*>(tiles);     // after the loop: [WARPS][8][D + 2] (acc, m, l)
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -582,9 +602,26 @@ __device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long lo
     const int split = blockIdx.x, hk = blockIdx.y;
     const int b = blockIdx.z / t_q, i = blockIdx.z % t_q;
     const int G = heads_q / kv.heads_kv;
-    const int p = kv_len(kv, b) - t_q + i;
-    const int start = split * keys_per_split, end = min(p + 1, start + keys_per_split);
-    const int n_tiles = end > start ? (end - start + BN - 1) / BN : 0;
+    const int len = kv_len(kv, b);
+    const int p = len - t_q + i;
+    // The positions of this split: tokens (dense) or list positions.
+    int start, end;
+    KeyList keys{};
+    int per_head = 0, shared_len = 0, mb = 0;
+    if constexpr (LIST) {
+        mb = mask.slots != nullptr ? mask.slots[b] : b;
+        if (mask.tks != nullptr) mask.window += len - (int)mask.tks[mb];
+        keys = key_list(mask, ((long long)mb * heads_q + hk * G) * mask.n_qblocks + i / mask.block_q, p, p, false);
+        per_head = mask.max_blocks * mask.block_k;
+        shared_len = keys.len_a + keys.len_c;
+        const int L = shared_len + G * per_head;
+        const int per = (L + n_splits - 1) / n_splits;
+        start = split * per;
+        end = min(L, start + per);
+    } else {
+        start = split * keys_per_split;
+        end = min(p + 1, start + keys_per_split);
+    }
     const T* K = static_cast<const T*>(kv.k);
     const T* V = static_cast<const T*>(kv.v);
 
@@ -595,90 +632,149 @@ __device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long lo
         cp_async16(Qs + r * LDQ + x, src, r < G ? 16 : 0);
     }
     cp_async_commit();
-    // K and V rows of tile t into its stage (zero rows past `end`); every thread computes the
-    // location of the rows it copies (recording each row's read once, at its first chunk).
-    auto issue = [&](int t) {
+    // LIST: where each of the n list positions from g0 is, and which heads admit it. A thread's
+    // PU positions go together through two rounds of loads: their mask slots (start and count),
+    // then their rows' block-table entries, instead of a chain of three loads per position.
+    auto place = [&](int g0, int n) {
+        constexpr int PU = GQA_GROUP / NT;
+        int js[PU];
+        unsigned bits[PU];
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            const int c = tid + u * NT, pos = g0 + c;
+            js[u] = -1;
+            bits[u] = 0;
+            if (c < n && pos < shared_len) {
+                const int seg = pos < keys.len_a ? 0 : 2;
+                const int j = seg == 0 ? pos : keys.wlo + (pos - keys.len_a);
+                if (j < len && admit(j, seg, p, mask.window)) { js[u] = j; bits[u] = (1u << G) - 1; }
+            } else if (c < n) {
+                const int off = pos - shared_len, r = off / per_head, slot = (off % per_head) / mask.block_k;
+                const long long mrow = ((long long)mb * heads_q + hk * G + r) * mask.n_qblocks + i / mask.block_q;
+                // Both loads at once: a slot past the count holds no key (its start is ignored).
+                const unsigned count = mask.counts[mrow];
+                const int j = (int)mask.starts[mrow * mask.max_blocks + slot] + off % mask.block_k;
+                if (slot < (int)count && j < len && admit(j, 1, p, mask.window)) { js[u] = j; bits[u] = 1u << r; }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            const int c = tid + u * NT;
+            if (c < n) {
+                khm[c] = (unsigned char)bits[u];
+                kloc[c] = bits[u] != 0 ? kv_loc<D>(kv, b, js[u], hk, false) : -1;
+            }
+        }
+    };
+    // K and V rows of tile t (positions t0 + t * BN ...) into its stage (zero rows past `gend` or
+    // for no key); dense: every thread computes the location of the rows it copies (recording
+    // each row's read once, at its first chunk).
+    auto issue = [&](int t0, int gend, int t) {
         T* Kt = tiles + (t % STAGES) * 2 * BN * D;
         T* Vt = Kt + BN * D;
-        const int t0 = start + t * BN;
+        const int r0 = t0 + t * BN;
         for (int c = tid; c < BN * CH; c += NT) {
-            const int r = c / CH, x = c % CH, j = t0 + r;
-            const bool ok = j < end;
-            const long long loc = ok ? kv_loc<D>(kv, b, j, hk, x == 0) : 0;
+            const int r = c / CH, x = c % CH, j = r0 + r;
+            long long loc = -1;
+            if constexpr (LIST) {
+                if (j < gend) loc = kloc[j - t0];
+            } else {
+                if (j < gend) loc = kv_loc<D>(kv, b, j, hk, x == 0);
+            }
+            const bool ok = loc != -1;
             cp_async16(Kt + swz_row<D>(r, x), ok ? kv_at<T>(K, kv.bank_k, loc) + x * 8 : K, ok ? 16 : 0);
             cp_async16(Vt + swz_row<D>(r, x), ok ? kv_at<T>(V, kv.bank_v, loc) + x * 8 : V, ok ? 16 : 0);
         }
     };
-#pragma unroll
-    for (int t = 0; t < STAGES - 1; t++) {
-        if (t < n_tiles) issue(t);
-        cp_async_commit();
-    }
-    cp_async_wait_all_but<STAGES - 1>();  // the queries
-    __syncthreads();
-    uint32_t qf[KD][4];
-#pragma unroll
-    for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (lane % 16) * LDQ + kk * 16 + (lane / 16) * 8);
 
+    uint32_t qf[KD][4];
     float o[NO][4];
 #pragma unroll
     for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_r = NEG_INF, l_r = 0.f;  // row g (rows g + 8 are padding)
-    for (int t = 0; t < n_tiles; t++) {
-        cp_async_wait_all_but<STAGES - 2>();
-        __syncthreads();  // tile t has landed; every warp is done with tile t - 1's stage
-        if (t + STAGES - 1 < n_tiles) issue(t + STAGES - 1);
-        cp_async_commit();
-        const T* Kt = tiles + (t % STAGES) * 2 * BN * D;
-        const T* Vt = Kt + BN * D;
-        float s[2][4];
-#pragma unroll
-        for (int n = 0; n < 2; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; kk++) {
-            uint32_t bk[4];
-            ldsm_x4(bk, Kt + swz_row<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
-            mma16816<T>(s[0], qf[kk], bk[0], bk[1]);
-            mma16816<T>(s[1], qf[kk], bk[2], bk[3]);
+    bool have_q = false;
+    // Dense: one group of every position; LIST: GQA_GROUP positions at a time.
+    const int group = LIST ? GQA_GROUP : (end > start ? end - start : 1);
+    for (int t0 = start; t0 < end; t0 += group) {
+        const int gend = min(end, t0 + group);
+        const int n_tiles = (gend - t0 + BN - 1) / BN;
+        if constexpr (LIST) {
+            place(t0, gend - t0);
+            __syncthreads();
         }
-        const int j0 = start + t * BN + warp * 16 + tq * 2;
-        float mx = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < 2; n++)
+        for (int t = 0; t < STAGES - 1; t++) {
+            if (t < n_tiles) issue(t0, gend, t);
+            cp_async_commit();
+        }
+        if (!have_q) {
+            cp_async_wait_all_but<STAGES - 1>();  // the queries
+            __syncthreads();
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                if (j0 + n * 8 + e >= end) s[n][e] = NEG_INF;
-                mx = fmaxf(mx, s[n][e]);
+            for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (lane % 16) * LDQ + kk * 16 + (lane / 16) * 8);
+            have_q = true;
+        }
+        for (int t = 0; t < n_tiles; t++) {
+            cp_async_wait_all_but<STAGES - 2>();
+            __syncthreads();  // tile t has landed; every warp is done with tile t - 1's stage
+            if (t + STAGES - 1 < n_tiles) issue(t0, gend, t + STAGES - 1);
+            cp_async_commit();
+            const T* Kt = tiles + (t % STAGES) * 2 * BN * D;
+            const T* Vt = Kt + BN * D;
+            float s[2][4];
+#pragma unroll
+            for (int n = 0; n < 2; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KD; kk++) {
+                uint32_t bk[4];
+                ldsm_x4(bk, Kt + swz_row<D>(warp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+                mma16816<T>(s[0], qf[kk], bk[0], bk[1]);
+                mma16816<T>(s[1], qf[kk], bk[2], bk[3]);
             }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_r, mx);
-        const float ms = m_new == NEG_INF ? 0.f : m_new * scale_log2;
-        const float alpha = exp2f(m_r * scale_log2 - ms);
-        m_r = m_new;
-        uint32_t pf[4];
-        float sum = 0.f;
+            const int c0 = t * BN + warp * 16 + tq * 2;  // this lane's first column, from t0
+            float mx = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < 2; n++) {
-            const float a0 = exp2f(fmaf(s[n][0], scale_log2, -ms));
-            const float a1 = exp2f(fmaf(s[n][1], scale_log2, -ms));
-            sum += a0 + a1;
-            pf[n * 2] = pack2<T>(a0, a1);
-            pf[n * 2 + 1] = 0u;  // rows g + 8: padding
-        }
-        l_r = l_r * alpha + sum;
+            for (int n = 0; n < 2; n++)
 #pragma unroll
-        for (int n = 0; n < NO; n++) {
-            o[n][0] *= alpha;
-            o[n][1] *= alpha;
-        }
+                for (int e = 0; e < 2; e++) {
+                    const int c = c0 + n * 8 + e;
+                    bool ok = t0 + c < gend;
+                    if constexpr (LIST) ok = ok && ((khm[c] >> g) & 1u);
+                    if (!ok) s[n][e] = NEG_INF;
+                    mx = fmaxf(mx, s[n][e]);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_r, mx);
+            const float ms = m_new == NEG_INF ? 0.f : m_new * scale_log2;
+            const float alpha = exp2f(m_r * scale_log2 - ms);
+            m_r = m_new;
+            uint32_t pf[4];
+            float sum = 0.f;
 #pragma unroll
-        for (int n = 0; n < NO; n += 2) {
-            uint32_t bv[4];
-            ldsm_x4_t(bv, Vt + swz_row<D>(warp * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
-            mma16816<T>(o[n], pf, bv[0], bv[1]);
-            mma16816<T>(o[n + 1], pf, bv[2], bv[3]);
+            for (int n = 0; n < 2; n++) {
+                const float a0 = exp2f(fmaf(s[n][0], scale_log2, -ms));
+                const float a1 = exp2f(fmaf(s[n][1], scale_log2, -ms));
+                sum += a0 + a1;
+                pf[n * 2] = pack2<T>(a0, a1);
+                pf[n * 2 + 1] = 0u;  // rows g + 8: padding
+            }
+            l_r = l_r * alpha + sum;
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                o[n][0] *= alpha;
+                o[n][1] *= alpha;
+            }
+#pragma unroll
+            for (int n = 0; n < NO; n += 2) {
+                uint32_t bv[4];
+                ldsm_x4_t(bv, Vt + swz_row<D>(warp * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
+                mma16816<T>(o[n], pf, bv[0], bv[1]);
+                mma16816<T>(o[n + 1], pf, bv[2], bv[3]);
+            }
         }
+        cp_async_wait_all_but<0>();
+        __syncthreads();  // the stages (and LIST: the placed positions) are free again
     }
     cp_async_wait_all_but<0>();
     __syncthreads();  // the stages are free: merge the warps' states there
@@ -698,17 +794,17 @@ __device__ void dense_decode_mma(const T* __restrict__ q, long long q_b, long lo
     for (int hg = warp; hg < G; hg += WARPS) {
         float mm = NEG_INF;
         for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, mrg[(w * 8 + hg) * (D + 2) + D]);
-        float ll = 0.f, out[E];
-        for (int e = 0; e < E; e++) out[e] = 0.f;
+        float ll = 0.f, acc[E];
+        for (int e = 0; e < E; e++) acc[e] = 0.f;
         for (int w = 0; w < WARPS; w++) {
             const float* row = mrg + (w * 8 + hg) * (D + 2);
             const float f = row[D] == NEG_INF ? 0.f : exp2f(row[D] - mm);
             ll += row[D + 1] * f;
-            for (int e = 0; e < E; e++) out[e] += row[lane * E + e] * f;
+            for (int e = 0; e < E; e++) acc[e] += row[lane * E + e] * f;
         }
         const long long prow = (((long long)b * t_q + i) * heads_q + hk * G + hg) * n_splits + split;
         if (lane == 0) { part_m[prow] = mm; part_l[prow] = ll; }
-        for (int e = 0; e < E; e++) part_acc[prow * D + lane * E + e] = out[e];
+        for (int e = 0; e < E; e++) part_acc[prow * D + lane * E + e] = acc[e];
     }
 }
 
@@ -772,14 +868,13 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
         span_attn_combine<T, D>(part_m, part_l, part_acc, n_splits, o, o_b, o_t, t_q, heads_q, rows);             \
     }
 
-#define DECODE_GQA(NAME, T, D)                                                                                    \
+#define DECODE_GQA(NAME, T, D, LIST)                                                                              \
     extern "C" __global__ void __launch_bounds__(128)                                                              \
-        NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, float scale_log2,          \
-             int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {                    \
-        dense_decode_mma<T, D>(q, q_b, q_t, t_q, heads_q, kv, scale_log2, keys_per_split, part_m, part_l,          \
-                               part_acc, n_splits);                                                                \
+        NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,             \
+             float scale_log2, int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {   \
+        gqa_decode_mma<T, D, LIST>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split, part_m,       \
+                                   part_l, part_acc, n_splits);                                                    \
     }
-
 #define ALL(TN, T)                                     \
     PREFILL(span_prefill_##TN##_d64_w1, T, 64, 1)      \
     PREFILL(span_prefill_##TN##_d64_w2, T, 64, 2)      \
@@ -791,8 +886,10 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     PREFILL(span_prefill_##TN##_d128_w8, T, 128, 8)    \
     DECODE(span_decode_##TN##_d64, T, 64)              \
     DECODE(span_decode_##TN##_d128, T, 128)            \
-    DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64)     \
-    DECODE_GQA(dense_decode_gqa_##TN##_d128, T, 128)   \
+    DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64, false)   \
+    DECODE_GQA(dense_decode_gqa_##TN##_d128, T, 128, false) \
+    DECODE_GQA(span_decode_gqa_##TN##_d64, T, 64, true)     \
+    DECODE_GQA(span_decode_gqa_##TN##_d128, T, 128, true)   \
     COMBINE(span_combine_##TN##_d64, T, 64)            \
     COMBINE(span_combine_##TN##_d128, T, 128)
 

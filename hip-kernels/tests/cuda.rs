@@ -98,6 +98,39 @@ fn block_sparse_matches_cpu() {
     }
 }
 
+/// A HiP decode of many query rows (at least one a multiprocessor of the H200) takes the GQA
+/// decode (a cluster of CTAs per KV head splitting the group's key list; the one-row forms when
+/// `HIP_SPAN_DECODE` names one): against the CPU, groups of 1, 6 and 8 heads, short and long
+/// caches, a window widened by extra tokens, k larger than the cache.
+#[test]
+fn many_row_hip_decode_matches_cpu() {
+    let dev = gpu();
+    let mut seed = 5000;
+    for (dtype, d, hq, hkv, k) in [
+        (DType::BF16, 128, 144, 24, 64),
+        (DType::F16, 64, 136, 17, 32),
+        (DType::BF16, 128, 133, 133, 64),
+        (DType::F16, 128, 144, 24, 2048),
+    ] {
+        let cfg = HipConfig::paper().with_k(k).with_sink_window(16, 32);
+        for (t_q, t_k, extra) in [(1, 1, 0), (1, 97, 3), (1, 1000, 0), (2, 4099, 7)] {
+            seed += 1;
+            let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
+            let (kt, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);
+            let (v, vc) = rand(t_k, hkv, d, dtype, seed + 200, &dev);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mask = hip_mask(&qc, &kc, &cfg, scale).unwrap();
+            let want = block_sparse_attn(&qc, &kc, &vc, &mask, scale, extra).unwrap();
+            let got = block_sparse_attn(&q, &kt, &v, &mask, scale, extra).unwrap();
+            let e = rel_err(&got, &want);
+            assert!(
+                e <= 1e-2,
+                "{dtype:?} d{d} {hq}/{hkv} k {k} t_q {t_q} t_k {t_k} extra {extra}: rel err {e}"
+            );
+        }
+    }
+}
+
 /// Mean over rows of |GPU blocks ∩ CPU blocks| / |CPU blocks|, after checking the GPU rows are
 /// valid (ascending, distinct, aligned candidates, unused slots marked).
 fn overlap(gpu: &HipMask, cpu: &HipMask) -> f64 {

@@ -6,7 +6,8 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use hip_kernels::cuda::{
-    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, qkv_rope_write_cuda, silu_mul_cuda, QkvRopeWrite,
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, qkv_rope_write_cuda,
+    silu_mul_cuda, QkvRopeWrite, SmallMatmulForm,
 };
 use hip_kernels::{Error, Rope};
 
@@ -271,22 +272,33 @@ fn argmax_rows_matches_cpu() {
 
 /// The few-row product against an f32 CPU matmul of the same bf16 / f16 values, at every row
 /// count it takes (1, 7, 16 among them) and at the shapes of Qwen2.5-1.5B's products (q/k/v 2048,
-/// o 1536, gate/up 17920 over k 1536; down 1536 over k 8960) plus awkward ones; bad shapes and
+/// o 1536, gate/up 17920 over k 1536; down 1536 over k 8960) plus awkward ones, in every form of
+/// the kernel whose tiles divide n; bad shapes, forms and
 /// dtypes are typed errors.
 #[test]
 fn matmul_small_matches_matmul() {
     let dev = gpu();
-    let shapes =
-        [(1usize, 32usize, 8usize), (7, 1536, 2048), (16, 8960, 1536), (13, 96, 4104), (16, 1536, 17920)];
+    let shapes = [
+        (1usize, 32usize, 8usize),
+        (7, 1536, 2048),
+        (16, 8960, 1536),
+        (13, 96, 4104),
+        (16, 1536, 17920),
+        (9, 4128, 96),
+    ];
     for (m, k, n) in shapes.into_iter().chain((1..=16).map(|m| (m, 160, 24))) {
         for dt in [DType::BF16, DType::F16] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dt).unwrap();
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
-            let got = matmul_small_cuda(&x, &w).unwrap();
-            assert_eq!((got.dims(), got.dtype()), (&[m, n][..], dt));
             let want = cpu32(&x).matmul(&cpu32(&w).t().unwrap()).unwrap();
-            let e = rel_err(&got, &want);
-            assert!(e <= tol(dt), "{m}x{k} . {n}x{k} {dt:?}: rel err {e}");
+            // The picked form, then each form whose tiles divide n.
+            let forms = SmallMatmulForm::ALL.into_iter().filter(|f| n % (8 * f.tiles as usize) == 0);
+            for form in std::iter::once(None).chain(forms.map(Some)) {
+                let got = matmul_small_cuda_form(&x, &w, form).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[m, n][..], dt));
+                let e = rel_err(&got, &want);
+                assert!(e <= tol(dt), "{m}x{k} . {n}x{k} {dt:?} {form:?}: rel err {e}");
+            }
         }
     }
     // A strided x (a column range) is made contiguous first.
@@ -308,6 +320,16 @@ fn matmul_small_matches_matmul() {
             "{:?} {:?}",
             x.dims(),
             w.dims()
+        );
+    }
+    for (n, warps, tiles) in [(8, 6, 1), (8, 4, 3), (8, 4, 2), (24, 8, 4)] {
+        let form = Some(SmallMatmulForm { warps, tiles });
+        assert!(
+            matches!(
+                matmul_small_cuda_form(&bf((4, 64)), &bf((n, 64)), form),
+                Err(Error::InvalidArgument { .. })
+            ),
+            "n {n} {form:?}"
         );
     }
     let x32 = Tensor::zeros((4, 64), DType::F32, &dev).unwrap();

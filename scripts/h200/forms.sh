@@ -6,7 +6,7 @@
 # scripts/gpu-unpack.sh into $HIP_BIN (cuda, cuda_fused, gpu, hip-bench among them) and writes $OUT/summary.txt and
 # $OUT/forms-logs.tgz.
 #
-#   HIP_BIN=/tmp/b bash scripts/h200/forms.sh   (FORMS_E2E=0: the tests alone; SPAN_FORMS, MASK_FORMS,
+#   HIP_BIN=/tmp/b bash scripts/h200/forms.sh   (FORMS_E2E=0: the tests alone, FORMS_TESTS=0: the e2e runs alone; SPAN_FORMS, MASK_FORMS,
 #   E2E_MASK_FORMS, E2E_BATCH pick what runs; the span forms: hip-kernels/src/cuda/mod.rs)
 set -u
 B=${HIP_BIN:-/tmp/hip-bin}
@@ -14,13 +14,14 @@ S=${OUT:-/tmp}/summary.txt
 O=$(mktemp -d)  # the logs, packed into $OUT/forms-logs.tgz at the end (the runner returns 8 files)
 trap 'tar czf "${OUT:-/tmp}/forms-logs.tgz" -C "$O" .' EXIT
 MASK_FORMS=${MASK_FORMS:-base}
-SPAN_FORMS=${SPAN_FORMS:-q2 q2w q8 base}
+SPAN_FORMS=${SPAN_FORMS:-gqa p2 k64}
+if [[ ${FORMS_TESTS:-1} == 1 ]]; then
 for f in $MASK_FORMS; do
   HIP_MASK_FEW=$f timeout 60 "$B"/cuda mask batched_hip decode_keeps --test-threads 2 >"$O/cuda_mask_$f.log" 2>&1
   echo "cuda (HIP_MASK_FEW=$f) rc=$?" >>"$S"; grep -E "test result|panicked" "$O/cuda_mask_$f.log" >>"$S"
 done
 for f in $SPAN_FORMS; do
-  HIP_SPAN_DECODE=$f timeout 60 "$B"/cuda batched_hip decode_keeps block_sparse paged dense_matches --test-threads 2 >"$O/cuda_span_$f.log" 2>&1
+  HIP_SPAN_DECODE=$f timeout 60 "$B"/cuda batched_hip decode_keeps block_sparse paged dense_matches many_row --test-threads 2 >"$O/cuda_span_$f.log" 2>&1
   echo "cuda (HIP_SPAN_DECODE=$f) rc=$?" >>"$S"; grep -E "test result|panicked" "$O/cuda_span_$f.log" >>"$S"
 done
 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu.log" 2>&1; echo "gpu rc=$?" >>"$S"
@@ -30,6 +31,7 @@ timeout 60 "$B"/cuda_fused matmul_small >"$O/cuda_fused_matmul.log" 2>&1; echo "
 grep -E "test result|panicked" "$O/cuda_fused_matmul.log" >>"$S"
 HIP_SMALL_MATMUL=1 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu_small.log" 2>&1; echo "gpu (HIP_SMALL_MATMUL=1) rc=$?" >>"$S"
 grep -E "test result|panicked" "$O/gpu_small.log" >>"$S"
+fi
 [[ ${FORMS_E2E:-1} == 0 ]] && exit 0
 run() {  # name, then env assignments
   local name=$1; shift

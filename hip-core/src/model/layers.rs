@@ -58,10 +58,13 @@ impl Linear {
 
 #[cfg(feature = "cuda")]
 impl Linear {
-    /// With `HIP_SMALL_MATMUL=1` (opt-in until measured on the H200): a product of at most 16 rows
-    /// with plain bf16 / f16 weights on the GPU takes `hip_kernels::cuda::matmul_small_cuda` (one
-    /// launch streaming the weights into tensor-core operands) instead of cuBLAS; `None` when
-    /// it does not apply.
+    /// With `HIP_SMALL_MATMUL=1` (opt-in): a product of at most 16 rows with plain bf16 / f16
+    /// weights on the GPU takes `hip_kernels::cuda::matmul_small_cuda` (one launch streaming the
+    /// weights into tensor-core operands) instead of cuBLAS; `None` when it does not apply.
+    /// Measured on the H200 (2026-12-04, docs/benchmarks.md): ~1 µs faster than cuBLAS on the
+    /// narrow products, ~1 µs slower on gate/up (each form against cuBLAS in `hip-bench matmul`);
+    /// the kernel's first version made a 128k x 16 decode step slower (7.36 against 6.84–6.91 ms),
+    /// the current forms are not yet measured end to end; so cuBLAS stays the default.
     fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if !*ON.get_or_init(|| std::env::var("HIP_SMALL_MATMUL").is_ok_and(|v| v == "1")) {

@@ -199,13 +199,72 @@ pub fn argmax_rows_cuda(x: &Tensor) -> Result<Vec<u32>> {
 
 /// `x Wᵀ` for a decode step's few rows: `x: [m, k]` with 1 ≤ m ≤ 16, `w: [n, k]` (a linear
 /// layer's weights), both bf16 or both f16 on one CUDA device, `n % 8 == 0`, `k % 32 == 0`;
-/// returns `[m, n]` in their dtype (f32 accumulation on tensor cores). One launch of `n / 8`
-/// CTAs that stream the weights straight into the MMA operands; equals
-/// `x.matmul(&w.t())` up to the order of the f32 sums.
+/// returns `[m, n]` in their dtype (f32 accumulation on tensor cores). One launch whose CTAs
+/// stream the weights straight into the MMA operands; equals `x.matmul(&w.t())` up to the order
+/// of the f32 sums. The kernel's form is picked from the shape ([`SmallMatmulForm::pick`]).
 ///
 /// # Errors
 /// Shapes, dtypes or devices that do not fit (typed, naming the argument).
 pub fn matmul_small_cuda(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    matmul_small_cuda_form(x, w, None)
+}
+
+/// How [`matmul_small_cuda`]'s kernel splits the work: each CTA computes `8 * tiles` output
+/// columns of every row, its `warps` warps splitting `k` (block `b` of 32 to warp `b % warps`).
+/// More tiles a CTA re-read `x` (from L2) fewer times; more warps put more loads in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmallMatmulForm {
+    /// Warps a CTA: 4, 8 or 16.
+    pub warps: u32,
+    /// Column tiles of 8 a CTA: 1, 2 or 4 (`n` must be a multiple of `8 * tiles`).
+    pub tiles: u32,
+}
+
+impl SmallMatmulForm {
+    /// Every form the kernel is compiled in.
+    pub const ALL: [SmallMatmulForm; 9] = [
+        Self::new(4, 1),
+        Self::new(4, 2),
+        Self::new(4, 4),
+        Self::new(8, 1),
+        Self::new(8, 2),
+        Self::new(8, 4),
+        Self::new(16, 1),
+        Self::new(16, 2),
+        Self::new(16, 4),
+    ];
+
+    const fn new(warps: u32, tiles: u32) -> Self {
+        SmallMatmulForm { warps, tiles }
+    }
+
+    /// The form for `n` output columns over `k`: the fastest of `hip-bench matmul` on the H200
+    /// (2026-12-04, Qwen2.5-1.5B's products at 1 and 16 rows, docs/benchmarks.md): 16 warps over
+    /// 16 columns for the narrow products (n ≤ 2048, k up to 8960: 8.1–9.3 µs against cuBLAS's
+    /// 9.6–10.5, down 17.3–19.2 against 17.8), 4 warps over 8 columns for gate/up (n 17,920:
+    /// 25.2–26.2 against 24.9–25.2) and over 16 for the LM head (124.4 against 124.3).
+    pub fn pick(n: usize, k: usize) -> Self {
+        let _ = k;
+        let (warps, tiles) = if n >= 65_536 && n % 16 == 0 {
+            (4, 2)
+        } else if n >= 8192 {
+            (4, 1)
+        } else if n % 16 == 0 {
+            (16, 2)
+        } else {
+            (8, 1)
+        };
+        SmallMatmulForm { warps, tiles }
+    }
+}
+
+/// [`matmul_small_cuda`] in a given form (`None`: [`SmallMatmulForm::pick`]) — for benchmarks
+/// and tests of each form.
+///
+/// # Errors
+/// As [`matmul_small_cuda`], and [`Error::InvalidArgument`] for a form not in
+/// [`SmallMatmulForm::ALL`] or whose tiles do not divide `n / 8`.
+pub fn matmul_small_cuda_form(x: &Tensor, w: &Tensor, form: Option<SmallMatmulForm>) -> Result<Tensor> {
     let dev = &cuda_device(x.device(), "matmul_small")?;
     check_same_device(x, [w], "matmul_small")?;
     let (m, k) = x.dims2().map_err(|_| Error::shape("x", "[m, k]", x.dims()))?;
@@ -226,13 +285,18 @@ pub fn matmul_small_cuda(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             got: w.dtype(),
         });
     }
-    let warps = if k >= 2048 { 8 } else { 4 };
+    let form = form.unwrap_or_else(|| SmallMatmulForm::pick(n, k));
+    if !SmallMatmulForm::ALL.contains(&form) {
+        return Err(Error::arg("form", format!("{form:?}"), "warps 4, 8 or 16 and tiles 1, 2 or 4"));
+    }
+    if n % (8 * form.tiles as usize) != 0 {
+        return Err(Error::arg("form", format!("{form:?}"), format!("8 * tiles must divide n = {n}")));
+    }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let suffix = format!("w{}_t{}", form.warps, form.tiles);
     match x.dtype() {
-        DType::BF16 => {
-            matmul_small_launch::<bf16>(&x, &w, dev, &format!("matmul_small_bf16_w{warps}"), warps)
-        }
-        DType::F16 => matmul_small_launch::<f16>(&x, &w, dev, &format!("matmul_small_f16_w{warps}"), warps),
+        DType::BF16 => matmul_small_launch::<bf16>(&x, &w, dev, &format!("matmul_small_bf16_{suffix}"), form),
+        DType::F16 => matmul_small_launch::<f16>(&x, &w, dev, &format!("matmul_small_f16_{suffix}"), form),
         other => Err(Error::DType { name: "x", expected: "bf16 or f16".into(), got: other }),
     }
 }
@@ -247,28 +311,28 @@ fn matmul_small_launch<
     w: &Tensor,
     dev: &candle_core::CudaDevice,
     name: &str,
-    warps: u32,
+    form: SmallMatmulForm,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let n = w.dims2()?.0;
     let stream = dev.cuda_stream();
     let (xp, wp) = (dev_ptr::<T>(x, dev)?, dev_ptr::<T>(w, dev)?);
-    // Warp 0 of each CTA writes its 8 columns of every one of the m rows.
+    // Each CTA writes its 8 * tiles columns of every one of the m rows.
     let out = alloc_out::<T>(dev, m * n)?;
     {
         let (op, _g) = out.device_ptr(&stream);
         let f = func(dev, FUSED, FUSED_MODULE, name)?;
         let cfg = LaunchConfig {
-            grid_dim: ((n / 8) as u32, 1, 1),
-            block_dim: (32 * warps, 1, 1),
+            grid_dim: ((n / (8 * form.tiles as usize)) as u32, 1, 1),
+            block_dim: (32 * form.warps, 1, 1),
             shared_mem_bytes: 0,
         };
         let (m32, n32, k32) = (m as i32, n as i32, k as i32);
         let mut b = stream.launch_builder(&f);
         b.arg(&xp).arg(&wp).arg(&op).arg(&m32).arg(&n32).arg(&k32);
-        // SAFETY: argument list matches `matmul_small_*_w{warps}` (compiled for 32 * warps
-        // threads); x holds m * k, w n * k and out m * n elements; 1 <= m <= 16, n % 8 == 0,
-        // k % 32 == 0 (checked by the caller).
+        // SAFETY: argument list matches `matmul_small_*_w{warps}_t{tiles}` (compiled for
+        // 32 * warps threads); x holds m * k, w n * k and out m * n elements; 1 <= m <= 16,
+        // n % (8 * tiles) == 0, k % 32 == 0 (checked by the caller).
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     }
     let s = CudaStorage::wrap_cuda_slice(out, dev.clone());

@@ -34,7 +34,8 @@ mod offload;
 mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
 pub use fused::{
-    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, silu_mul_cuda, MATMUL_SMALL_MAX_ROWS,
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, silu_mul_cuda,
+    SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
 };
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
@@ -484,14 +485,35 @@ impl SpanOp<'_> {
         let (t_q, heads_q) = (d.t_q as i32, d.heads_q as i32);
 
         let group = d.heads_q / d.heads_kv;
-        if d.t_q <= DECODE_MAX_TQ && matches!(self.keys, Keys::Dense) && group <= 8 {
-            // Dense decode, one CTA per (split, KV head): each K/V row is read once per group.
-            let rows = d.batch * d.t_q * d.heads_q;
-            let (per, splits) = decode_splits(l_max, d.batch * d.t_q * d.heads_kv, 256);
+        let dense = matches!(self.keys, Keys::Dense);
+        let rows = d.batch * d.t_q * d.heads_q;
+        let gqa = !dense
+            && d.t_q <= DECODE_MAX_TQ
+            && group <= 8
+            && kv.res == 0
+            && span_decode_gqa(
+                rows,
+                device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            );
+        if d.t_q <= DECODE_MAX_TQ && group <= 8 && (dense || gqa) {
+            // Decode on tensor cores, one CTA per (split, KV head): each K/V row is read once per
+            // group. HiP: the group's key list (shared sink and window, then each head's blocks).
+            let (per, splits) = if dense {
+                decode_splits(l_max, d.batch * d.t_q * d.heads_kv, 256)
+            } else {
+                // The kernel splits each list in `splits` parts; their number depends on the mask's
+                // geometry alone (not on the batch or the lengths), so that a sequence decodes the
+                // same way alone or in any batch.
+                let list = mask.sink as usize + group * mask.max_blocks as usize * mask.block_k as usize;
+                (0, list.div_ceil(gqa_split()).max(1))
+            };
             let parts = Partials::new(dev, rows * splits, hd)?;
-            let f = func(dev, SPAN, SPAN_MODULE, &format!("dense_decode_gqa_{tn}_d{hd}"))?;
-            // DENSE_DEC_STAGES stages of a K and a V tile of 64 rows, and the 16-row query tile.
-            let smem = DENSE_DEC_STAGES * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2;
+            let kind = if dense { "dense" } else { "span" };
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("{kind}_decode_gqa_{tn}_d{hd}"))?;
+            // DENSE_DEC_STAGES stages of a K and a V tile of 64 rows, the 16-row query tile and
+            // (HiP) GQA_GROUP placed positions: location and head bits.
+            let placed = if dense { 0 } else { GQA_GROUP * (8 + 1) };
+            let smem = DENSE_DEC_STAGES * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2 + placed;
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
@@ -500,9 +522,9 @@ impl SpanOp<'_> {
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&scale_log2);
+            b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
             b.arg(&per_i).arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i);
-            // SAFETY: argument list matches `dense_decode_gqa_*`; buffers are sized above.
+            // SAFETY: argument list matches `{dense,span}_decode_gqa_*`; buffers are sized above.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
@@ -696,8 +718,43 @@ fn cuda_err(e: DriverError) -> candle_core::Error {
 
 /// CTAs per row of `span_decode_*` (its `DECODE_CS`: the kernel's compile-time cluster size).
 const DECODE_CLUSTER: u32 = 8;
-/// Pipeline stages of `dense_decode_gqa_*` (its `DENSE_DEC_STAGES`).
+/// Pipeline stages of `{dense,span}_decode_gqa_*` (its `DENSE_DEC_STAGES`).
 const DENSE_DEC_STAGES: usize = 3;
+/// List positions `span_decode_gqa_*` places at once (its `GQA_GROUP`).
+const GQA_GROUP: usize = 512;
+/// About the mask positions (sink and the group's blocks) of a split of `span_decode_gqa_*`:
+/// Qwen2.5-1.5B's groups of 6 heads with the paper's k of 512 give 7 splits, so 16 sequences
+/// (2 KV heads each) run as 224 CTAs, one wave of two a multiprocessor on the H200.
+const GQA_SPLIT: usize = 448;
+
+/// [`GQA_SPLIT`], or `HIP_GQA_SPLIT` (at least 64) to measure other split sizes.
+fn gqa_split() -> usize {
+    static SPLIT: OnceLock<usize> = OnceLock::new();
+    *SPLIT.get_or_init(|| {
+        std::env::var("HIP_GQA_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n >= 64)
+            .unwrap_or(GQA_SPLIT)
+    })
+}
+
+/// Whether a HiP decode of `rows` query rows without offloading on `sms` multiprocessors takes
+/// `span_decode_gqa_*` (a CTA per KV head and split, the group's rows on tensor cores, each K/V row
+/// loaded once for the group's sink and window) rather than a one-row form of
+/// `span_decode_form`: from one row a multiprocessor on. On the H200 at 4k x 16 (192 rows of
+/// Qwen2.5-1.5B's groups of 6), ncu: 25.8 µs + 3.9 µs of combine against 35.5 µs for the one-row
+/// `p2`; at 24 rows the one-row `k64` (12.7 µs) is faster. `HIP_SPAN_DECODE=gqa` forces it, a
+/// one-row form's name forces that one.
+fn span_decode_gqa(rows: usize, sms: usize) -> bool {
+    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
+        Ok("gqa") => Some(true),
+        Ok("") | Err(_) => None,
+        Ok(_) => Some(false),
+    });
+    forced.unwrap_or(rows >= sms.max(1))
+}
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;
 
@@ -737,8 +794,10 @@ impl SpanDecodeForm {
 /// 64 keys (8 a row: one stage of 64). On the H200 at 128k x 16 (192 rows) two CTAs a row over two
 /// stages took a HiP step from 7.39 to 6.89 ms (the former default, 8 CTAs over one stage of 128
 /// keys). `HIP_SPAN_DECODE=base|c4|k64|p8|p4|p4w|p2|q2|q2w|q8` forces one, to measure against the
-/// others (`q*`: every key of a CTA placed at once, then its rows through a ring of 3–4 stages;
-/// not yet measured).
+/// others (`q*`: every key of a CTA placed at once, then its rows through a ring of 3–4 stages:
+/// 6.81–7.11 ms against 6.84–6.91 for `p2` on 2026-12-03, no gain). Since 2026-12-04 a batch of
+/// that many rows takes the GQA decode (`span_decode_gqa`) unless a one-row form is forced; the
+/// one-row forms serve fewer rows, offloaded caches and groups of more than 8 heads.
 fn span_decode_form(rows: usize, sms: usize) -> SpanDecodeForm {
     let form = SpanDecodeForm::new;
     static FORCED: OnceLock<Option<SpanDecodeForm>> = OnceLock::new();

@@ -73,7 +73,7 @@ pub const USAGE: &str =
 /// events around each run, one synchronisation at the end. With `--sync-each` (the method of the
 /// 2026-11-28 tables) the GPU drains before every run instead and the L2 keeps what the last run
 /// left: small kernels then also carry the host's launch cost.
-fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+pub(crate) fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
     let Device::Cuda(cd) = dev else { return Err("not a CUDA device".into()) };
     let stream = cd.cuda_stream();
     f()?;
@@ -110,14 +110,14 @@ fn randn(shape: (usize, usize, usize, usize), dev: &Device) -> R<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-struct Ceil {
+pub(crate) struct Ceil {
     /// Bytes per second (device-to-device copy: read + write).
-    bw: f64,
+    pub(crate) bw: f64,
     /// bf16 matrix FLOP per second.
-    flops: f64,
+    pub(crate) flops: f64,
 }
 
-fn measure_ceilings(dev: &Device) -> R<Ceil> {
+pub(crate) fn measure_ceilings(dev: &Device) -> R<Ceil> {
     let Device::Cuda(cd) = dev else { return Err("not a CUDA device".into()) };
     let n_bytes = 1usize << 31; // 2 GiB, far past the L2
     let src = cd.alloc_zeros::<u8>(n_bytes)?;
@@ -139,7 +139,7 @@ fn measure_ceilings(dev: &Device) -> R<Ceil> {
     Ok(Ceil { bw, flops })
 }
 
-fn floor_ms(c: &Ceil, bytes: f64, flops: f64) -> f64 {
+pub(crate) fn floor_ms(c: &Ceil, bytes: f64, flops: f64) -> f64 {
     (bytes / c.bw).max(flops / c.flops) * 1e3
 }
 
