@@ -578,17 +578,16 @@ __device__ void span_attn_decode(const T* __restrict__ q, T* __restrict__ o, lon
 constexpr int DENSE_DEC_STAGES = 3;
 constexpr int GQA_GROUP = 512;  // list positions placed at once (LIST)
 
-template <int D>
-__host__ __device__ constexpr int gqa_decode_smem(bool list) {
-    return DENSE_DEC_STAGES * 2 * 64 * D * 2 + 16 * (D + 8) * 2 + (list ? GQA_GROUP * (8 + 1) : 0);
-}
-
-template <typename T, int D, bool LIST>
+// STAGES: 3 by default; the opt-in 2 (`span_decode_gqa_s2_*`) leaves one tile in flight while
+// the warps attend to another, for 73 KB of shared memory instead of 105 (three CTAs a
+// multiprocessor instead of two, at head dim 128).
+template <typename T, int D, bool LIST, int STAGES = DENSE_DEC_STAGES>
 __device__ void gqa_decode_mma(const T* __restrict__ q, long long q_b, long long q_t, int t_q, int heads_q,
                                KvArgs kv, MaskArgs mask, float scale_log2, int keys_per_split,
                                float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
                                int n_splits) {
-    constexpr int WARPS = 4, NT = 32 * WARPS, BN = 16 * WARPS, STAGES = DENSE_DEC_STAGES;
+    constexpr int WARPS = 4, NT = 32 * WARPS, BN = 16 * WARPS;
+    static_assert(STAGES >= 2 && STAGES * 2 * BN * D * (int)sizeof(T) >= WARPS * 8 * (D + 2) * 4, "epilogue fits");
     constexpr int CH = D / 8, KD = D / 16, NO = D / 8, LDQ = D + 8;
     extern __shared__ __align__(128) unsigned char smem[];
     T* tiles = reinterpret_cast<T*>(smem);            // [STAGES][2][BN][D]: K then V of each stage
@@ -868,12 +867,12 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
         span_attn_combine<T, D>(part_m, part_l, part_acc, n_splits, o, o_b, o_t, t_q, heads_q, rows);             \
     }
 
-#define DECODE_GQA(NAME, T, D, LIST)                                                                              \
+#define DECODE_GQA(NAME, T, D, LIST, STAGES)                                                                      \
     extern "C" __global__ void __launch_bounds__(128)                                                              \
         NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,             \
              float scale_log2, int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {   \
-        gqa_decode_mma<T, D, LIST>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split, part_m,       \
-                                   part_l, part_acc, n_splits);                                                    \
+        gqa_decode_mma<T, D, LIST, STAGES>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split,       \
+                                           part_m, part_l, part_acc, n_splits);                                    \
     }
 #define ALL(TN, T)                                     \
     PREFILL(span_prefill_##TN##_d64_w1, T, 64, 1)      \
@@ -886,10 +885,12 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     PREFILL(span_prefill_##TN##_d128_w8, T, 128, 8)    \
     DECODE(span_decode_##TN##_d64, T, 64)              \
     DECODE(span_decode_##TN##_d128, T, 128)            \
-    DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64, false)   \
-    DECODE_GQA(dense_decode_gqa_##TN##_d128, T, 128, false) \
-    DECODE_GQA(span_decode_gqa_##TN##_d64, T, 64, true)     \
-    DECODE_GQA(span_decode_gqa_##TN##_d128, T, 128, true)   \
+    DECODE_GQA(dense_decode_gqa_##TN##_d64, T, 64, false, 3)   \
+    DECODE_GQA(dense_decode_gqa_##TN##_d128, T, 128, false, 3) \
+    DECODE_GQA(span_decode_gqa_##TN##_d64, T, 64, true, 3)     \
+    DECODE_GQA(span_decode_gqa_##TN##_d128, T, 128, true, 3)   \
+    DECODE_GQA(span_decode_gqa_s2_##TN##_d64, T, 64, true, 2)  \
+    DECODE_GQA(span_decode_gqa_s2_##TN##_d128, T, 128, true, 2) \
     COMBINE(span_combine_##TN##_d64, T, 64)            \
     COMBINE(span_combine_##TN##_d128, T, 128)
 

@@ -14,7 +14,7 @@ S=${OUT:-/tmp}/summary.txt
 O=$(mktemp -d)  # the logs, packed into $OUT/forms-logs.tgz at the end (the runner returns 8 files)
 trap 'tar czf "${OUT:-/tmp}/forms-logs.tgz" -C "$O" .' EXIT
 MASK_FORMS=${MASK_FORMS:-base}
-SPAN_FORMS=${SPAN_FORMS:-gqa p2 k64}
+SPAN_FORMS=${SPAN_FORMS:-gqa gqa2 p2}
 if [[ ${FORMS_TESTS:-1} == 1 ]]; then
 for f in $MASK_FORMS; do
   HIP_MASK_FEW=$f timeout 60 "$B"/cuda mask batched_hip decode_keeps --test-threads 2 >"$O/cuda_mask_$f.log" 2>&1
@@ -41,6 +41,9 @@ run() {  # name, then env assignments
 }
 run default
 for f in $SPAN_FORMS; do run "span_$f" HIP_SPAN_DECODE=$f; done
+# The two-stage GQA decode fits three CTAs a multiprocessor: splits of ~320 mask positions
+# (10 for Qwen2.5-1.5B's groups: 320 CTAs at 16 sequences, one wave).
+[[ " $SPAN_FORMS " == *" gqa2 "* ]] && run span_gqa2_split320 HIP_SPAN_DECODE=gqa2 HIP_GQA_SPLIT=${GQA2_SPLIT:-320}
 for f in ${E2E_MASK_FORMS:-}; do run "mask_$f" HIP_MASK_FEW=$f; done
 run small_matmul HIP_SMALL_MATMUL=1
 run default_again

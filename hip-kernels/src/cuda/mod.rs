@@ -487,15 +487,16 @@ impl SpanOp<'_> {
         let group = d.heads_q / d.heads_kv;
         let dense = matches!(self.keys, Keys::Dense);
         let rows = d.batch * d.t_q * d.heads_q;
-        let gqa = !dense
-            && d.t_q <= DECODE_MAX_TQ
-            && group <= 8
-            && kv.res == 0
-            && span_decode_gqa(
+        // HiP over the group's key list: the kernel's pipeline stages.
+        let gqa = if !dense && d.t_q <= DECODE_MAX_TQ && group <= 8 && kv.res == 0 {
+            span_decode_gqa(
                 rows,
                 device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            );
-        if d.t_q <= DECODE_MAX_TQ && group <= 8 && (dense || gqa) {
+            )
+        } else {
+            None
+        };
+        if d.t_q <= DECODE_MAX_TQ && group <= 8 && (dense || gqa.is_some()) {
             // Decode on tensor cores, one CTA per (split, KV head): each K/V row is read once per
             // group. HiP: the group's key list (shared sink and window, then each head's blocks).
             let (per, splits) = if dense {
@@ -508,12 +509,16 @@ impl SpanOp<'_> {
                 (0, list.div_ceil(gqa_split()).max(1))
             };
             let parts = Partials::new(dev, rows * splits, hd)?;
-            let kind = if dense { "dense" } else { "span" };
-            let f = func(dev, SPAN, SPAN_MODULE, &format!("{kind}_decode_gqa_{tn}_d{hd}"))?;
-            // DENSE_DEC_STAGES stages of a K and a V tile of 64 rows, the 16-row query tile and
-            // (HiP) GQA_GROUP placed positions: location and head bits.
+            let (kind, stages) = match gqa {
+                Some(2) => ("span_decode_gqa_s2", 2),
+                Some(_) => ("span_decode_gqa", DENSE_DEC_STAGES),
+                None => ("dense_decode_gqa", DENSE_DEC_STAGES),
+            };
+            let f = func(dev, SPAN, SPAN_MODULE, &format!("{kind}_{tn}_d{hd}"))?;
+            // The stages of a K and a V tile of 64 rows, the 16-row query tile and (HiP)
+            // GQA_GROUP placed positions: location and head bits.
             let placed = if dense { 0 } else { GQA_GROUP * (8 + 1) };
-            let smem = DENSE_DEC_STAGES * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2 + placed;
+            let smem = stages * 2 * 64 * hd * 2 + 16 * (hd + 8) * 2 + placed;
             allow_smem(&f, smem)?;
             let cfg = LaunchConfig {
                 grid_dim: (splits as u32, d.heads_kv as u32, (d.batch * d.t_q) as u32),
@@ -744,16 +749,19 @@ fn gqa_split() -> usize {
 /// loaded once for the group's sink and window) rather than a one-row form of
 /// `span_decode_form`: from one row a multiprocessor on. On the H200 at 4k x 16 (192 rows of
 /// Qwen2.5-1.5B's groups of 6), ncu: 25.8 µs + 3.9 µs of combine against 35.5 µs for the one-row
-/// `p2`; at 24 rows the one-row `k64` (12.7 µs) is faster. `HIP_SPAN_DECODE=gqa` forces it, a
-/// one-row form's name forces that one.
-fn span_decode_gqa(rows: usize, sms: usize) -> bool {
-    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+/// `p2`; at 24 rows the one-row `k64` (12.7 µs) is faster. Returns the kernel's pipeline stages
+/// (3), or `None` for a one-row form. `HIP_SPAN_DECODE=gqa` forces it, `gqa2` its two-stage
+/// form (`span_decode_gqa_s2_*`: three CTAs a multiprocessor; not yet measured, with
+/// `HIP_GQA_SPLIT` to size its splits), a one-row form's name forces that one.
+fn span_decode_gqa(rows: usize, sms: usize) -> Option<usize> {
+    static FORCED: OnceLock<Option<Option<usize>>> = OnceLock::new();
     let forced = FORCED.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
-        Ok("gqa") => Some(true),
+        Ok("gqa") => Some(Some(DENSE_DEC_STAGES)),
+        Ok("gqa2") => Some(Some(2)),
         Ok("") | Err(_) => None,
-        Ok(_) => Some(false),
+        Ok(_) => Some(None),
     });
-    forced.unwrap_or(rows >= sms.max(1))
+    forced.unwrap_or((rows >= sms.max(1)).then_some(DENSE_DEC_STAGES))
 }
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;
