@@ -204,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // accumulation on tensor cores, y in T. One CTA per 8 * NT output columns; its WARPS warps split K
 // in blocks of 32 (block b to warp b % WARPS) and stream their weight rows with 16-byte loads
 // straight into mma.sync m16n8k16 operands (no shared memory on the way): U blocks a warp at a
-// time, every load of them issued before the first mma (predicated, no serial tail), one x
+// time, every load of them issued before the first mma (unconditionally, no serial tail), one x
 // fragment serving NT column tiles (x is re-read from L2 by every CTA: NT > 1 cuts that traffic,
 // which for 8 columns a CTA was twice the weights'). The partial tiles are added in shared memory,
 // one output element a thread. With M <= 8 the second half of the A operand is zero and x's rows

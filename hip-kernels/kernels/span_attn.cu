@@ -691,7 +691,6 @@ __device__ void gqa_decode_mma(const T* __restrict__ q, long long q_b, long long
 #pragma unroll
     for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_r = NEG_INF, l_r = 0.f;  // row g (rows g + 8 are padding)
-    bool have_q = false;
     // Dense: one group of every position; LIST: GQA_GROUP positions at a time.
     const int group = LIST ? GQA_GROUP : (end > start ? end - start : 1);
     for (int t0 = start; t0 < end; t0 += group) {
@@ -706,12 +705,11 @@ __device__ void gqa_decode_mma(const T* __restrict__ q, long long q_b, long long
             if (t < n_tiles) issue(t0, gend, t);
             cp_async_commit();
         }
-        if (!have_q) {
+        if (t0 == start) {
             cp_async_wait_all_but<STAGES - 1>();  // the queries
             __syncthreads();
 #pragma unroll
             for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], Qs + (lane % 16) * LDQ + kk * 16 + (lane / 16) * 8);
-            have_q = true;
         }
         for (int t = 0; t < n_tiles; t++) {
             cp_async_wait_all_but<STAGES - 2>();
@@ -772,8 +770,11 @@ __device__ void gqa_decode_mma(const T* __restrict__ q, long long q_b, long long
                 mma16816<T>(o[n + 1], pf, bv[2], bv[3]);
             }
         }
-        cp_async_wait_all_but<0>();
-        __syncthreads();  // the stages (and LIST: the placed positions) are free again
+        if (gend < end) {
+            // LIST: another group follows; the stages and the placed positions are free again.
+            cp_async_wait_all_but<0>();
+            __syncthreads();
+        }
     }
     cp_async_wait_all_but<0>();
     __syncthreads();  // the stages are free: merge the warps' states there

@@ -292,7 +292,7 @@ fn matmul_small_matches_matmul() {
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
             let want = cpu32(&x).matmul(&cpu32(&w).t().unwrap()).unwrap();
             // The picked form, then each form whose tiles divide n.
-            let forms = SmallMatmulForm::ALL.into_iter().filter(|f| n % (8 * f.tiles as usize) == 0);
+            let forms = SmallMatmulForm::ALL.into_iter().filter(|f| f.fits(n));
             for form in std::iter::once(None).chain(forms.map(Some)) {
                 let got = matmul_small_cuda_form(&x, &w, form).unwrap();
                 assert_eq!((got.dims(), got.dtype()), (&[m, n][..], dt));

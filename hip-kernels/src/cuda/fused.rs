@@ -238,13 +238,17 @@ impl SmallMatmulForm {
         SmallMatmulForm { warps, tiles }
     }
 
-    /// The form for `n` output columns over `k`: the fastest of `hip-bench matmul` on the H200
+    /// Whether the form's column tiles divide `n` output columns (`8 * tiles` a CTA).
+    pub fn fits(self, n: usize) -> bool {
+        n % (8 * self.tiles as usize) == 0
+    }
+
+    /// The form for `n` output columns: the fastest of `hip-bench matmul` on the H200
     /// (2026-12-04, Qwen2.5-1.5B's products at 1 and 16 rows, docs/benchmarks.md): 16 warps over
     /// 16 columns for the narrow products (n ≤ 2048, k up to 8960: 8.1–9.3 µs against cuBLAS's
     /// 9.6–10.5, down 17.3–19.2 against 17.8), 4 warps over 8 columns for gate/up (n 17,920:
     /// 25.2–26.2 against 24.9–25.2) and over 16 for the LM head (124.4 against 124.3).
-    pub fn pick(n: usize, k: usize) -> Self {
-        let _ = k;
+    pub fn pick(n: usize) -> Self {
         let (warps, tiles) = if n >= 65_536 && n % 16 == 0 {
             (4, 2)
         } else if n >= 8192 {
@@ -285,11 +289,11 @@ pub fn matmul_small_cuda_form(x: &Tensor, w: &Tensor, form: Option<SmallMatmulFo
             got: w.dtype(),
         });
     }
-    let form = form.unwrap_or_else(|| SmallMatmulForm::pick(n, k));
+    let form = form.unwrap_or_else(|| SmallMatmulForm::pick(n));
     if !SmallMatmulForm::ALL.contains(&form) {
         return Err(Error::arg("form", format!("{form:?}"), "warps 4, 8 or 16 and tiles 1, 2 or 4"));
     }
-    if n % (8 * form.tiles as usize) != 0 {
+    if !form.fits(n) {
         return Err(Error::arg("form", format!("{form:?}"), format!("8 * tiles must divide n = {n}")));
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);

@@ -487,12 +487,15 @@ impl SpanOp<'_> {
         let group = d.heads_q / d.heads_kv;
         let dense = matches!(self.keys, Keys::Dense);
         let rows = d.batch * d.t_q * d.heads_q;
+        // Multiprocessors, for the HiP decode's choice of form (not asked on the dense decode path).
+        let sms = if dense && group <= 8 {
+            1
+        } else {
+            device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1)
+        };
         // HiP over the group's key list: the kernel's pipeline stages.
         let gqa = if !dense && d.t_q <= DECODE_MAX_TQ && group <= 8 && kv.res == 0 {
-            span_decode_gqa(
-                rows,
-                device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            )
+            span_decode_gqa(rows, sms)
         } else {
             None
         };
@@ -535,10 +538,7 @@ impl SpanOp<'_> {
         } else if d.t_q <= DECODE_MAX_TQ || block_q % 16 != 0 {
             // Split-KV decode, one query per row (so any query block size works): a cluster of
             // the form's CTAs per row splits its keys and merges the partials itself.
-            let form = span_decode_form(
-                d.batch * d.t_q * d.heads_q,
-                device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1),
-            );
+            let form = span_decode_form(rows, sms);
             let f = func(dev, SPAN, SPAN_MODULE, &format!("span_decode_{tn}_d{hd}{}", form.suffix))?;
             let smem = form.smem(hd);
             allow_smem(&f, smem)?;
@@ -761,7 +761,7 @@ fn span_decode_gqa(rows: usize, sms: usize) -> Option<usize> {
         Ok("") | Err(_) => None,
         Ok(_) => Some(None),
     });
-    forced.unwrap_or((rows >= sms.max(1)).then_some(DENSE_DEC_STAGES))
+    forced.unwrap_or((rows >= sms).then_some(DENSE_DEC_STAGES))
 }
 /// Keys `span_decode_*` stages in shared memory at a time (its `DECODE_CHUNK`).
 const DECODE_CHUNK: usize = 128;

@@ -112,9 +112,9 @@ fn randn(shape: (usize, usize, usize, usize), dev: &Device) -> R<Tensor> {
 
 pub(crate) struct Ceil {
     /// Bytes per second (device-to-device copy: read + write).
-    pub(crate) bw: f64,
+    bw: f64,
     /// bf16 matrix FLOP per second.
-    pub(crate) flops: f64,
+    flops: f64,
 }
 
 pub(crate) fn measure_ceilings(dev: &Device) -> R<Ceil> {

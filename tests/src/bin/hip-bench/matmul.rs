@@ -63,12 +63,12 @@ pub fn run(mut it: impl Iterator<Item = String>) -> R<()> {
             let want = x.matmul(&w.t()?)?.to_dtype(DType::F32)?;
             let mut base = None;
             // cuBLAS, the picked form, then every form whose tiles divide n.
-            let forms = SmallMatmulForm::ALL.into_iter().filter(|f| n % (8 * f.tiles as usize) == 0);
+            let forms = SmallMatmulForm::ALL.into_iter().filter(|f| f.fits(n));
             let forms = [None, Some(None)].into_iter().chain(forms.map(|f| Some(Some(f))));
             for form in forms {
                 let label = match form {
                     None => "cublas".to_string(),
-                    Some(None) => format!("small {:?}", SmallMatmulForm::pick(n, k)),
+                    Some(None) => format!("small {:?}", SmallMatmulForm::pick(n)),
                     Some(Some(f)) => format!("small w{} t{}", f.warps, f.tiles),
                 };
                 let us = match form {
