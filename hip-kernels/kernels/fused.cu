@@ -20,13 +20,15 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
     if (delta != nullptr) delta += off;
     const int nt = blockDim.x;
     const bool regs = h <= VPT * nt;
-    float v[VPT];
+    float v[VPT], wv[VPT];
     float ss = 0.f;
     if (regs) {
+        // The weights load with the row (not after the sum of squares: one round trip less).
 #pragma unroll
         for (int k = 0; k < VPT; k++) {
             const int i = threadIdx.x + k * nt;
             v[k] = i < h ? x[i] + (delta != nullptr ? to_f(delta[i]) : 0.f) : 0.f;
+            wv[k] = i < h ? w[i] : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < VPT; k++) {
@@ -57,7 +59,7 @@ __device__ void add_rms_norm(const float* __restrict__ x, const T* __restrict__ 
 #pragma unroll
         for (int k = 0; k < VPT; k++) {
             const int i = threadIdx.x + k * nt;
-            if (i < h) xn[i] = from_f<T>(v[k] * r * w[i]);
+            if (i < h) xn[i] = from_f<T>(v[k] * r * wv[k]);
         }
     } else {
         for (int i = threadIdx.x; i < h; i += nt) xn[i] = from_f<T>(x_out[i] * r * w[i]);

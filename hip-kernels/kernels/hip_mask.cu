@@ -235,6 +235,74 @@ __device__ __forceinline__ void keep_best(float* score, uint32_t* gs, uint32_t* 
     __syncthreads();
 }
 
+// Order-preserving integer of a score (defined below).
+__device__ __forceinline__ unsigned ordered(float f);
+
+// keep_best by a radix select instead of a sort, for nb <= blockDim.x (one branch a thread): the
+// 64-bit key (ordered score, ~start) orders the branches as BestFirst does (higher score, then the
+// earlier block; starts are distinct, so keys are too). From the top bit down, one barrier count
+// a bit finds the key prefix that exactly the best G share or beat (stopping at the first bit
+// where the branches sharing the prefix are exactly the ones still needed: about 10-20 bits for
+// distinct scores), then one block scan places the kept branches. Without SPLIT they move to the
+// front of (score, gs, ge), unordered, as keep_best leaves them; with SPLIT each is split in two
+// as split_groups does (the same scan places the branches) into (ns, ne), swapped into (gs, ge),
+// and `more` tells whether a branch still spans more than one block. Returns the branches kept
+// (SPLIT: the branches); s_n = min(nb, G). Ends with a barrier.
+template <bool SPLIT>
+__device__ int keep_best_select(float* score, uint32_t*& gs, uint32_t*& ge, uint32_t*& ns, uint32_t*& ne, int nb,
+                                int G, int* s_n, int* scan_tmp, int* more) {
+    __syncthreads();  // the scores are in
+    const int i = threadIdx.x;
+    const bool mine = i < nb;
+    const float s = mine ? score[i] : 0.f;
+    const uint32_t a = mine ? gs[i] : 0u, e = mine ? ge[i] : 0u;
+    const unsigned long long key = ((unsigned long long)ordered(s) << 32) | (unsigned)~a;
+    unsigned long long prefix = 0, high = 0;  // `high`: the bits decided so far
+    int need = min(nb, G), match = nb;        // branches still needed; branches sharing `prefix`
+    for (int bit = 63; bit >= 0 && match != need; bit--) {
+        const unsigned long long b = 1ull << bit, want = prefix | b;
+        high |= b;
+        const int c = __syncthreads_count(mine && (key & high) == want);
+        if (c >= need) {
+            prefix = want;
+            match = c;
+        } else {
+            need -= c;
+            match -= c;
+        }
+    }
+    // Kept: above the prefix in the decided bits, or sharing it (then all of them are needed).
+    const bool sel = mine && (key & high) >= prefix;
+    int total;
+    const int pos = block_exclusive_scan(sel ? (SPLIT && e - a > 1 ? 2 : 1) : 0, &total, scan_tmp);
+    int wider = 0;
+    if (sel) {
+        if constexpr (SPLIT) {
+            if (e - a > 1) {
+                const uint32_t mid = a + (e - a) / 2;
+                ns[pos] = a; ne[pos] = mid;
+                ns[pos + 1] = mid; ne[pos + 1] = e;
+                wider = (mid - a > 1) || (e - mid > 1);
+            } else {
+                ns[pos] = a; ne[pos] = e;
+            }
+        } else {
+            score[pos] = s;
+            gs[pos] = a;
+            ge[pos] = e;
+        }
+    }
+    if (i == 0) *s_n = min(nb, G);
+    if constexpr (SPLIT) {
+        *more = __syncthreads_or(wider);
+        uint32_t* t = gs; gs = ns; ns = t;
+        t = ge; ge = ne; ne = t;
+    } else {
+        __syncthreads();
+    }
+    return total;
+}
+
 // Every group is one block: writes the row's block starts, ascending, and its count.
 __device__ __forceinline__ void write_row(float* score, uint32_t* gs, uint32_t* ge, int n, const SearchRow& r,
                                           const SearchArgs& sa, uint32_t* out_counts) {
@@ -452,13 +520,62 @@ __device__ unsigned long long g_prof[8];
 #define PROF(i)
 #endif
 
+// Scores the 16 placed key rows of slots [t0, t0 + 16) (one warp) against the block's queries on
+// the tensor cores and raises their branches' maxima. Lane (r = lane / 4, c = lane % 4) loads
+// chunks 4m + c (8 dims each, m < D / 32) of rows t0 + r and t0 + r + 8 straight into mma.sync
+// m16n8k16 A fragments: k-step 2m + h takes components 2h and 2h + 1 of chunk 4m + c as the pairs
+// (2c, 2c + 1) and (2c + 8, 2c + 9) of the step. `qb` holds query (lane / 4)'s same chunks as B
+// fragments, so each product pairs a key dim with the same query dim and every dim enters the
+// sum once. The accumulators' columns are the queries: lane c = 0 holds queries 0 and 1 of rows
+// r and r + 8. Rows without a key (`sloc` -1, or past `slots`) score nothing.
+template <typename T, int D>
+__device__ __forceinline__ void score_tile_mma(const T* K, const void* bank, const long long* sloc, int t0, int slots,
+                                               int kpb, int kpb_shift, const uint4 (&qb)[D / 32], int nq, float scale,
+                                               unsigned* su) {
+    constexpr int M = D / 32;
+    const int lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
+    const int s0 = t0 + r, s1 = t0 + r + 8;
+    const long long l0 = s0 < slots ? sloc[s0] : -1, l1 = s1 < slots ? sloc[s1] : -1;
+    uint4 a0[M], a1[M];
+    const T* p0 = l0 != -1 ? kv_at<T>(K, bank, l0) : nullptr;
+    const T* p1 = l1 != -1 ? kv_at<T>(K, bank, l1) : nullptr;
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        a0[m] = p0 ? *reinterpret_cast<const uint4*>(p0 + (4 * m + c) * 8) : make_uint4(0, 0, 0, 0);
+        a1[m] = p1 ? *reinterpret_cast<const uint4*>(p1 + (4 * m + c) * 8) : make_uint4(0, 0, 0, 0);
+    }
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        const uint32_t lo[4] = {a0[m].x, a1[m].x, a0[m].y, a1[m].y};
+        mma16816<T>(acc, lo, qb[m].x, qb[m].y);
+        const uint32_t hi[4] = {a0[m].z, a1[m].z, a0[m].w, a1[m].w};
+        mma16816<T>(acc, hi, qb[m].z, qb[m].w);
+    }
+    if (c == 0) {
+        if (p0) {
+            const float best = nq > 1 ? fmaxf(acc[0], acc[1]) : acc[0];
+            atomicMax(&su[kpb_shift >= 0 ? s0 >> kpb_shift : s0 / kpb], ordered(best * scale));
+        }
+        if (p1) {
+            const float best = nq > 1 ? fmaxf(acc[2], acc[3]) : acc[2];
+            atomicMax(&su[kpb_shift >= 0 ? s1 >> kpb_shift : s1 / kpb], ordered(best * scale));
+        }
+    }
+}
+
 // UNROLL: key-row loads in flight per lane group (8; 4 in the `_o2` forms, whose 64 registers a
 // thread let two CTAs share a multiprocessor: a decode step of more rows than multiprocessors
 // then runs in one wave instead of two). PLACE (the `_p` forms): each iteration first finds
 // where every scored key row is (one `kv_loc` a slot, all threads at once, into shared memory
 // after the branch arrays: cap * keys-per-branch offsets), so that a pass of loads no longer
-// waits for its block-table reads first. `_o2p` (both) is the default (HIP_MASK_FEW, src/cuda/mod.rs).
-template <typename T, int D, int QMAX, int CS, int UNROLL = 8, bool PLACE = false>
+// waits for its block-table reads first. MMA (the `_t` form: PLACE, two CTAs a multiprocessor, no
+// cluster, no staging) scores 16 placed key rows a warp at a time on the tensor cores: each lane
+// loads its 16-byte chunks of two rows straight into the A operand of mma.sync m16n8k16 (keys x
+// dims) and the queries' matching chunks are the B operand (dims x queries), so that the dims are
+// summed in another order but every one once (see `score_tile_mma`). `_t` is the default
+// (HIP_MASK_FEW, src/cuda/mask.rs); `_o2p` (both of the above) where rows are staged.
+template <typename T, int D, int QMAX, int CS, int UNROLL = 8, bool PLACE = false, bool MMA = false>
 __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa,
                                     float scale, uint32_t* __restrict__ out_starts, uint32_t* __restrict__ out_counts) {
     constexpr int NT = 512, WARPS = NT / 32;
@@ -497,15 +614,26 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
             for (int e = 0; e < 8; e++) qv[r][e] = 0.f;
         }
     }
+    // The B operand of the tensor-core scoring: lane (n = lane / 4, c = lane % 4) holds query n's
+    // chunks 4m + c (zero for n >= nq).
+    uint4 qb[MMA ? D / 32 : 1];
+    if constexpr (MMA) {
+        const int n = lane / 4, c = lane % 4;
+#pragma unroll
+        for (int m = 0; m < D / 32; m++)
+            qb[m] = n < nq ? *reinterpret_cast<const uint4*>(q + b * q_b + (long long)(i1 - 1 - n * sa.stride_q) * q_t +
+                                                             (long long)h * D + (4 * m + c) * 8)
+                           : make_uint4(0, 0, 0, 0);
+    }
     init_groups(gs, ge, sr.n_cand, G, &s_n);
 
     const int kpb = (sa.block_k + sa.stride_k - 1) / sa.stride_k;  // keys per branch
     const int kpb_shift = (kpb & (kpb - 1)) == 0 ? __ffs(kpb) - 1 : -1;
     const T* K = static_cast<const T*>(kv.k);
     const bool staging = kv_stages(kv);
+    int more;
+    int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
     for (int it = 0;; it++) {
-        int more;
-        const int nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
         PROF(0)
         unsigned* su = su2 + (it & 1) * sa.cap;
         for (int x = tid; x < nb; x += NT) su[x] = ordered(NEG_INF);
@@ -520,10 +648,16 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
                 const int center = gs[bi] + (ge[bi] - gs[bi]) / 2;
                 const int j = sa.sink + center * sa.block_k + r * sa.stride_k;
                 const bool ok = j < search_end && j < sa.sink + (center + 1) * sa.block_k;
-                sloc[c] = ok ? kv_loc<D>(kv, b, j, hk, false) : 0;
+                sloc[c] = ok ? kv_loc<D>(kv, b, j, hk, false) : -1;  // -1: no row
             }
             __syncthreads();
         }
+        if constexpr (MMA) {
+            static_assert(PLACE && CS == 1 && QMAX <= 2, "the tensor-core scoring reads placed rows, one CTA a row");
+            const long long* sloc = reinterpret_cast<const long long*>(su2 + 2 * sa.cap);
+            for (int t0 = warp * 16; t0 < slots; t0 += WARPS * 16)
+                score_tile_mma<T, D>(K, kv.bank_k, sloc, t0, slots, kpb, kpb_shift, qb, nq, scale, su);
+        } else
         for (int base = (rank * WARPS + warp) * KPW * UNROLL; base < slots; base += CS * WARPS * KPW * UNROLL) {
             uint4 kr[UNROLL];
             int br[UNROLL];
@@ -607,9 +741,23 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
             for (int x = tid; x < nb; x += NT) score[x] = unordered(su[x]);
         }
         PROF(1)
-        keep_best(score, gs, ge, nb, G, &s_n);
+        // Keep the best G; while a branch spans more blocks, split them for the next iteration.
+        if (nb <= NT) {
+            if (!more) {
+                keep_best_select<false>(score, gs, ge, ns, ne, nb, G, &s_n, scan_tmp, &more);
+                PROF(2)
+                break;
+            }
+            nb = keep_best_select<true>(score, gs, ge, ns, ne, nb, G, &s_n, scan_tmp, &more);
+        } else {
+            keep_best(score, gs, ge, nb, G, &s_n);
+            if (!more) {
+                PROF(2)
+                break;
+            }
+            nb = split_groups(gs, ge, ns, ne, s_n, scan_tmp, &more);
+        }
         PROF(2)
-        if (!more) break;
     }
     if (rank == 0) write_row(score, gs, ge, s_n, sr, sa, out_counts);
     if constexpr (CS > 1) cg::this_cluster().sync();  // no CTA leaves while others read its maxima
@@ -631,11 +779,11 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     }
 // The forms of the decode search without a cluster (see hip_mask_search_few): MINB CTAs a
 // multiprocessor, UNROLL loads in flight, PLACE.
-#define MASK_FEW_FORM(NAME, T, D, MINB, UNROLL, PLACE)                                                       \
+#define MASK_FEW_FORM(NAME, T, D, MINB, UNROLL, PLACE, MMA)                                                  \
     extern "C" __global__ void __launch_bounds__(512, MINB)                                                  \
         NAME(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale, uint32_t* starts, \
              uint32_t* counts) {                                                                               \
-        hip_mask_search_few<T, D, 2, 1, UNROLL, PLACE>(q, q_b, q_t, kv, sa, scale, starts, counts);           \
+        hip_mask_search_few<T, D, 2, 1, UNROLL, PLACE, MMA>(q, q_b, q_t, kv, sa, scale, starts, counts);      \
     }
 #define MASK_FEW(NAME, T, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
@@ -645,9 +793,10 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     }                                                                                                        \
     MASK_FEW_CLUSTER(NAME##_c2, T, D, 2)                                                                     \
     MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)                                                                     \
-    MASK_FEW_FORM(NAME##_o2, T, D, 2, 4, false)                                                              \
-    MASK_FEW_FORM(NAME##_p, T, D, 1, 8, true)                                                                \
-    MASK_FEW_FORM(NAME##_o2p, T, D, 2, 4, true)
+    MASK_FEW_FORM(NAME##_o2, T, D, 2, 4, false, false)                                                       \
+    MASK_FEW_FORM(NAME##_p, T, D, 1, 8, true, false)                                                         \
+    MASK_FEW_FORM(NAME##_o2p, T, D, 2, 4, true, false)                                                       \
+    MASK_FEW_FORM(NAME##_t, T, D, 2, 4, true, true)
 
 MASK(hip_mask_bf16_d64, __nv_bfloat16, 64)
 MASK(hip_mask_bf16_d128, __nv_bfloat16, 128)

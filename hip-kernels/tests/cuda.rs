@@ -174,9 +174,17 @@ fn mask_search_matches_cpu() {
                 let cfg =
                     HipConfig::paper().with_k(64 * bk / 2).with_query_block(bq, sq).with_key_block(bk, sk);
                 let cfg = cfg.with_sink_window(16, 64);
-                for (t_q, t_k) in
-                    [(97, 97), (1, 1000), (1, 4099), (7, 4099), (1000, 1000), (64, 4099), (4099, 4099)]
-                {
+                for (t_q, t_k) in [
+                    (97, 97),
+                    (1, 1000),
+                    (1, 4099),
+                    (2, 1000),
+                    (3, 4099),
+                    (7, 4099),
+                    (1000, 1000),
+                    (64, 4099),
+                    (4099, 4099),
+                ] {
                     seed += 1;
                     let (q, qc) = rand(t_q, hq, d, dtype, seed, &dev);
                     let (k, kc) = rand(t_k, hkv, d, dtype, seed + 100, &dev);
@@ -210,6 +218,17 @@ fn mask_search_matches_cpu() {
         let (k, kc) = rand(t_k, 8, 128, DType::BF16, seed + 100, &dev);
         let o = overlap(&hip_mask(&q, &k, &cfg, 0.1).unwrap(), &hip_mask(&qc, &kc, &cfg, 0.1).unwrap());
         assert!(o >= 0.9, "decode {hq} heads t_k {t_k}: block overlap {o}");
+    }
+    // Exact ties: a zero query scores every key 0, so each iteration keeps the earliest branches
+    // (ties go to the earlier block) and the decode search's mask equals the CPU's, whether a row
+    // takes a cluster (4 heads) or a CTA of its own (160 heads), at every budget.
+    for (hq, hkv, t_k, k) in [(4, 2, 4099, 64), (160, 8, 1000, 64), (160, 8, 4099, 512)] {
+        let cfg = HipConfig::paper().with_k(k).with_sink_window(16, 64);
+        let q = Tensor::zeros((1, 1, hq, 128), DType::BF16, &dev).unwrap();
+        let qc = Tensor::zeros((1, 1, hq, 128), DType::F32, &Device::Cpu).unwrap();
+        let (kk, kc) = rand(t_k, hkv, 128, DType::BF16, 77, &dev);
+        let m = hip_mask_cuda(&q, &kk, &cfg, 0.1).unwrap().to_host().unwrap();
+        assert_eq!(m, hip_mask(&qc, &kc, &cfg, 0.1).unwrap(), "zero query, {hq} heads, t_k {t_k}, k {k}");
     }
     // With k covering the context every candidate is selected: the masks are identical.
     let cfg = HipConfig::paper().with_k(4096).with_sink_window(16, 64);

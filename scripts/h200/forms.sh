@@ -13,7 +13,7 @@ B=${HIP_BIN:-/tmp/hip-bin}
 S=${OUT:-/tmp}/summary.txt
 O=$(mktemp -d)  # the logs, packed into $OUT/forms-logs.tgz at the end (the runner returns 8 files)
 trap 'tar czf "${OUT:-/tmp}/forms-logs.tgz" -C "$O" .' EXIT
-MASK_FORMS=${MASK_FORMS:-base}
+MASK_FORMS=${MASK_FORMS:-t o2p base}
 SPAN_FORMS=${SPAN_FORMS:-gqa gqa2 p2}
 if [[ ${FORMS_TESTS:-1} == 1 ]]; then
 for f in $MASK_FORMS; do

@@ -9,9 +9,7 @@
 //! queries run on the per-query split-KV kernel. Anything else is a typed error before any launch.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::{
-    cuOccupancyMaxActiveClusters, CUdevice_attribute, CUfunction_attribute_enum, CUlaunchConfig,
-};
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -20,7 +18,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
-use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -30,6 +27,7 @@ use crate::ops::hip_mask::HipMask;
 
 mod batch;
 mod fused;
+mod mask;
 mod offload;
 mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
@@ -37,6 +35,8 @@ pub use fused::{
     add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, silu_mul_cuda,
     SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
 };
+pub use mask::hip_mask_cuda;
+use mask::{check_search, launch_mask, mask_search, MaskOut};
 pub use offload::{
     dense_attn_offload_cuda, free_gpu_bytes, hip_attn_decode_offload_cuda, hip_attn_offload_cuda, GpuCache,
     HostKvStore, LayerCaches, OffloadedKv,
@@ -682,21 +682,6 @@ fn poison() -> bool {
     *POISON.get_or_init(|| std::env::var_os("HIP_CUDA_POISON").is_some_and(|v| v == "1"))
 }
 
-/// The form of the decode mask search without a cluster (kernel name suffix; see
-/// `hip_mask_search_few`): by default `_o2p` (two CTAs a multiprocessor, 64 registers a thread, 4
-/// key rows in flight, the rows placed once an iteration: the fastest correct form on the H200,
-/// 128k x 16 HiP 7.92 -> 7.24 ms a step). `HIP_MASK_FEW=base|o2|p` picks another to measure
-/// against it (`base`: one CTA a multiprocessor, 8 rows in flight, no placement).
-fn mask_few_form() -> &'static str {
-    static FORM: OnceLock<&'static str> = OnceLock::new();
-    FORM.get_or_init(|| match std::env::var("HIP_MASK_FEW").as_deref() {
-        Ok("base") => "",
-        Ok("o2") => "_o2",
-        Ok("p") => "_p",
-        _ => "_o2p",
-    })
-}
-
 /// An output buffer of `n` elements for a kernel that writes every one of them: filled with NaN
 /// first under `HIP_CUDA_POISON=1` (tests: an element a kernel misses shows), else uninitialized.
 fn alloc_out<T: CudaDType + DeviceRepr + candle_core::WithDType>(
@@ -893,302 +878,6 @@ pub fn block_sparse_attn_cuda(
 fn device_attr(dev: &CudaDevice, attr: CUdevice_attribute) -> candle_core::Result<usize> {
     let n = dev.cuda_stream().context().attribute(attr).map_err(cuda_err)?;
     Ok(n.max(0) as usize)
-}
-
-/// How many clusters of `cs` CTAs of the mask kernel `name` (`threads` threads, `smem` bytes of
-/// dynamic shared memory each) the GPU runs at once (cached per context and kernel).
-fn max_active_clusters(dev: &CudaDevice, name: &str, cs: usize, threads: u32, smem: usize) -> Result<usize> {
-    type Counts = HashMap<(usize, String, usize), usize>;
-    static COUNTS: OnceLock<Mutex<Counts>> = OnceLock::new();
-    let key = (Arc::as_ptr(dev.cuda_stream().context()) as usize, name.to_owned(), smem);
-    if let Some(&n) =
-        COUNTS.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner).get(&key)
-    {
-        return Ok(n);
-    }
-    let f = func(dev, MASK, MASK_MODULE, name)?;
-    allow_smem(&f, smem)?;
-    let config = CUlaunchConfig {
-        gridDimX: cs as u32,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem as u32,
-        hStream: std::ptr::null_mut(),
-        attrs: std::ptr::null_mut(),
-        numAttrs: 0,
-    };
-    let mut n: std::ffi::c_int = 0;
-    // SAFETY: a valid function handle and launch configuration (the cluster size is the kernel's
-    // compile-time one); the driver writes one int.
-    unsafe { cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) }.result().map_err(cuda_err)?;
-    let n = n.max(0) as usize;
-    COUNTS.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner).insert(key, n);
-    Ok(n)
-}
-
-/// `hip_mask.cu` compiled by `build.rs` (as [`SPAN`]).
-const MASK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hip_mask.fatbin"));
-const MASK_MODULE: &str = "hip_mask_search";
-
-/// `SearchArgs` of `hip_mask.cu`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct SearchArgs {
-    t_q: i32,
-    heads_q: i32,
-    block_q: i32,
-    stride_q: i32,
-    block_k: i32,
-    stride_k: i32,
-    sink: i32,
-    window: i32,
-    groups: i32,
-    n_qblocks: i32,
-    cap: i32,
-    /// Decode batches into mask slots (zero otherwise): u32 `[batch]` slot each entry writes,
-    /// and u32 `[slots]` where it leaves its key count.
-    slots: u64,
-    tks: u64,
-}
-// SAFETY: plain old data with the C layout of the kernel's struct.
-unsafe impl DeviceRepr for SearchArgs {}
-
-impl CudaMask {
-    /// Downloads the mask into a [`HipMask`].
-    ///
-    /// # Errors
-    /// Candle errors (copy).
-    pub fn to_host(&self) -> Result<HipMask> {
-        let mut m = self.meta.clone();
-        m.block_starts = self.starts.flatten_all()?.to_vec1::<u32>()?;
-        m.counts = self.counts.flatten_all()?.to_vec1::<u32>()?;
-        Ok(m)
-    }
-}
-
-/// HiP mask estimation on CUDA (see [`crate::hip_mask`] for the algorithm and shapes); the mask
-/// stays on the device.
-///
-/// Supported: bf16/f16, head dims 64 and 128, `block_size_q / block_stride_q <= 32` strided
-/// queries, `block_size_k / block_stride_k <= 64` strided keys, `k / block_size_k <= 4096`.
-///
-/// # Errors
-/// Invalid config, shapes or dtypes; unsupported sizes (above); tensors not on CUDA.
-pub fn hip_mask_cuda(q: &Tensor, k: &Tensor, cfg: &crate::HipConfig, scale: f32) -> Result<CudaMask> {
-    let dims = AttnDims::from_qkv(q, k, None)?;
-    mask_search(q, k, &dims, None, cfg, scale)
-}
-
-/// The mask search over contiguous or paged keys.
-fn mask_search(
-    q: &Tensor,
-    k: &Tensor,
-    dims: &AttnDims,
-    paged: Option<Paged<'_>>,
-    cfg: &crate::HipConfig,
-    scale: f32,
-) -> Result<CudaMask> {
-    let dims = *dims;
-    let groups = check_search(q, k, &dims, cfg, scale)?;
-    let dev = cuda_dev(q)?;
-    let (q, k) = (q.contiguous()?, k.contiguous()?);
-    let meta = HipMask {
-        batch: dims.batch,
-        heads: dims.heads_q,
-        n_qblocks: dims.t_q.div_ceil(cfg.block_size_q),
-        max_blocks: groups,
-        block_size_q: cfg.block_size_q,
-        block_size_k: cfg.block_size_k,
-        sink_tokens: cfg.sink_tokens,
-        window_tokens: cfg.window_tokens,
-        t_k: dims.t_k,
-        block_starts: Vec::new(),
-        counts: Vec::new(),
-    };
-    let rows = dims.batch * dims.heads_q * meta.n_qblocks;
-    let (starts, counts) = {
-        // SAFETY: plain u32s; every mask CTA writes all `groups` starts of its row and its count.
-        let (out_s, out_c) = unsafe { (dev.alloc::<u32>(rows * groups)?, dev.alloc::<u32>(rows)?) };
-        {
-            let stream = dev.cuda_stream();
-            let (sp, _g1) = out_s.device_ptr(&stream);
-            let (cp, _g2) = out_c.device_ptr(&stream);
-            let out = MaskOut { starts: sp, counts: cp, slots: 0, tks: 0 };
-            launch_mask(&q, &k, &dims, paged, cfg, scale, &dev, out, meta.n_qblocks)?;
-        }
-        let s = CudaStorage::wrap_cuda_slice(out_s, dev.clone());
-        let c = CudaStorage::wrap_cuda_slice(out_c, dev.clone());
-        (
-            Tensor::from_storage(
-                Storage::Cuda(s),
-                (dims.batch, dims.heads_q, meta.n_qblocks, groups),
-                BackpropOp::none(),
-                false,
-            ),
-            Tensor::from_storage(
-                Storage::Cuda(c),
-                (dims.batch, dims.heads_q, meta.n_qblocks),
-                BackpropOp::none(),
-                false,
-            ),
-        )
-    };
-    Ok(CudaMask { starts, counts, meta })
-}
-
-/// Where the mask search writes (device pointers): block starts `[rows, groups]` and counts
-/// `[rows]`; for a decode batch into mask slots, the entries' slots and the slots' key counts
-/// (zero otherwise).
-#[derive(Debug, Clone, Copy)]
-struct MaskOut {
-    starts: u64,
-    counts: u64,
-    slots: u64,
-    tks: u64,
-}
-
-/// Checks a mask search's inputs against what the CUDA search supports; returns the selected
-/// blocks per row.
-fn check_search(
-    q: &Tensor,
-    k: &Tensor,
-    dims: &AttnDims,
-    cfg: &crate::HipConfig,
-    scale: f32,
-) -> Result<usize> {
-    cfg.validate()?;
-    crate::layout::check_scale(scale)?;
-    check(dims, q.dtype(), &Keys::Dense)?;
-    if k.dtype() != q.dtype() {
-        return Err(Error::DType { name: "k", expected: format!("{:?} like q", q.dtype()), got: k.dtype() });
-    }
-    let nq = cfg.block_size_q.div_ceil(cfg.block_stride_q);
-    if nq > 32 {
-        return Err(Error::arg(
-            "block_size_q",
-            cfg.block_size_q,
-            "at most 32 strided queries per block on CUDA",
-        ));
-    }
-    let kpb = cfg.block_size_k.div_ceil(cfg.block_stride_k);
-    if kpb > 64 {
-        return Err(Error::arg(
-            "block_size_k",
-            cfg.block_size_k,
-            "at most 64 strided keys per block on CUDA",
-        ));
-    }
-    let groups = cfg.selected_blocks();
-    if groups > 4096 {
-        return Err(Error::arg("k", cfg.k, "at most 4096 selected blocks on CUDA"));
-    }
-    Ok(groups)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn launch_mask(
-    q: &Tensor,
-    k: &Tensor,
-    dims: &AttnDims,
-    paged: Option<Paged<'_>>,
-    cfg: &crate::HipConfig,
-    scale: f32,
-    dev: &CudaDevice,
-    out: MaskOut,
-    n_qblocks: usize,
-) -> Result<()> {
-    let stream = dev.cuda_stream();
-    let (qst, ql) = q.storage_and_layout();
-    let (kst, kl) = k.storage_and_layout();
-    let (Storage::Cuda(qs), Storage::Cuda(ks)) = (&*qst, &*kst) else {
-        return Err(Error::UnsupportedDevice { op: "hip_mask", device: "mixed devices".into() });
-    };
-    let hd = dims.head_dim;
-    let (tn, esize) = if q.dtype() == DType::BF16 { ("bf16", 2u64) } else { ("f16", 2u64) };
-    let ((qp, _g1), (kp, _g2)) = if q.dtype() == DType::BF16 {
-        (qs.as_cuda_slice::<bf16>()?.device_ptr(&stream), ks.as_cuda_slice::<bf16>()?.device_ptr(&stream))
-    } else {
-        (qs.as_cuda_slice::<f16>()?.device_ptr(&stream), ks.as_cuda_slice::<f16>()?.device_ptr(&stream))
-    };
-    let qp = qp + ql.start_offset() as u64 * esize;
-    let kp = kp + kl.start_offset() as u64 * esize;
-    let mut kv = KvArgs::contiguous(kp, kp, dims);
-    if let Some(p) = &paged {
-        kv.page(p, dev)?;
-    }
-    let groups = cfg.selected_blocks();
-    let cap = (2 * groups).next_power_of_two();
-    let sa = SearchArgs {
-        t_q: dims.t_q as i32,
-        heads_q: dims.heads_q as i32,
-        block_q: cfg.block_size_q as i32,
-        stride_q: cfg.block_stride_q as i32,
-        block_k: cfg.block_size_k as i32,
-        stride_k: cfg.block_stride_k as i32,
-        sink: cfg.sink_tokens as i32,
-        window: cfg.window_tokens as i32,
-        groups: groups as i32,
-        n_qblocks: n_qblocks as i32,
-        cap: cap as i32,
-        slots: out.slots,
-        tks: out.tks,
-    };
-    // Blocks of at most 2 strided queries (decode) take the latency-tuned search: 512 threads
-    // scoring keys from global memory, shared memory only for the branches.
-    let few = dims.t_q.min(cfg.block_size_q).div_ceil(cfg.block_stride_q) <= 2;
-    // Few rows (a decode step of few sequences) take a cluster of 4 or 2 CTAs each, the larger
-    // that lets the GPU hold every cluster at once (one 512-thread CTA per multiprocessor; the
-    // GPU's layout in processing clusters decides how many clusters fit).
-    let rows = dims.batch * dims.heads_q * n_qblocks;
-    let (name, threads, smem, per_row) = if few {
-        // score + 4 branch arrays + 2 arrays of branch maxima, `cap` entries each.
-        let smem = cap * 28;
-        // `mask_few_form`: the `p` forms (the default `_o2p` among them) add the placements'
-        // offsets to the shared memory; a search too wide for both in one CTA's shared memory (a
-        // budget of thousands of blocks) takes the form without the placement.
-        let mut form = mask_few_form();
-        let mut place =
-            if form.ends_with('p') { cap * cfg.block_size_k.div_ceil(cfg.block_stride_k) * 8 } else { 0 };
-        if place > 0
-            && smem + place
-                > device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
-        {
-            form = if form == "_o2p" { "_o2" } else { "" };
-            place = 0;
-        }
-        let mut pick = (format!("hip_mask_few_{tn}_d{hd}{form}"), 512, smem + place, 1);
-        for cs in [4usize, 2] {
-            let name = format!("hip_mask_few_{tn}_d{hd}_c{cs}");
-            if rows <= max_active_clusters(dev, &name, cs, 512, smem)? {
-                pick = (name, 512, smem, cs);
-                break;
-            }
-        }
-        pick
-    } else {
-        // Must match the layout of `hip_mask_search`: two buffers of BN = 64 key rows, three of
-        // per-slot branch and token, and score + 4 branch arrays of `cap` entries.
-        let smem = 2 * 64 * hd * 2 + 3 * 64 * 4 * 2 + cap * 20;
-        (format!("hip_mask_{tn}_d{hd}"), 128, smem, 1)
-    };
-    let f = func(dev, MASK, MASK_MODULE, &name)?;
-    allow_smem(&f, smem)?;
-    let cfg_l = LaunchConfig {
-        grid_dim: ((n_qblocks * per_row) as u32, dims.heads_q as u32, dims.batch as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let q_b = (dims.t_q * dims.heads_q * hd) as i64;
-    let q_t = (dims.heads_q * hd) as i64;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(&out.starts).arg(&out.counts);
-    // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows (or the
-    // slots' rows, each entry's slot below their number).
-    unsafe { b.launch(cfg_l) }.map_err(cuda_err)?;
-    Ok(())
 }
 
 /// One sequence's keys and values in a paged KV cache on a CUDA device (the CUDA counterpart of

@@ -670,7 +670,7 @@ impl GpuCache {
     /// of up to `max_tokens` tokens, on `device`.
     ///
     /// # Errors
-    /// As [`TokenCache::new`]; [`Error::UnsupportedDevice`] off CUDA; [`Error::DType`] unless
+    /// As [`crate::offload::TokenCache::new`]; [`Error::UnsupportedDevice`] off CUDA; [`Error::DType`] unless
     /// bf16/f16; `kv_heads × max_tokens` beyond the 2^32 entries the access lists address;
     /// candle errors when device memory runs out.
     pub fn new(
@@ -1179,7 +1179,7 @@ impl LayerCaches {
     }
 }
 
-/// One HiP decode step over an offloaded sequence (see the [module docs](self)): the mask is
+/// One HiP decode step over an offloaded sequence (see [`GpuCache`]): the mask is
 /// re-estimated every `cfg.refresh_interval` steps through the mask cache, block-sparse
 /// attention reads through the sparse-attention cache, misses come from the host store, and
 /// after a refresh both caches apply their LRU update on the device.
