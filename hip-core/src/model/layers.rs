@@ -64,7 +64,7 @@ impl Linear {
     /// Measured on the H200 (2026-12-04, docs/benchmarks.md): ~1 µs faster than cuBLAS on the
     /// narrow products, ~1 µs slower on gate/up (each form against cuBLAS in `hip-bench matmul`);
     /// the kernel's first version made a 128k x 16 decode step slower (7.36 against 6.84–6.91 ms),
-    /// the current forms are not yet measured end to end; so cuBLAS stays the default.
+    /// the current forms gave 6.71 against 6.68–6.80 (no gain); so cuBLAS stays the default.
     fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if !*ON.get_or_init(|| std::env::var("HIP_SMALL_MATMUL").is_ok_and(|v| v == "1")) {

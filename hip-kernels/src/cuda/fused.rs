@@ -297,10 +297,9 @@ pub fn matmul_small_cuda_form(x: &Tensor, w: &Tensor, form: Option<SmallMatmulFo
         return Err(Error::arg("form", format!("{form:?}"), format!("8 * tiles must divide n = {n}")));
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let suffix = format!("w{}_t{}", form.warps, form.tiles);
     match x.dtype() {
-        DType::BF16 => matmul_small_launch::<bf16>(&x, &w, dev, &format!("matmul_small_bf16_{suffix}"), form),
-        DType::F16 => matmul_small_launch::<f16>(&x, &w, dev, &format!("matmul_small_f16_{suffix}"), form),
+        DType::BF16 => matmul_small_launch::<bf16>(&x, &w, dev, form),
+        DType::F16 => matmul_small_launch::<f16>(&x, &w, dev, form),
         other => Err(Error::DType { name: "x", expected: "bf16 or f16".into(), got: other }),
     }
 }
@@ -314,7 +313,6 @@ fn matmul_small_launch<
     x: &Tensor,
     w: &Tensor,
     dev: &candle_core::CudaDevice,
-    name: &str,
     form: SmallMatmulForm,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
@@ -325,7 +323,9 @@ fn matmul_small_launch<
     let out = alloc_out::<T>(dev, m * n)?;
     {
         let (op, _g) = out.device_ptr(&stream);
-        let f = func(dev, FUSED, FUSED_MODULE, name)?;
+        let tn = if T::DTYPE == DType::BF16 { "bf16" } else { "f16" };
+        let name = format!("matmul_small_{tn}_w{}_t{}", form.warps, form.tiles);
+        let f = func(dev, FUSED, FUSED_MODULE, &name)?;
         let cfg = LaunchConfig {
             grid_dim: ((n / (8 * form.tiles as usize)) as u32, 1, 1),
             block_dim: (32 * form.warps, 1, 1),

@@ -293,7 +293,7 @@ pub(super) fn launch_mask(
         // placements' offsets to the shared memory; a search too wide for both in one CTA's
         // shared memory (a budget of thousands of blocks) takes a form without the placement.
         let (mut form, forced) = mask_few_form();
-        if form == "_t" && kv.stage.tag != 0 && kv.seen != 0 {
+        if form == "_t" && kv.stages() {
             form = "_o2p"; // the tensor-core scoring does not stage rows read over the bus
         }
         let mut place = if form.ends_with('p') || form == "_t" {

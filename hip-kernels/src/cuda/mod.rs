@@ -143,6 +143,12 @@ pub(crate) struct StageArgs {
 }
 
 impl KvArgs {
+    /// Whether the decode kernels stage the rows they read over the bus (`kv_stages` in
+    /// `common.cuh`: an offload cache with miss staging, while recording).
+    fn stages(&self) -> bool {
+        self.stage.tag != 0 && self.seen != 0
+    }
+
     /// Contiguous `[batch, t_k, heads_kv, hd]` K/V at `k`/`v`, no offloading.
     fn contiguous(k: u64, v: u64, dims: &AttnDims) -> Self {
         let row_kv = (dims.heads_kv * dims.head_dim) as i64;
@@ -494,12 +500,10 @@ impl SpanOp<'_> {
             device_attr(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1)
         };
         // HiP over the group's key list: the kernel's pipeline stages.
-        let gqa = if !dense && d.t_q <= DECODE_MAX_TQ && group <= 8 && kv.res == 0 {
-            span_decode_gqa(rows, sms)
-        } else {
-            None
-        };
-        if d.t_q <= DECODE_MAX_TQ && group <= 8 && (dense || gqa.is_some()) {
+        // Decode shapes the tensor-core GQA kernel takes (a 16-row query tile of the group's heads).
+        let gqa_shape = d.t_q <= DECODE_MAX_TQ && group <= 8;
+        let gqa = if !dense && gqa_shape && kv.res == 0 { span_decode_gqa(rows, sms) } else { None };
+        if gqa_shape && (dense || gqa.is_some()) {
             // Decode on tensor cores, one CTA per (split, KV head): each K/V row is read once per
             // group. HiP: the group's key list (shared sink and window, then each head's blocks).
             let (per, splits) = if dense {
@@ -736,8 +740,9 @@ fn gqa_split() -> usize {
 /// Qwen2.5-1.5B's groups of 6), ncu: 25.8 µs + 3.9 µs of combine against 35.5 µs for the one-row
 /// `p2`; at 24 rows the one-row `k64` (12.7 µs) is faster. Returns the kernel's pipeline stages
 /// (3), or `None` for a one-row form. `HIP_SPAN_DECODE=gqa` forces it, `gqa2` its two-stage
-/// form (`span_decode_gqa_s2_*`: three CTAs a multiprocessor; not yet measured, with
-/// `HIP_GQA_SPLIT` to size its splits), a one-row form's name forces that one.
+/// form (`span_decode_gqa_s2_*`: three CTAs a multiprocessor; 6.75 ms a 128k x 16 step against
+/// 6.68–6.80 for the default, 6.80 with `HIP_GQA_SPLIT=320`, on 2026-12-04), a one-row form's
+/// name forces that one.
 fn span_decode_gqa(rows: usize, sms: usize) -> Option<usize> {
     static FORCED: OnceLock<Option<Option<usize>>> = OnceLock::new();
     let forced = FORCED.get_or_init(|| match std::env::var("HIP_SPAN_DECODE").as_deref() {
