@@ -8,6 +8,18 @@
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// Programmatic dependent launch (hip-kernels/src/cuda/launch.rs): the first statement of every
+// kernel launched through `Launch`. `griddepcontrol.wait` holds the kernel until the grids it
+// depends on have finished and their writes are visible (a no-op when launched without the
+// attribute), so nothing below it may run earlier than after a plain launch; then
+// `launch_dependents` lets the next such kernel be scheduled once all of this grid's CTAs run.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }

@@ -768,14 +768,14 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     extern "C" __global__ void __launch_bounds__(128) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
                                                            SearchArgs sa, float scale, uint32_t* starts,       \
                                                            uint32_t* counts) {                                 \
-        hip_mask_search<T, D>(q, q_b, q_t, kv, sa, scale, starts, counts);                                    \
+        pdl_entry(); hip_mask_search<T, D>(q, q_b, q_t, kv, sa, scale, starts, counts);                                    \
     }
 
 #define MASK_FEW_CLUSTER(NAME, T, D, CS)                                                                     \
     extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(512)                             \
         NAME(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale, uint32_t* starts, \
              uint32_t* counts) {                                                                               \
-        hip_mask_search_few<T, D, 2, CS>(q, q_b, q_t, kv, sa, scale, starts, counts);                         \
+        pdl_entry(); hip_mask_search_few<T, D, 2, CS>(q, q_b, q_t, kv, sa, scale, starts, counts);                         \
     }
 // The forms of the decode search without a cluster (see hip_mask_search_few): MINB CTAs a
 // multiprocessor, UNROLL loads in flight, PLACE.
@@ -783,13 +783,13 @@ __device__ void hip_mask_search_few(const T* __restrict__ q, long long q_b, long
     extern "C" __global__ void __launch_bounds__(512, MINB)                                                  \
         NAME(const T* q, long long q_b, long long q_t, KvArgs kv, SearchArgs sa, float scale, uint32_t* starts, \
              uint32_t* counts) {                                                                               \
-        hip_mask_search_few<T, D, 2, 1, UNROLL, PLACE, MMA>(q, q_b, q_t, kv, sa, scale, starts, counts);      \
+        pdl_entry(); hip_mask_search_few<T, D, 2, 1, UNROLL, PLACE, MMA>(q, q_b, q_t, kv, sa, scale, starts, counts);      \
     }
 #define MASK_FEW(NAME, T, D)                                                                                 \
     extern "C" __global__ void __launch_bounds__(512) NAME(const T* q, long long q_b, long long q_t, KvArgs kv, \
                                                            SearchArgs sa, float scale, uint32_t* starts,       \
                                                            uint32_t* counts) {                                 \
-        hip_mask_search_few<T, D, 2, 1>(q, q_b, q_t, kv, sa, scale, starts, counts);                          \
+        pdl_entry(); hip_mask_search_few<T, D, 2, 1>(q, q_b, q_t, kv, sa, scale, starts, counts);                          \
     }                                                                                                        \
     MASK_FEW_CLUSTER(NAME##_c2, T, D, 2)                                                                     \
     MASK_FEW_CLUSTER(NAME##_c4, T, D, 4)                                                                     \

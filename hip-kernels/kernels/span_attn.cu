@@ -841,13 +841,13 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
     extern "C" __global__ void __launch_bounds__(32 * W) NAME(const T* q, T* o, long long q_b, long long q_t,      \
                                                               int t_q, int heads_q, KvArgs kv, MaskArgs mask,     \
                                                               float scale_log2) {                                 \
-        span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
+        pdl_entry(); span_attn_prefill<T, D, W>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);                          \
     }
 #define DECODE_FORM(NAME, T, D, CS, CHUNK, STAGES, MINB, MAXK)                                                    \
     extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(32 * DECODE_WARPS, MINB)               \
         NAME(const T* q, T* o, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,       \
              float scale_log2) {                                                                                   \
-        span_attn_decode<T, D, CS, CHUNK, STAGES, MAXK>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);       \
+        pdl_entry(); span_attn_decode<T, D, CS, CHUNK, STAGES, MAXK>(q, o, q_b, q_t, t_q, heads_q, kv, mask, scale_log2);       \
     }
 // The forms of hip-kernels/src/cuda/mod.rs's `span_decode_form` (suffix, CTAs a row, keys a stage,
 // stages, CTAs a multiprocessor the registers must allow, keys placed at once).
@@ -865,14 +865,14 @@ __device__ void span_attn_combine(const float* __restrict__ part_m, const float*
 #define COMBINE(NAME, T, D)                                                                                        \
     extern "C" __global__ void NAME(const float* part_m, const float* part_l, const float* part_acc, int n_splits, \
                                     T* o, long long o_b, long long o_t, int t_q, int heads_q, int rows) {          \
-        span_attn_combine<T, D>(part_m, part_l, part_acc, n_splits, o, o_b, o_t, t_q, heads_q, rows);             \
+        pdl_entry(); span_attn_combine<T, D>(part_m, part_l, part_acc, n_splits, o, o_b, o_t, t_q, heads_q, rows);             \
     }
 
 #define DECODE_GQA(NAME, T, D, LIST, STAGES)                                                                      \
     extern "C" __global__ void __launch_bounds__(128)                                                              \
         NAME(const T* q, long long q_b, long long q_t, int t_q, int heads_q, KvArgs kv, MaskArgs mask,             \
              float scale_log2, int keys_per_split, float* part_m, float* part_l, float* part_acc, int n_splits) {   \
-        gqa_decode_mma<T, D, LIST, STAGES>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split,       \
+        pdl_entry(); gqa_decode_mma<T, D, LIST, STAGES>(q, q_b, q_t, t_q, heads_q, kv, mask, scale_log2, keys_per_split,       \
                                            part_m, part_l, part_acc, n_splits);                                    \
     }
 #define ALL(TN, T)                                     \

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use hip_kernels::cuda::{
     add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, qkv_rope_write_cuda,
-    silu_mul_cuda, QkvRopeWrite, SmallMatmulForm,
+    silu_mul_cuda, to_f32_cuda, QkvRopeWrite, SmallMatmulForm,
 };
 use hip_kernels::{Error, Rope};
 
@@ -268,6 +268,34 @@ fn argmax_rows_matches_cpu() {
     assert!(matches!(argmax_rows_cuda(&b), Err(Error::DType { .. })));
     let e = Tensor::zeros((2, 0), DType::F32, &dev).unwrap();
     assert!(matches!(argmax_rows_cuda(&e), Err(Error::Shape { .. })));
+}
+
+/// The logits cast: bit for bit what candle's bf16 / f16 -> f32 cast gives on the CPU, at
+/// awkward sizes (the 8-wide loads' tail, a step's 16 x 152k), from a view whose offset is not a
+/// multiple of 8 values (the one-value path) and from an aligned one.
+#[test]
+fn to_f32_matches_candle_cast() {
+    let dev = gpu();
+    for dt in [DType::BF16, DType::F16] {
+        for n in [1usize, 7, 97, 4099, 16 * 151_936] {
+            let x = Tensor::randn(0f32, 4.0, n + 9, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            for off in [0usize, 8, 3] {
+                let want =
+                    x.narrow(0, off, n).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                let xd = x.to_device(&dev).unwrap().narrow(0, off, n).unwrap();
+                let got = to_f32_cuda(&xd).unwrap();
+                assert_eq!(got.dims(), [n]);
+                let got = got.to_vec1::<f32>().unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dt:?} n {n} offset {off}");
+            }
+        }
+        // Shape kept.
+        let x = Tensor::ones((3, 5, 7), dt, &dev).unwrap();
+        assert_eq!(to_f32_cuda(&x).unwrap().dims(), [3, 5, 7]);
+    }
+    let cpu = Tensor::ones(4, DType::BF16, &Device::Cpu).unwrap();
+    assert!(matches!(to_f32_cuda(&cpu), Err(Error::UnsupportedDevice { .. })));
 }
 
 /// The few-row product against an f32 CPU matmul of the same bf16 / f16 values, at every row

@@ -26,11 +26,14 @@ for f in $SPAN_FORMS; do
 done
 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu.log" 2>&1; echo "gpu rc=$?" >>"$S"
 grep -E "test result|panicked" "$O/gpu.log" >>"$S"
-# The few-row product (opt-in HIP_SMALL_MATMUL=1): its kernel test, and the model tests through it.
+# The few-row product (the default for decode steps; HIP_SMALL_MATMUL=0 cuBLAS, and HIP_PDL=0
+# plain launches): its kernel test, and the model tests without it and without PDL.
 timeout 60 "$B"/cuda_fused matmul_small >"$O/cuda_fused_matmul.log" 2>&1; echo "cuda_fused matmul_small rc=$?" >>"$S"
 grep -E "test result|panicked" "$O/cuda_fused_matmul.log" >>"$S"
-HIP_SMALL_MATMUL=1 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu_small.log" 2>&1; echo "gpu (HIP_SMALL_MATMUL=1) rc=$?" >>"$S"
-grep -E "test result|panicked" "$O/gpu_small.log" >>"$S"
+HIP_SMALL_MATMUL=0 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu_cublas.log" 2>&1; echo "gpu (HIP_SMALL_MATMUL=0) rc=$?" >>"$S"
+grep -E "test result|panicked" "$O/gpu_cublas.log" >>"$S"
+HIP_PDL=0 timeout 60 "$B"/gpu --test-threads 1 >"$O/gpu_nopdl.log" 2>&1; echo "gpu (HIP_PDL=0) rc=$?" >>"$S"
+grep -E "test result|panicked" "$O/gpu_nopdl.log" >>"$S"
 fi
 [[ ${FORMS_E2E:-1} == 0 ]] && exit 0
 run() {  # name, then env assignments
@@ -45,5 +48,6 @@ for f in $SPAN_FORMS; do run "span_$f" HIP_SPAN_DECODE=$f; done
 # (10 for Qwen2.5-1.5B's groups: 320 CTAs at 16 sequences, one wave).
 [[ " $SPAN_FORMS " == *" gqa2 "* ]] && run span_gqa2_split320 HIP_SPAN_DECODE=gqa2 HIP_GQA_SPLIT=${GQA2_SPLIT:-320}
 for f in ${E2E_MASK_FORMS:-}; do run "mask_$f" HIP_MASK_FEW=$f; done
-run small_matmul HIP_SMALL_MATMUL=1
+run cublas HIP_SMALL_MATMUL=0
+run no_pdl HIP_PDL=0
 run default_again

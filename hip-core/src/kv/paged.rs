@@ -158,6 +158,9 @@ impl PagedKvCache {
     /// cannot be allocated.
     pub fn new_on_device(cfg: KvCacheConfig, device: &Device, dtype: DType) -> Result<Self> {
         cfg.validate()?;
+        // A decode loop synchronizes every step: keep the freed step memory in the pool.
+        #[cfg(feature = "cuda")]
+        hip_kernels::cuda::keep_pool_memory(device)?;
         let row_len = cfg.row_len();
         let block_floats = cfg.block_size * row_len;
         let rows = cfg.num_blocks * cfg.block_size;
@@ -204,6 +207,7 @@ impl PagedKvCache {
         offloaded: &[bool],
     ) -> Result<Self> {
         cfg.validate()?;
+        hip_kernels::cuda::keep_pool_memory(device)?;
         if offloaded.len() != cfg.num_layers {
             return Err(Error::arg(
                 "offloaded",

@@ -58,20 +58,32 @@ impl Linear {
 
 #[cfg(feature = "cuda")]
 impl Linear {
-    /// With `HIP_SMALL_MATMUL=1` (opt-in): a product of at most 16 rows with plain bf16 / f16
-    /// weights on the GPU takes `hip_kernels::cuda::matmul_small_cuda` (one launch streaming the
-    /// weights into tensor-core operands) instead of cuBLAS; `None` when it does not apply.
-    /// Measured on the H200 (2026-12-04, docs/benchmarks.md): ~1 µs faster than cuBLAS on the
-    /// narrow products, ~1 µs slower on gate/up (each form against cuBLAS in `hip-bench matmul`);
-    /// the kernel's first version made a 128k x 16 decode step slower (7.36 against 6.84–6.91 ms),
-    /// the current forms gave 6.71 against 6.68–6.80 (no gain); so cuBLAS stays the default.
+    /// A product of at most 16 rows with plain bf16 / f16 weights on the GPU (a decode step's)
+    /// takes `hip_kernels::cuda::matmul_small_cuda` (one launch streaming the weights into
+    /// tensor-core operands) instead of cuBLAS; `None` when it does not apply.
+    ///
+    /// Why (H200, docs/benchmarks.md): alone, the kernel is ~1 µs faster than cuBLAS on the
+    /// narrow products and ~1 µs slower on gate/up, and in a 128k x 16 step it gained nothing
+    /// (6.71 against 6.68–6.80 ms). Since our kernels launch with programmatic dependent launch
+    /// (cuda/launch.rs), a product of ours starts while the kernel before it drains and lets the
+    /// norm after it do the same, which cuBLAS's launches do not: the step went from 5.95–6.11
+    /// to 5.72 ms (2026-12-04, one lease). `HIP_SMALL_MATMUL` limits it (comparisons): `0`
+    /// never, `1` always (the default), another number: weights of at most that many million
+    /// values (4: the q/k/v and o products of Qwen2.5-1.5B).
     fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if !*ON.get_or_init(|| std::env::var("HIP_SMALL_MATMUL").is_ok_and(|v| v == "1")) {
-            return Ok(None);
-        }
+        static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let max = *MAX.get_or_init(|| {
+            match std::env::var("HIP_SMALL_MATMUL").ok().and_then(|v| v.parse::<usize>().ok()) {
+                Some(0) => 0,
+                Some(1) | None => usize::MAX,
+                Some(m) => m.saturating_mul(1 << 20),
+            }
+        });
         let QMatMul::Tensor(w) = &self.w else { return Ok(None) };
         let (n, k) = w.dims2()?;
+        if n * k > max {
+            return Ok(None);
+        }
         let rows = if x.rank() == 0 || k == 0 { 0 } else { x.elem_count() / k };
         if !x.device().is_cuda()
             || !matches!(w.dtype(), DType::BF16 | DType::F16)

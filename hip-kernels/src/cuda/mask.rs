@@ -5,7 +5,7 @@
 use candle_core::cuda_backend::cudarc::driver::sys::{
     cuOccupancyMaxActiveClusters, CUdevice_attribute, CUlaunchConfig,
 };
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -13,7 +13,9 @@ use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use super::{allow_smem, check, cuda_dev, cuda_err, device_attr, func, CudaMask, Keys, KvArgs, Paged};
+use super::{
+    allow_smem, check, cuda_dev, cuda_err, device_attr, func, CudaMask, Keys, KvArgs, Launch, Paged,
+};
 use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
@@ -332,7 +334,7 @@ pub(super) fn launch_mask(
     };
     let q_b = (dims.t_q * dims.heads_q * hd) as i64;
     let q_t = (dims.heads_q * hd) as i64;
-    let mut b = stream.launch_builder(&f);
+    let mut b = Launch::new(&stream, &f);
     b.arg(&qp).arg(&q_b).arg(&q_t).arg(&kv).arg(&sa).arg(&scale).arg(&out.starts).arg(&out.counts);
     // SAFETY: argument list matches `hip_mask_*`; outputs sized rows * groups and rows (or the
     // slots' rows, each entry's slot below their number).

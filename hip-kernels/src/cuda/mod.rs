@@ -24,16 +24,18 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 use crate::layout::AttnDims;
 use crate::ops::hip_mask::HipMask;
+use launch::Launch;
 
 mod batch;
 mod fused;
+mod launch;
 mod mask;
 mod offload;
 mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
 pub use fused::{
     add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, silu_mul_cuda,
-    SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
+    to_f32_cuda, SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
 };
 pub use mask::hip_mask_cuda;
 use mask::{check_search, launch_mask, mask_search, MaskOut};
@@ -533,9 +535,9 @@ impl SpanOp<'_> {
                 shared_mem_bytes: smem as u32,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
-            let mut b = stream.launch_builder(&f);
+            let mut b = Launch::new(&stream, &f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
-            b.arg(&per_i).arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i);
+            b.arg(&per_i).slice(&parts.m).slice(&parts.l).slice(&parts.acc).arg(&splits_i);
             // SAFETY: argument list matches `{dense,span}_decode_gqa_*`; buffers are sized above.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
@@ -551,7 +553,7 @@ impl SpanOp<'_> {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let mut b = stream.launch_builder(&f);
+            let mut b = Launch::new(&stream, &f);
             b.arg(&qp)
                 .arg(&op)
                 .arg(&q_b)
@@ -597,7 +599,7 @@ impl SpanOp<'_> {
                 block_dim: ((32 * warps) as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let mut b = stream.launch_builder(&f);
+            let mut b = Launch::new(&stream, &f);
             b.arg(&qp)
                 .arg(&op)
                 .arg(&q_b)
@@ -637,8 +639,8 @@ impl SpanOp<'_> {
         let q_b = (d.t_q * d.heads_q * d.head_dim) as i64;
         let q_t = (d.heads_q * d.head_dim) as i64;
         let stream = self.dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&parts.m).arg(&parts.l).arg(&parts.acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
+        let mut b = Launch::new(&stream, &f);
+        b.slice(&parts.m).slice(&parts.l).slice(&parts.acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
         b.arg(&t_q).arg(&heads_q).arg(&rows_i);
         // SAFETY: argument list matches `span_combine_*`; the partials hold rows * splits entries.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
@@ -880,6 +882,40 @@ pub fn block_sparse_attn_cuda(
 
 /// An integer attribute of `dev`'s device, e.g. `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT` (132 on
 /// the H200) or `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN` (227 KB on Hopper).
+/// Makes the device's memory pool keep the memory that is freed, instead of handing it back to
+/// the driver at every synchronization (the pool's default release threshold is 0): candle
+/// allocates every intermediate tensor from that pool, and a decode loop synchronizes once a
+/// step (to read the sampled tokens), so with the default each step maps its working memory
+/// again. With the threshold at its maximum the pool holds on to its peak, like PyTorch's
+/// caching allocator; the memory stays the process's until it exits. Idempotent; does nothing
+/// on a CPU device or with `HIP_POOL_TRIM=1` (the driver's default, for comparisons).
+///
+/// # Errors
+/// CUDA errors of the pool queries.
+pub fn keep_pool_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUmemPool_attribute};
+    let Device::Cuda(dev) = device else { return Ok(()) };
+    if std::env::var("HIP_POOL_TRIM").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(cuda_err)?;
+    let mut pool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: plain driver queries on the context's own device, with valid out pointers.
+    unsafe {
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result().map_err(cuda_err)?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .result()
+        .map_err(cuda_err)?;
+    }
+    Ok(())
+}
+
 fn device_attr(dev: &CudaDevice, attr: CUdevice_attribute) -> candle_core::Result<usize> {
     let n = dev.cuda_stream().context().attribute(attr).map_err(cuda_err)?;
     Ok(n.max(0) as usize)

@@ -2,7 +2,7 @@
 //! and v bias, RoPE on q and k, q out and k / v into the paged cache pools. Replaces three bias
 //! adds, two rotations and two scatters a layer.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Storage, Tensor};
@@ -110,7 +110,7 @@ pub fn qkv_rope_write_cuda(a: &QkvRopeWrite<'_>) -> Result<Tensor> {
     let (cos, sin, rows) = (a.cos.contiguous()?, a.sin.contiguous()?, a.rows.contiguous()?);
     let bias = a.bias.map(Tensor::contiguous).transpose()?;
     let l =
-        Launch { a, cos: &cos, sin: &sin, rows: &rows, bias: bias.as_ref(), n, pool_rows, kvh, d, strides };
+        Prepared { a, cos: &cos, sin: &sin, rows: &rows, bias: bias.as_ref(), n, pool_rows, kvh, d, strides };
     match dt {
         DType::BF16 => l.run::<bf16>(dev, "qkv_rope_write_bf16"),
         DType::F16 => l.run::<f16>(dev, "qkv_rope_write_f16"),
@@ -118,7 +118,7 @@ pub fn qkv_rope_write_cuda(a: &QkvRopeWrite<'_>) -> Result<Tensor> {
     }
 }
 
-struct Launch<'a> {
+struct Prepared<'a> {
     a: &'a QkvRopeWrite<'a>,
     cos: &'a Tensor,
     sin: &'a Tensor,
@@ -131,7 +131,7 @@ struct Launch<'a> {
     strides: [i64; 3],
 }
 
-impl Launch<'_> {
+impl Prepared<'_> {
     fn run<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         &self,
         dev: &CudaDevice,
@@ -162,7 +162,7 @@ impl Launch<'_> {
             let [qs, ks, vs] = self.strides;
             let n_rows = self.pool_rows as i64;
             let (h, hk, d32, il) = (heads as i32, kvh as i32, d as i32, i32::from(a.interleaved));
-            let mut b = stream.launch_builder(&f);
+            let mut b = super::Launch::new(&stream, &f);
             b.arg(&qp).arg(&kp).arg(&vp).arg(&qs).arg(&ks).arg(&vs).arg(&bp).arg(&cp).arg(&sp).arg(&rp);
             b.arg(&n_rows).arg(&op).arg(&kpool).arg(&vpool).arg(&h).arg(&hk).arg(&d32).arg(&il);
             // SAFETY: the argument list matches `qkv_rope_write_*`; every pointer holds the extents
