@@ -218,13 +218,21 @@ extern "C" __global__ void __launch_bounds__(256)
 // permutation for x and W, so the sum over k is unchanged. Needs N % (8 NT) == 0, K % 32 == 0.
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-template <typename T, int WARPS, int NT>
+//
+// GLU (SwiGLU's gate fused in, NT == 2): W holds the gate rows then the up rows ([2 ffn, K], n =
+// 2 ffn); CTA c takes gate columns 8c .. 8c + 7 as its tile 0 and the same up columns as its tile
+// 1, and writes y[M, ffn] = silu(gate) * up, each of gate and up first rounded to T: what the
+// plain product followed by silu_mul gives, bit for bit (same warps, same order of sums).
+template <typename T, int WARPS, int NT, bool GLU = false>
 __device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int m, int n,
                              int k) {
+    static_assert(!GLU || NT == 2, "GLU pairs a gate tile with an up tile");
     constexpr int U = NT == 4 ? 2 : 4;  // 32-wide blocks in flight per warp
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    const int n0 = blockIdx.x * 8 * NT;
+    const int n0 = GLU ? blockIdx.x * 8 : blockIdx.x * 8 * NT;
+    // Row offset of tile j's weights from tile 0's.
+    const long long tile_rows = GLU ? n / 2 : 8;
     const T* wr = w + (long long)(n0 + g) * k + t * 8;
     // Rows past m read row m - 1 instead (valid memory): a row of the product depends on its own
     // row of x alone, and those rows are not written.
@@ -247,7 +255,7 @@ __device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T
         for (int u = 0; u < U; u++) {
             const int b = min(j0 + u * WARPS, kb - 1);
 #pragma unroll
-            for (int j = 0; j < NT; j++) wv[u][j] = ldg16(wr + (long long)j * 8 * k + b * 32);
+            for (int j = 0; j < NT; j++) wv[u][j] = ldg16(wr + j * tile_rows * k + b * 32);
             av[u] = ldg16(x0 + b * 32);
             bv[u] = ldg16((hi ? x1 : x0) + b * 32);
         }
@@ -272,6 +280,24 @@ __device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T
         for (int i = 0; i < 4; i++) red[warp][j * 4 + i][lane] = c[j][i];
     __syncthreads();
     // c[j][0..1]: row g, columns 2t, 2t + 1 of tile j; c[j][2..3]: row g + 8.
+    if constexpr (GLU) {
+        const int ffn = n / 2;
+        for (int e = threadIdx.x; e < 4 * 32; e += WARPS * 32) {
+            const int vi = e / 32, ln = e % 32;
+            const int row = ln / 4 + 8 * (vi / 2), col = n0 + 2 * (ln % 4) + (vi % 2);
+            if (row >= m) continue;
+            float gs = 0.f, us = 0.f;
+#pragma unroll 4
+            for (int v = 0; v < WARPS; v++) {
+                gs += red[v][vi][ln];
+                us += red[v][4 + vi][ln];
+            }
+            // As silu_mul on the product rounded to T.
+            const float gv = to_f(from_f<T>(gs)), uv = to_f(from_f<T>(us));
+            y[(long long)row * ffn + col] = from_f<T>(gv / (1.f + __expf(-gv)) * uv);
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
         const int vi = e / 32, ln = e % 32, j = vi / 4, i = vi % 4;
         const int row = ln / 4 + 8 * (i / 2), col = n0 + j * 8 + 2 * (ln % 4) + (i % 2);
@@ -300,6 +326,18 @@ MATMUL_SMALL_NT(8, 4)
 MATMUL_SMALL_NT(16, 1)
 MATMUL_SMALL_NT(16, 2)
 MATMUL_SMALL_NT(16, 4)
+
+#define MATMUL_SMALL_GLU(NAME, T, W)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * W, 1) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
+        pdl_entry();                                                                                     \
+        matmul_small<T, W, 2, true>(x, w, y, m, n, k);                                                   \
+    }
+MATMUL_SMALL_GLU(matmul_small_glu_bf16_w4, __nv_bfloat16, 4)
+MATMUL_SMALL_GLU(matmul_small_glu_f16_w4, __half, 4)
+MATMUL_SMALL_GLU(matmul_small_glu_bf16_w8, __nv_bfloat16, 8)
+MATMUL_SMALL_GLU(matmul_small_glu_f16_w8, __half, 8)
+MATMUL_SMALL_GLU(matmul_small_glu_bf16_w16, __nv_bfloat16, 16)
+MATMUL_SMALL_GLU(matmul_small_glu_f16_w16, __half, 16)
 
 
 // x (T, n elements) to f32: the logits of a step, cast for the host's sampling (candle's cast

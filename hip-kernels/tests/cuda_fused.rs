@@ -6,8 +6,8 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use hip_kernels::cuda::{
-    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, qkv_rope_write_cuda,
-    silu_mul_cuda, to_f32_cuda, QkvRopeWrite, SmallMatmulForm,
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, matmul_small_glu_cuda,
+    qkv_rope_write_cuda, silu_mul_cuda, to_f32_cuda, QkvRopeWrite, SmallMatmulForm,
 };
 use hip_kernels::{Error, Rope};
 
@@ -268,6 +268,44 @@ fn argmax_rows_matches_cpu() {
     assert!(matches!(argmax_rows_cuda(&b), Err(Error::DType { .. })));
     let e = Tensor::zeros((2, 0), DType::F32, &dev).unwrap();
     assert!(matches!(argmax_rows_cuda(&e), Err(Error::Shape { .. })));
+}
+
+/// SwiGLU's gate fused into the few-row product: bit for bit the plain product in a form with
+/// the same warps followed by silu_mul (each warps count, every row count 1..=16, Qwen2.5-1.5B's
+/// gate/up, awkward shapes), close to an f32 CPU reference; typed errors.
+#[test]
+fn matmul_small_glu_matches_product_then_silu_mul() {
+    let dev = gpu();
+    let shapes =
+        [(1usize, 32usize, 16usize), (16, 1536, 17920), (7, 1536, 17920), (13, 96, 48), (5, 4128, 96)];
+    for (m, k, n) in shapes.into_iter().chain((1..=16).map(|m| (m, 160, 32))) {
+        for dt in [DType::BF16, DType::F16] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dt).unwrap();
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
+            let y = cpu32(&x).matmul(&cpu32(&w).t().unwrap()).unwrap();
+            let (g, u) = (y.narrow(1, 0, n / 2).unwrap(), y.narrow(1, n / 2, n / 2).unwrap());
+            let want = (candle_nn::ops::silu(&g).unwrap() * u).unwrap();
+            for warps in [None, Some(4), Some(8), Some(16)] {
+                let got = matmul_small_glu_cuda(&x, &w, warps).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[m, n / 2][..], dt));
+                let form =
+                    SmallMatmulForm::ALL.into_iter().find(|f| f.warps == warps.unwrap_or(4) && f.tiles == 1);
+                let two = silu_mul_cuda(&matmul_small_cuda_form(&x, &w, form).unwrap()).unwrap();
+                let (a, b) = (cpu32(&got).to_vec2::<f32>().unwrap(), cpu32(&two).to_vec2::<f32>().unwrap());
+                assert_eq!(a, b, "{m}x{k} . {n}x{k} {dt:?} warps {warps:?}: fused != product + silu_mul");
+                let e = rel_err(&got, &want);
+                assert!(e <= tol(dt), "{m}x{k} . {n}x{k} {dt:?} warps {warps:?}: rel err {e}");
+            }
+        }
+    }
+    let bf = |shape: (usize, usize)| Tensor::zeros(shape, DType::BF16, &dev).unwrap();
+    // ffn not a multiple of 8; too many rows.
+    assert!(matches!(matmul_small_glu_cuda(&bf((4, 64)), &bf((24, 64)), None), Err(Error::Shape { .. })));
+    assert!(matches!(matmul_small_glu_cuda(&bf((17, 64)), &bf((16, 64)), None), Err(Error::Shape { .. })));
+    assert!(matches!(
+        matmul_small_glu_cuda(&bf((4, 64)), &bf((16, 64)), Some(6)),
+        Err(Error::InvalidArgument { .. })
+    ));
 }
 
 /// The logits cast: bit for bit what candle's bf16 / f16 -> f32 cast gives on the CPU, at

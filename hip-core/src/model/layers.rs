@@ -71,6 +71,31 @@ impl Linear {
     /// never, `1` always (the default), another number: weights of at most that many million
     /// values (4: the q/k/v and o products of Qwen2.5-1.5B).
     fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((w, x2)) = self.small_operands(x)? else { return Ok(None) };
+        let y = hip_kernels::cuda::matmul_small_cuda(&x2, w)?;
+        Ok(Some(y.reshape(out_shape(x, w.dims2()?.0))?))
+    }
+
+    /// SwiGLU over this fused gate/up product (`[2 ffn, k]` weights, no bias) in one launch of
+    /// the few-row kernel (`hip_kernels::cuda::matmul_small_glu_cuda`: bit for bit the product
+    /// followed by `silu_mul_cuda`, one launch less a layer); `None` where
+    /// [`forward_small`](Self::forward_small) would not apply.
+    pub(crate) fn forward_small_glu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.b.is_some() {
+            return Ok(None);
+        }
+        let Some((w, x2)) = self.small_operands(x)? else { return Ok(None) };
+        let n = w.dims2()?.0;
+        if n % 16 != 0 {
+            return Ok(None);
+        }
+        let y = hip_kernels::cuda::matmul_small_glu_cuda(&x2, w, None)?;
+        Ok(Some(y.reshape(out_shape(x, n / 2))?))
+    }
+
+    /// The weights and `x` as `[rows, k]` in their dtype when the few-row kernel takes this
+    /// product (see [`forward_small`](Self::forward_small)).
+    fn small_operands(&self, x: &Tensor) -> Result<Option<(&Tensor, Tensor)>> {
         static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let max = *MAX.get_or_init(|| {
             match std::env::var("HIP_SMALL_MATMUL").ok().and_then(|v| v.parse::<usize>().ok()) {
@@ -94,14 +119,18 @@ impl Linear {
         {
             return Ok(None);
         }
-        let x2 = x.to_dtype(w.dtype())?.reshape((rows, k))?;
-        let y = hip_kernels::cuda::matmul_small_cuda(&x2, w)?;
-        let mut shape = x.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok(Some(y.reshape(shape)?))
+        Ok(Some((w, x.to_dtype(w.dtype())?.reshape((rows, k))?)))
     }
+}
+
+/// `x`'s shape with its last dimension `n`.
+#[cfg(feature = "cuda")]
+fn out_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    shape
 }
 
 /// How quantized weights are kept in memory.
@@ -298,6 +327,13 @@ impl Mlp {
                 (candle_nn::ops::silu(&gate.forward(&x)?)? * up.forward(&x)?)?
             }
             GateUp::Fused(gate_up, ffn) => {
+                // A decode step's few rows: the gate in the product's launch.
+                #[cfg(feature = "cuda")]
+                if fused_enabled() {
+                    if let Some(h) = gate_up.forward_small_glu(x)? {
+                        return self.down.forward(&h);
+                    }
+                }
                 let y = gate_up.forward(x)?;
                 #[cfg(feature = "cuda")]
                 if y.device().is_cuda() && y.rank() == 2 && fused_enabled() {

@@ -34,8 +34,8 @@ mod offload;
 mod qkv;
 pub use batch::{dense_decode_paged_batch_cuda, hip_decode_paged_batch_cuda, CudaMaskSlots, CudaPagedBatch};
 pub use fused::{
-    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, silu_mul_cuda,
-    to_f32_cuda, SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
+    add_rms_norm_cuda, argmax_rows_cuda, matmul_small_cuda, matmul_small_cuda_form, matmul_small_glu_cuda,
+    silu_mul_cuda, to_f32_cuda, SmallMatmulForm, MATMUL_SMALL_MAX_ROWS,
 };
 pub use mask::hip_mask_cuda;
 use mask::{check_search, launch_mask, mask_search, MaskOut};
