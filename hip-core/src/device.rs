@@ -4,9 +4,7 @@ use candle_core::Device;
 
 use crate::{Error, Result};
 
-/// Opens CUDA device `ordinal` through candle, with its memory pool set to keep freed memory
-/// for the next allocations (`hip_kernels::cuda::keep_pool_memory`; a KV cache made on a CUDA
-/// device does the same, so devices opened elsewhere get it too).
+/// Opens CUDA device `ordinal` through candle.
 ///
 /// # Errors
 ///
@@ -23,14 +21,7 @@ use crate::{Error, Result};
 pub fn cuda(ordinal: usize) -> Result<Device> {
     let no_device = |reason: String| Error::NoCudaDevice { ordinal, reason };
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
-        Ok(Ok(device)) => {
-            // Freed intermediates stay in the pool between steps (see keep_pool_memory).
-            #[cfg(feature = "cuda")]
-            hip_kernels::cuda::keep_pool_memory(&device).map_err(|e| {
-                no_device(format!("device {ordinal}: memory pool: {}", one_line(&e.to_string())))
-            })?;
-            Ok(device)
-        }
+        Ok(Ok(device)) => Ok(device),
         Ok(Err(candle_core::Error::NotCompiledWithCudaSupport)) => {
             Err(no_device("this build has no CUDA support (build with --features cuda)".into()))
         }

@@ -296,26 +296,27 @@ __device__ void matmul_small(const T* __restrict__ x, const T* __restrict__ w, T
             const float gv = to_f(from_f<T>(gs)), uv = to_f(from_f<T>(us));
             y[(long long)row * ffn + col] = from_f<T>(gv / (1.f + __expf(-gv)) * uv);
         }
-        return;
-    }
-    for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
-        const int vi = e / 32, ln = e % 32, j = vi / 4, i = vi % 4;
-        const int row = ln / 4 + 8 * (i / 2), col = n0 + j * 8 + 2 * (ln % 4) + (i % 2);
-        if (row >= m) continue;
-        float sum = 0.f;
+    } else {
+        for (int e = threadIdx.x; e < NT * 4 * 32; e += WARPS * 32) {
+            const int vi = e / 32, ln = e % 32, j = vi / 4, i = vi % 4;
+            const int row = ln / 4 + 8 * (i / 2), col = n0 + j * 8 + 2 * (ln % 4) + (i % 2);
+            if (row >= m) continue;
+            float sum = 0.f;
 #pragma unroll 4
-        for (int v = 0; v < WARPS; v++) sum += red[v][vi][ln];
-        y[(long long)row * n + col] = from_f<T>(sum);
+            for (int v = 0; v < WARPS; v++) sum += red[v][vi][ln];
+            y[(long long)row * n + col] = from_f<T>(sum);
+        }
     }
 }
 
-#define MATMUL_SMALL(NAME, T, W, NT)                                                                      \
+#define MATMUL_SMALL(NAME, T, W, NT, GLU)                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * W, 1) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
-        pdl_entry(); matmul_small<T, W, NT>(x, w, y, m, n, k);                                                         \
+        pdl_entry();                                                                                          \
+        matmul_small<T, W, NT, GLU>(x, w, y, m, n, k);                                                        \
     }
 #define MATMUL_SMALL_NT(W, NT)                                                                             \
-    MATMUL_SMALL(matmul_small_bf16_w##W##_t##NT, __nv_bfloat16, W, NT)                                    \
-    MATMUL_SMALL(matmul_small_f16_w##W##_t##NT, __half, W, NT)
+    MATMUL_SMALL(matmul_small_bf16_w##W##_t##NT, __nv_bfloat16, W, NT, false)                             \
+    MATMUL_SMALL(matmul_small_f16_w##W##_t##NT, __half, W, NT, false)
 
 MATMUL_SMALL_NT(4, 1)
 MATMUL_SMALL_NT(4, 2)
@@ -327,18 +328,14 @@ MATMUL_SMALL_NT(16, 1)
 MATMUL_SMALL_NT(16, 2)
 MATMUL_SMALL_NT(16, 4)
 
-#define MATMUL_SMALL_GLU(NAME, T, W)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * W, 1) NAME(const T* x, const T* w, T* y, int m, int n, int k) { \
-        pdl_entry();                                                                                     \
-        matmul_small<T, W, 2, true>(x, w, y, m, n, k);                                                   \
-    }
-MATMUL_SMALL_GLU(matmul_small_glu_bf16_w4, __nv_bfloat16, 4)
-MATMUL_SMALL_GLU(matmul_small_glu_f16_w4, __half, 4)
-MATMUL_SMALL_GLU(matmul_small_glu_bf16_w8, __nv_bfloat16, 8)
-MATMUL_SMALL_GLU(matmul_small_glu_f16_w8, __half, 8)
-MATMUL_SMALL_GLU(matmul_small_glu_bf16_w16, __nv_bfloat16, 16)
-MATMUL_SMALL_GLU(matmul_small_glu_f16_w16, __half, 16)
+// The GLU forms (two tiles: a gate one and its up one).
+#define MATMUL_SMALL_GLU(W)                                                                                \
+    MATMUL_SMALL(matmul_small_bf16_glu_w##W, __nv_bfloat16, W, 2, true)                                   \
+    MATMUL_SMALL(matmul_small_f16_glu_w##W, __half, W, 2, true)
 
+MATMUL_SMALL_GLU(4)
+MATMUL_SMALL_GLU(8)
+MATMUL_SMALL_GLU(16)
 
 // x (T, n elements) to f32: the logits of a step, cast for the host's sampling (candle's cast
 // took 25 us for 16 x 152k bf16 values on the H200, ~5x the copy rate). 8 values a thread from

@@ -322,7 +322,7 @@ pub fn matmul_small_cuda_form(x: &Tensor, w: &Tensor, form: Option<SmallMatmulFo
     }
     let kernel = format!("w{}_t{}", form.warps, form.tiles);
     let ctas = n / (8 * form.tiles as usize);
-    small_launch(x, w, &dev, SmallLaunch { kernel: &kernel, glu: false, warps: form.warps, ctas, cols: n })
+    small_launch(x, w, &dev, SmallLaunch { kernel: &kernel, warps: form.warps, ctas, cols: n })
 }
 
 /// SwiGLU's gate fused into the few-row product: `x: [m, k]` and `w: [2 ffn, k]` (the gate
@@ -343,8 +343,8 @@ pub fn matmul_small_glu_cuda(x: &Tensor, w: &Tensor, warps: Option<u32>) -> Resu
     if ![4, 8, 16].contains(&warps) {
         return Err(Error::arg("warps", warps, "4, 8 or 16"));
     }
-    let kernel = format!("w{warps}");
-    small_launch(x, w, &dev, SmallLaunch { kernel: &kernel, glu: true, warps, ctas: n / 16, cols: n / 2 })
+    let kernel = format!("glu_w{warps}");
+    small_launch(x, w, &dev, SmallLaunch { kernel: &kernel, warps, ctas: n / 16, cols: n / 2 })
 }
 
 /// The checks of the few-row products: `x: [1..=16, k]`, `w: [n, k]`, one dtype, one device,
@@ -379,11 +379,10 @@ fn check_small(x: &Tensor, w: &Tensor) -> Result<(candle_core::CudaDevice, usize
 /// The most rows [`matmul_small_cuda`] takes (one MMA tile).
 pub const MATMUL_SMALL_MAX_ROWS: usize = 16;
 
-/// One few-row product launch: kernel `matmul_small_{dtype}_{kernel}` (or
-/// `matmul_small_glu_{dtype}_{kernel}`), `ctas` CTAs of `32 * warps` threads, output `[m, cols]`.
+/// One few-row product launch: kernel `matmul_small_{dtype}_{kernel}`, `ctas` CTAs of
+/// `32 * warps` threads, output `[m, cols]`.
 struct SmallLaunch<'a> {
     kernel: &'a str,
-    glu: bool,
     warps: u32,
     ctas: usize,
     cols: usize,
@@ -414,11 +413,7 @@ fn small_launch_t<
     {
         let (op, _g) = out.device_ptr(&stream);
         let tn = if T::DTYPE == DType::BF16 { "bf16" } else { "f16" };
-        let name = match l.glu {
-            true => format!("matmul_small_glu_{tn}_{}", l.kernel),
-            false => format!("matmul_small_{tn}_{}", l.kernel),
-        };
-        let f = func(dev, FUSED, FUSED_MODULE, &name)?;
+        let f = func(dev, FUSED, FUSED_MODULE, &format!("matmul_small_{tn}_{}", l.kernel))?;
         let cfg = LaunchConfig {
             grid_dim: (l.ctas as u32, 1, 1),
             block_dim: (32 * l.warps, 1, 1),

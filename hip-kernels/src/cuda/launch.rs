@@ -22,7 +22,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
     self, CUdevice_attribute, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig,
 };
 
 /// One launch's arguments, collected like cudarc's `LaunchArgs` (pointers to values that
@@ -31,31 +31,17 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
     args: Vec<*mut c_void>,
-    /// Device addresses of slices passed by [`Launch::slice`] (boxed: their addresses must not
-    /// move while `args` points at them, even when the `Launch` itself moves).
-    #[allow(clippy::vec_box)]
-    ptrs: Vec<Box<u64>>,
     _values: PhantomData<&'a ()>,
 }
 
 impl<'a> Launch<'a> {
     pub(crate) fn new(stream: &'a CudaStream, func: &'a CudaFunction) -> Self {
-        Launch { stream, func, args: Vec::with_capacity(24), ptrs: Vec::new(), _values: PhantomData }
+        Launch { stream, func, args: Vec::with_capacity(24), _values: PhantomData }
     }
 
     /// A by-value kernel argument (a scalar, a device address, a `#[repr(C)]` struct).
     pub(crate) fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
         self.args.push(value as *const T as *mut c_void);
-        self
-    }
-
-    /// A device buffer passed as its address.
-    pub(crate) fn slice<T>(&mut self, s: &'a CudaSlice<T>) -> &mut Self {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-        let (ptr, _guard) = s.device_ptr(self.stream);
-        let boxed = Box::new(ptr);
-        self.args.push(&*boxed as *const u64 as *mut c_void);
-        self.ptrs.push(boxed);
         self
     }
 

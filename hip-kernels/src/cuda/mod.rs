@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
@@ -535,9 +536,10 @@ impl SpanOp<'_> {
                 shared_mem_bytes: smem as u32,
             };
             let (per_i, splits_i) = (per as i32, splits as i32);
+            let [pm, pl, pa] = parts.ptrs(&stream);
             let mut b = Launch::new(&stream, &f);
             b.arg(&qp).arg(&q_b).arg(&q_t).arg(&t_q).arg(&heads_q).arg(&kv).arg(&mask).arg(&scale_log2);
-            b.arg(&per_i).slice(&parts.m).slice(&parts.l).slice(&parts.acc).arg(&splits_i);
+            b.arg(&per_i).arg(&pm).arg(&pl).arg(&pa).arg(&splits_i);
             // SAFETY: argument list matches `{dense,span}_decode_gqa_*`; buffers are sized above.
             unsafe { b.launch(cfg) }.map_err(cuda_err)?;
             self.combine::<T>(&parts, splits, op, rows)?;
@@ -639,8 +641,9 @@ impl SpanOp<'_> {
         let q_b = (d.t_q * d.heads_q * d.head_dim) as i64;
         let q_t = (d.heads_q * d.head_dim) as i64;
         let stream = self.dev.cuda_stream();
+        let [pm, pl, pa] = parts.ptrs(&stream);
         let mut b = Launch::new(&stream, &f);
-        b.slice(&parts.m).slice(&parts.l).slice(&parts.acc).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
+        b.arg(&pm).arg(&pl).arg(&pa).arg(&splits_i).arg(&op).arg(&q_b).arg(&q_t);
         b.arg(&t_q).arg(&heads_q).arg(&rows_i);
         // SAFETY: argument list matches `span_combine_*`; the partials hold rows * splits entries.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
@@ -853,6 +856,11 @@ impl Partials {
                 acc: dev.alloc::<f32>(slots * head_dim)?,
             })
         }
+    }
+
+    /// The device addresses of `m`, `l` and `acc`, as kernel arguments.
+    fn ptrs(&self, stream: &CudaStream) -> [u64; 3] {
+        [&self.m, &self.l, &self.acc].map(|s| s.device_ptr(stream).0)
     }
 }
 

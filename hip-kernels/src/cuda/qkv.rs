@@ -9,7 +9,7 @@ use candle_core::{CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::fused::{FUSED, FUSED_MODULE};
-use super::{alloc_out, check_same_device, cuda_device, cuda_err, dev_ptr, func};
+use super::{alloc_out, check_same_device, cuda_device, cuda_err, dev_ptr, func, Launch};
 use crate::error::{Error, Result};
 
 /// The inputs of [`qkv_rope_write_cuda`].
@@ -162,7 +162,7 @@ impl Prepared<'_> {
             let [qs, ks, vs] = self.strides;
             let n_rows = self.pool_rows as i64;
             let (h, hk, d32, il) = (heads as i32, kvh as i32, d as i32, i32::from(a.interleaved));
-            let mut b = super::Launch::new(&stream, &f);
+            let mut b = Launch::new(&stream, &f);
             b.arg(&qp).arg(&kp).arg(&vp).arg(&qs).arg(&ks).arg(&vs).arg(&bp).arg(&cp).arg(&sp).arg(&rp);
             b.arg(&n_rows).arg(&op).arg(&kpool).arg(&vpool).arg(&h).arg(&hk).arg(&d32).arg(&il);
             // SAFETY: the argument list matches `qkv_rope_write_*`; every pointer holds the extents
